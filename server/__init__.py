@@ -1,0 +1,1 @@
+"""token-vault-mcp: the MCP server that brokers Token Vault credentials."""

@@ -1,0 +1,131 @@
+"""Assembly: configuration → database, Auth0 client, verifier, vault, broker, identity → MCP server."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from mcp.server import MCPServer
+
+from server import demo, market
+from server.auth0_client import Auth0Client
+from server.broker import Broker
+from server.clock import Clock
+from server.config import Config
+from server.emulator import DemoTenant
+from server.errors import ConfigError
+from server.identity import StdioIdentity
+from server.store import Database, Tx
+from server.token_verifier import JwtVerifier
+from server.vault import TokenVault
+from tools import ALL_TOOLS
+from tools.registry import PrincipalSource
+
+log = logging.getLogger(__name__)
+
+INSTRUCTIONS = (
+    "token-vault-mcp brokers short-lived, least-privilege credentials for third-party APIs through Auth0 "
+    "Token Vault. Look at list_market, buy quota with buy_quota (state max_unit_price), then call "
+    "request_token with the connection, the exact scopes you need and your purpose. Use tokens at once; "
+    "never store them."
+)
+
+
+@dataclass
+class Runtime:
+    """Everything one process shares: one database, one Auth0 client (not one per connection)."""
+
+    config: Config
+    db: Database
+    auth0: Auth0Client
+    verifier: JwtVerifier
+    vault: TokenVault
+    broker: Broker
+    identity: StdioIdentity
+    tenant: DemoTenant | None
+
+    async def aclose(self) -> None:
+        await self.auth0.aclose()
+        await self.db.close()
+
+
+async def open_runtime(
+    config: Config, *, clock: Clock | None = None, auth0_transport: httpx.AsyncBaseTransport | None = None
+) -> Runtime:
+    """Open the database, connect the Auth0 client (the emulator in demo mode) and load the market."""
+    tenant: DemoTenant | None = None
+    client_id, secret, audience, refresh = (
+        config.client_id, config.client_secret, config.audience, config.refresh_token,
+    )
+    base_url = config.auth0_base_url
+    if config.demo:
+        tenant, demo_transport = demo.start_demo_tenant()
+        auth0_transport = auth0_transport or demo_transport
+        base_url = tenant.issuer.rstrip("/")
+        client_id, secret, audience = tenant.client_id, tenant.client_secret, tenant.audience
+        refresh = refresh or tenant.refresh_token
+    if base_url is None or client_id is None or audience is None:  # pragma: no cover - load_config checks
+        raise ConfigError("AUTH0_DOMAIN, AUTH0_CLIENT_ID and AUTH0_AUDIENCE are required")
+    if refresh is None:
+        refresh = read_stored_refresh_token(config.credentials_file)
+    key_pem = config.client_key_file.read_bytes() if config.client_key_file else None
+    auth0 = Auth0Client(
+        base_url, client_id, secret, auth_method=config.client_auth_method, private_key_pem=key_pem,
+        transport=auth0_transport,
+    )
+    db = await Database.open(config.database)
+    try:
+        verifier = JwtVerifier(auth0, audience)
+        vault = TokenVault(auth0)
+        broker = Broker(db, vault, clock)
+        identity = StdioIdentity(
+            auth0, verifier, refresh, None if config.demo else config.refresh_client_id
+        )
+        specs = demo.demo_listings() if config.demo else []
+        if config.market_file is not None:
+            specs += market.read_market_file(config.market_file)
+        if specs:
+            await db.write(lambda tx: market.load(tx, specs))
+        if tenant is not None:
+            await _fund_demo_wallet(broker, tenant.account)
+    except BaseException:
+        await auth0.aclose()
+        await db.close()
+        raise
+    return Runtime(config, db, auth0, verifier, vault, broker, identity, tenant)
+
+
+async def _fund_demo_wallet(broker: Broker, account: str) -> None:
+    def funded(tx: Tx) -> bool:
+        return tx.get_meta(demo.DEMO_FUNDED_KEY) is not None
+
+    if await broker.db.read(funded):
+        return
+    await broker.credit(account, demo.DEMO_FUNDS, transport="demo", once_key=demo.DEMO_FUNDED_KEY)
+
+
+def read_stored_refresh_token(path: Path) -> str | None:
+    """The refresh token `token-vault-mcp login` stored, if any."""
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    token = data.get("refresh_token") if isinstance(data, dict) else None
+    return token if isinstance(token, str) and token else None
+
+
+def build_mcp(runtime: Runtime, principals: PrincipalSource, transport: str, **kwargs: object) -> MCPServer:
+    """The MCP server with the four tools, each bound to this runtime and principal source."""
+    return MCPServer(
+        name="token-vault-mcp",
+        title="Token Vault broker",
+        instructions=INSTRUCTIONS,
+        version="0.1.0",
+        tools=[spec.to_mcp(runtime.broker, principals, transport) for spec in ALL_TOOLS],
+        log_level=runtime.config.log_level,  # type: ignore[arg-type]
+        **kwargs,  # type: ignore[arg-type]
+    )

@@ -1,0 +1,222 @@
+"""The tamper-evident audit log (SPEC §5): a SHA-256 hash chain of one event per call.
+
+`hash = SHA-256(prev_hash ‖ canonical JSON of the event's other fields)`; the first
+event chains from 32 zero bytes. Tokens are never stored: `token_id` is an HMAC-SHA256
+of the token under a per-database key, so a leaked token can be looked up but no token
+can be recovered from the log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.errors import AuditUnavailable
+from server.models import AuditRecord
+from server.store import Tx
+
+GENESIS = bytes(32)
+MAX_TEXT = 500  # longest argument string kept; longer ones are cut (events stay small)
+KEPT_ARGS = frozenset(
+    {
+        "connection",
+        "include_closed",
+        "limit",
+        "cursor",
+        "listing_id",
+        "units",
+        "max_unit_price",
+        "idempotency_key",
+        "scopes",
+        "purpose",
+        "account",
+        "amount",
+        "reason",
+        "remote",
+        "flags",
+        "reservation_id",
+    }
+)
+REDACTED = "[redacted]"
+HEAD_KEY = "audit_head"
+
+
+@dataclass
+class Event:
+    """An audit event before it is chained and stored."""
+
+    ts: str
+    transport: str
+    outcome: str
+    account: str | None = None
+    agent: str | None = None
+    tool: str | None = None
+    scope: str | None = None
+    code: str | None = None
+    args: Mapping[str, Any] = field(default_factory=dict)
+    token_id: bytes | None = None
+    latency_ms: float | None = None
+
+
+def token_fingerprint(key: bytes, token: str) -> bytes:
+    """HMAC-SHA256 of a token under the database's key."""
+    return hmac.new(key, token.encode(), hashlib.sha256).digest()
+
+
+def redact(args: Mapping[str, Any]) -> dict[str, Any]:
+    """Arguments fit for the log: known fields kept (strings cut), anything else redacted."""
+    clean: dict[str, Any] = {}
+    for name, value in list(args.items())[:32]:
+        key = _cut(str(name), 64)
+        clean[key] = _clean_value(value) if name in KEPT_ARGS else REDACTED
+    return clean
+
+
+def _clean_value(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, str):
+        return _cut(value, MAX_TEXT)
+    if isinstance(value, list | tuple):
+        return [_clean_value(v) for v in list(value)[:32]]
+    return REDACTED
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def canonical(record_fields: Mapping[str, Any]) -> bytes:
+    return json.dumps(record_fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _hash_input(
+    id_: int, ev_ts: str, account: str | None, agent: str | None, tool: str | None, transport: str,
+    scope: str | None, outcome: str, code: str | None, args: str, token_id: bytes | None,
+    latency_ms: float | None,
+) -> bytes:
+    return canonical(
+        {
+            "id": id_,
+            "ts": ev_ts,
+            "account": account,
+            "agent": agent,
+            "tool": tool,
+            "transport": transport,
+            "scope": scope,
+            "outcome": outcome,
+            "code": code,
+            "args": args,
+            "token_id": None if token_id is None else token_id.hex(),
+            "latency_ms": latency_ms,
+        }
+    )
+
+
+def chain_hash(prev_hash: bytes, body: bytes) -> bytes:
+    return hashlib.sha256(prev_hash + body).digest()
+
+
+def append(tx: Tx, event: Event) -> int:
+    """Chain `event` onto the log inside the current transaction; return its id.
+
+    Raises AuditUnavailable when the row cannot be written (the caller's whole job
+    then rolls back: fail closed).
+    """
+    try:
+        head = tx.audit_head()
+        prev_id, prev_hash = head if head is not None else (0, GENESIS)
+        new_id = prev_id + 1
+        args = json.dumps(redact(event.args), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        latency = None if event.latency_ms is None else round(event.latency_ms, 3)
+        body = _hash_input(
+            new_id, event.ts, event.account, event.agent, event.tool, event.transport, event.scope,
+            event.outcome, event.code, args, event.token_id, latency,
+        )
+        tx.insert_audit(
+            AuditRecord(
+                id=new_id,
+                ts=event.ts,
+                account=event.account,
+                agent=event.agent,
+                tool=event.tool,
+                transport=event.transport,
+                scope=event.scope,
+                outcome=event.outcome,
+                code=event.code,
+                args=args,
+                token_id=event.token_id,
+                latency_ms=latency,
+                prev_hash=prev_hash,
+                hash=(new_hash := chain_hash(prev_hash, body)),
+            )
+        )
+        # the head is kept apart from the rows, so deleting the newest events is noticed too
+        tx.set_meta(HEAD_KEY, f"{new_id}:{new_hash.hex()}")
+    except Exception as exc:
+        raise AuditUnavailable("the audit log could not be written, so nothing was done; try again") from exc
+    return new_id
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    checked: int
+    bad_id: int | None = None
+    reason: str | None = None
+
+
+def verify(
+    records: Iterable[AuditRecord], head: str | None, progress: Callable[[int], None] | None = None
+) -> VerifyResult:
+    """Walk the chain; report the first event whose link, hash or position is wrong.
+
+    `head` is the stored `id:hash` of the newest event, which catches a cut-off tail.
+    """
+    prev_id, prev_hash = 0, GENESIS
+    checked = 0
+    for rec in records:
+        if rec.id != prev_id + 1:
+            return VerifyResult(False, checked, rec.id, f"event {prev_id + 1} is missing (next is {rec.id})")
+        if rec.prev_hash != prev_hash:
+            return VerifyResult(False, checked, rec.id, "its prev_hash does not match the event before it")
+        body = _hash_input(
+            rec.id, rec.ts, rec.account, rec.agent, rec.tool, rec.transport, rec.scope, rec.outcome,
+            rec.code, rec.args, rec.token_id, rec.latency_ms,
+        )
+        if chain_hash(rec.prev_hash, body) != rec.hash:
+            return VerifyResult(False, checked, rec.id, "its content does not match its hash (edited)")
+        prev_id, prev_hash = rec.id, rec.hash
+        checked += 1
+        if progress is not None and checked % 10_000 == 0:
+            progress(checked)
+    if head is not None and head != f"{prev_id}:{prev_hash.hex()}":
+        head_id = int(head.split(":", 1)[0])
+        if head_id > prev_id:
+            return VerifyResult(False, checked, prev_id + 1, f"events {prev_id + 1}..{head_id} are missing")
+        return VerifyResult(False, checked, head_id, "it does not match the recorded head of the chain")
+    return VerifyResult(True, checked)
+
+
+def export_line(rec: AuditRecord) -> dict[str, Any]:
+    """The JSON Lines shape of SPEC §5."""
+    return {
+        "id": rec.id,
+        "ts": rec.ts,
+        "account": rec.account,
+        "agent": rec.agent,
+        "tool": rec.tool,
+        "transport": rec.transport,
+        "scope": rec.scope,
+        "outcome": rec.outcome,
+        "code": rec.code,
+        "args": json.loads(rec.args),
+        "token_id": None if rec.token_id is None else rec.token_id.hex(),
+        "latency_ms": rec.latency_ms,
+        "prev_hash": rec.prev_hash.hex(),
+        "hash": rec.hash.hex(),
+    }

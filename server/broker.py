@@ -1,0 +1,319 @@
+"""The broker: each tool's domain work, committed together with its audit event (fail closed).
+
+Knows nothing of MCP. `tools/` validates input, resolves the principal and calls in here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from server import audit, ledger, market
+from server.audit import Event
+from server.clock import Clock, SystemClock, rfc3339
+from server.errors import AuditUnavailable, BrokerError, InternalError, Unauthenticated
+from server.models import Holding, Receipt
+from server.principal import Principal
+from server.store import Database, StoreUnavailable, Tx
+from server.vault import TokenVault
+
+log = logging.getLogger(__name__)
+R = TypeVar("R")
+
+
+@dataclass
+class Call:
+    """One tool call as the audit log sees it."""
+
+    tool: str | None
+    scope: str | None
+    transport: str
+    args: Mapping[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    def event(self, now: datetime, principal: Principal | None, error: BrokerError | None, **extra: Any) -> Event:
+        return Event(
+            ts=rfc3339(now),
+            transport=self.transport,
+            outcome="ok" if error is None else error.outcome,
+            account=principal.account if principal else None,
+            agent=principal.agent if principal else None,
+            tool=self.tool,
+            scope=self.scope,
+            code=None if error is None else error.code,
+            args={**self.args, **extra.pop("args", {})},
+            latency_ms=(time.perf_counter() - self.started) * 1000,
+            **extra,
+        )
+
+
+@dataclass(frozen=True)
+class Balance:
+    account: str
+    balance: int
+    holdings: list[Holding]
+    as_of: datetime
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    access_token: str = field(repr=False)
+    token_type: str
+    expires_at: datetime
+    expires_in: int
+    connection: str
+    scopes: tuple[str, ...]
+    token_id: str
+    units_remaining: int
+
+
+@dataclass(frozen=True)
+class _Failed:
+    error: BrokerError
+
+
+def process_owner() -> str:
+    """Who holds a reservation: host, pid and the process's start, so a dead owner is recognisable."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_process_start(os.getpid())}"
+
+
+def _process_start(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "?"
+
+
+def owner_alive(owner: str) -> bool:
+    host, _, rest = owner.partition(":")
+    pid_text, _, start = rest.partition(":")
+    if host != socket.gethostname():
+        return True  # another machine's reservation: not ours to judge
+    try:
+        pid = int(pid_text)
+        os.kill(pid, 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return start in ("?", _process_start(pid))
+
+
+class Broker:
+    """Runs each tool's work and its audit event in one transaction."""
+
+    def __init__(self, db: Database, vault: TokenVault | None = None, clock: Clock | None = None) -> None:
+        self.db = db
+        self.vault = vault
+        self.clock = clock or SystemClock()
+        self.owner = process_owner()
+
+    # ---- the generic audited step ---------------------------------------------------------
+    async def _run(
+        self,
+        call: Call,
+        principal: Principal | None,
+        op: Callable[[Tx, datetime], R],
+        *,
+        audit_ok: bool = True,
+        ok_extra: Callable[[R], dict[str, Any]] | None = None,
+    ) -> R:
+        def job(tx: Tx) -> R | _Failed:
+            now = self.clock.now()
+            try:
+                with tx.atomic():
+                    result = op(tx, now)
+            except BrokerError as error:
+                audit.append(tx, call.event(now, principal, error))
+                return _Failed(error)
+            if audit_ok:
+                audit.append(tx, call.event(now, principal, None, **(ok_extra(result) if ok_extra else {})))
+            return result
+
+        try:
+            outcome = await self.db.write(job)
+        except (AuditUnavailable, StoreUnavailable) as exc:
+            log.error("audit write failed for %s: %s", call.tool, exc)
+            raise AuditUnavailable("the audit log could not be written, so nothing was done; try again") from None
+        except BrokerError:
+            raise
+        except Exception:
+            log.exception("unexpected failure in %s", call.tool)
+            await self.record(call, principal, InternalError())
+            raise InternalError() from None
+        if isinstance(outcome, _Failed):
+            raise outcome.error
+        return outcome
+
+    async def record(self, call: Call, principal: Principal | None, error: BrokerError) -> None:
+        """Write the event of a call refused before any work (bad input, no auth, no scope)."""
+
+        def job(tx: Tx) -> None:
+            audit.append(tx, call.event(self.clock.now(), principal, error))
+
+        try:
+            await self.db.write(job)
+        except Exception as exc:  # the refusal stands; only its record is missing
+            log.error("could not record a refused %s call: %s", call.tool, type(exc).__name__)
+
+    # ---- tools ---------------------------------------------------------------------------
+    async def list_market(
+        self, call: Call, principal: Principal, *, connection: str | None, include_closed: bool, limit: int,
+        cursor: str | None,
+    ) -> market.Page:
+        return await self._run(
+            call,
+            principal,
+            lambda tx, now: market.page(
+                tx, now=now, connection=connection, include_closed=include_closed, limit=limit, cursor=cursor
+            ),
+        )
+
+    async def check_balance(self, call: Call, principal: Principal) -> Balance:
+        def op(tx: Tx, now: datetime) -> Balance:
+            return Balance(
+                principal.account, ledger.wallet_balance(tx, principal.account), tx.holdings_of(principal.account), now
+            )
+
+        return await self._run(call, principal, op)
+
+    async def buy_quota(
+        self, call: Call, principal: Principal, *, listing_id: str, units: int, max_unit_price: int,
+        idempotency_key: str | None,
+    ) -> Receipt:
+        return await self._run(
+            call,
+            principal,
+            lambda tx, now: ledger.buy(tx, principal.account, listing_id, units, max_unit_price, idempotency_key, now),
+        )
+
+    async def request_token(
+        self, call: Call, principal: Principal, *, connection: str, scopes: list[str], login_hint: str | None
+    ) -> IssuedToken:
+        """Reserve a unit, exchange through Token Vault, then commit it (or refund it on failure)."""
+        if self.vault is None:  # pragma: no cover - only the CLI builds a broker without a vault
+            raise InternalError()
+        vault = self.vault
+        if principal.subject is None:
+            error = Unauthenticated("this session has no Auth0 token to exchange; sign in again")
+            await self.record(call, principal, error)
+            raise error
+        reservation_id, holding = await self._run(
+            call,
+            principal,
+            lambda tx, now: ledger.reserve(tx, principal.account, connection, scopes, self.owner, now),
+            audit_ok=False,
+        )
+        try:
+            token = await vault.fetch(principal.account, principal.subject, connection, scopes, login_hint)
+        except BrokerError as error:
+            await self._refund(call, principal, reservation_id, error)
+            raise
+        except BaseException:
+            await self._refund(call, principal, reservation_id, InternalError())
+            raise
+        token_id = audit.token_fingerprint(self.db.hmac_key, token.access_token)
+
+        def commit(tx: Tx, now: datetime) -> int:
+            ledger.settle(tx, reservation_id, committed=True, now=now)
+            return ledger.units_remaining(tx, principal.account, holding.id)
+
+        try:
+            remaining = await self._run(
+                call,
+                principal,
+                commit,
+                ok_extra=lambda _: {
+                    "token_id": token_id,
+                    "args": {"flags": list(token.flags)} if token.flags else {},
+                },
+            )
+        except BrokerError as error:
+            await self._refund(call, principal, reservation_id, error)
+            raise
+        expires_at = datetime.fromtimestamp(token.expires_at, UTC).replace(microsecond=0)
+        return IssuedToken(
+            access_token=token.access_token,
+            token_type=token.token_type,
+            expires_at=expires_at,
+            expires_in=max(0, int(token.expires_at - time.time())),
+            connection=connection,
+            scopes=token.scopes,
+            token_id=token_id.hex(),
+            units_remaining=remaining,
+        )
+
+    async def _refund(self, call: Call, principal: Principal, reservation_id: str, error: BrokerError) -> None:
+        """Give the reserved unit back with the failure's event; without the event if the log is down."""
+
+        def with_event(tx: Tx) -> None:
+            now = self.clock.now()
+            ledger.settle(tx, reservation_id, committed=False, now=now)
+            audit.append(tx, call.event(now, principal, error, args={"reservation_id": reservation_id}))
+
+        try:
+            await self.db.write(with_event)
+            return
+        except Exception as exc:
+            log.error("refund with audit event failed (%s); refunding without it", type(exc).__name__)
+        try:
+            await self.db.write(lambda tx: ledger.settle(tx, reservation_id, committed=False, now=self.clock.now()))
+        except Exception as exc:
+            log.error("refund failed (%s); the reservation is refunded at next start", type(exc).__name__)
+
+    # ---- start-up ------------------------------------------------------------------------
+    async def recover_reservations(self, transport: str = "startup") -> int:
+        """Refund reservations whose process died, each with its own event."""
+
+        def job(tx: Tx) -> int:
+            refunded = 0
+            now = self.clock.now()
+            for res in tx.pending_reservations():
+                if res.owner == self.owner or owner_alive(res.owner):
+                    continue
+                ledger.settle(tx, res.id, committed=False, now=now)
+                audit.append(
+                    tx,
+                    Event(
+                        ts=rfc3339(now),
+                        transport=transport,
+                        outcome="error",
+                        account=res.account,
+                        tool="request_token",
+                        scope="request:token",
+                        code="vault_unavailable",
+                        args={"reservation_id": res.id, "connection": res.connection, "reason": "owner process died"},
+                    ),
+                )
+                refunded += 1
+            return refunded
+
+        return await self.db.write(job)
+
+    async def credit(self, account: str, amount: int, transport: str = "cli", once_key: str | None = None) -> int:
+        """Operator credit from `mint`, with its own audit event; return the new balance.
+
+        With `once_key`, the credit is marked done in the same transaction (a one-time grant).
+        """
+
+        def op(tx: Tx, now: datetime) -> int:
+            balance = ledger.credit(tx, account, amount, now)
+            if once_key is not None:
+                tx.set_meta(once_key, "1")
+            return balance
+
+        call = Call(tool="wallet_credit", scope=None, transport=transport, args={"account": account, "amount": amount})
+        operator = Principal(account=account, agent="operator", scopes=frozenset())
+        return await self._run(call, operator, op)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"

@@ -1,0 +1,391 @@
+"""The `token-vault-mcp` command (also `python -m server`). Exit 0 ok, 1 "no", 2 usage or configuration."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+from server import audit, ledger, market
+from server.broker import Broker
+from server.clock import SystemClock, parse_rfc3339, rfc3339
+from server.config import Config, configure_logging, is_loopback_host, load_config
+from server.errors import BrokerError, ConfigError
+from server.store import AuditFilter, Database, Tx
+from server.textsafe import escape_controls
+
+OK, NO, USAGE = 0, 1, 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help(sys.stderr)
+        return USAGE
+    try:
+        config = load_config()
+    except ConfigError as exc:
+        print(f"token-vault-mcp: configuration error: {exc}", file=sys.stderr)
+        return USAGE
+    configure_logging(config.log_level)
+    try:
+        return int(args.handler(config, args))
+    except ConfigError as exc:
+        print(f"token-vault-mcp: configuration error: {exc}", file=sys.stderr)
+        return USAGE
+    except market.MarketFileError as exc:
+        print(f"token-vault-mcp: {exc}", file=sys.stderr)
+        return USAGE
+    except BrokerError as exc:
+        print(f"token-vault-mcp: {exc.render()}", file=sys.stderr)
+        return NO
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="token-vault-mcp", description=__doc__)
+    sub = p.add_subparsers(dest="command")
+
+    serve = sub.add_parser("serve", help="run the MCP server")
+    serve.add_argument("--transport", choices=("stdio", "sse", "http"), default="stdio")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(handler=_serve)
+
+    emu = sub.add_parser("emulator", help="run the Auth0 emulator on loopback (prints demo credentials)")
+    emu.add_argument("--port", type=int, default=8123)
+    emu.add_argument("--host", default="127.0.0.1")
+    emu.set_defaults(handler=_emulator)
+
+    aud = sub.add_parser("audit", help="read and check the audit log").add_subparsers(dest="audit_command")
+    lst = aud.add_parser("list", help="who got what, when, and why")
+    _audit_filters(lst)
+    lst.add_argument("--limit", type=int, default=50, help="newest N events (default 50; 0 = all)")
+    lst.add_argument("--json", action="store_true", help="JSON Lines for scripts")
+    lst.set_defaults(handler=_audit_list)
+    ver = aud.add_parser("verify", help="check the hash chain (exit 1 names the first bad event)")
+    ver.add_argument("--ledger", action="store_true", help="also check the ledger invariants")
+    ver.set_defaults(handler=_audit_verify)
+    exp = aud.add_parser("export", help="all events as JSON Lines on stdout")
+    _audit_filters(exp)
+    exp.set_defaults(handler=_audit_export)
+    look = aud.add_parser("lookup", help="events of a token (read from stdin, never from arguments)")
+    look.add_argument("--token-stdin", action="store_true", required=True)
+    look.add_argument("--json", action="store_true")
+    look.set_defaults(handler=_audit_lookup)
+
+    wal = sub.add_parser("wallet", help="fund and inspect wallets").add_subparsers(dest="wallet_command")
+    cred = wal.add_parser("credit", help="add credits to an account's wallet (from mint, audited)")
+    cred.add_argument("account")
+    cred.add_argument("amount", type=_positive_int)
+    cred.set_defaults(handler=_wallet_credit)
+    show = wal.add_parser("show", help="balance and holdings of an account")
+    show.add_argument("account")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=_wallet_show)
+
+    mkt = sub.add_parser("market", help="listings").add_subparsers(dest="market_command")
+    ml = mkt.add_parser("list", help="all listings with today's price")
+    ml.add_argument("--json", action="store_true")
+    ml.set_defaults(handler=_market_list)
+    mload = mkt.add_parser("load", help="upsert listings from a TOML file")
+    mload.add_argument("file")
+    mload.set_defaults(handler=_market_load)
+    return p
+
+
+def _audit_filters(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--account")
+    p.add_argument("--agent")
+    p.add_argument("--tool")
+    p.add_argument("--outcome", choices=("ok", "denied", "error"))
+    p.add_argument("--since", type=_time, help="RFC 3339 time, e.g. 2026-11-01T00:00:00Z")
+    p.add_argument("--until", type=_time)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive whole number")
+    return value
+
+
+def _time(text: str) -> str:
+    try:
+        return rfc3339(parse_rfc3339(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an RFC 3339 time") from None
+
+
+# ---- helpers -----------------------------------------------------------------------------
+
+def _with_db(config: Config, work: Callable[[Database], Awaitable[int]]) -> int:
+    async def run() -> int:
+        db = await Database.open(config.database)
+        try:
+            return await work(db)
+        finally:
+            await db.close()
+
+    return asyncio.run(run())
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[escape_controls("" if v is None else str(v)) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    return "\n".join(lines)
+
+
+def _json_line(value: Any) -> str:
+    # ensure_ascii: control characters and everything non-ASCII leave as \u escapes
+    return json.dumps(value, ensure_ascii=True, separators=(",", ":"))
+
+
+def _filter(args: argparse.Namespace) -> AuditFilter:
+    return AuditFilter(
+        account=args.account, agent=args.agent, tool=args.tool, outcome=args.outcome,
+        since=args.since, until=args.until,
+    )
+
+
+# ---- serve and emulator --------------------------------------------------------------------
+
+def _serve(config: Config, args: argparse.Namespace) -> int:
+    if args.transport == "stdio":
+        from server.serve import serve_stdio
+
+        asyncio.run(serve_stdio(config))
+        return OK
+    if not is_loopback_host(args.host) and config.demo:
+        raise ConfigError("demo mode serves loopback only: set AUTH0_DOMAIN to listen on " + args.host)
+    from server.serve import serve_remote  # type: ignore[attr-defined]
+
+    asyncio.run(serve_remote(config, args.transport, args.host, args.port))
+    return OK
+
+
+def _emulator(config: Config, args: argparse.Namespace) -> int:
+    if not is_loopback_host(args.host):
+        raise ConfigError("the emulator serves loopback only (--host 127.0.0.1)")
+    from server.emulator import serve
+
+    serve(args.port, args.host)
+    return OK
+
+
+# ---- audit -----------------------------------------------------------------------------------
+
+def _audit_list(config: Config, args: argparse.Namespace) -> int:
+    async def work(db: Database) -> int:
+        limit = args.limit if args.limit > 0 else None
+        records = await db.read(lambda tx: tx.find_audit(_filter(args), limit=limit, newest_first=True))
+        records.reverse()
+        if args.json:
+            for rec in records:
+                sys.stdout.write(_json_line(audit.export_line(rec)) + "\n")
+            return OK
+        rows = []
+        for rec in records:
+            data = json.loads(rec.args)
+            rows.append([
+                rec.ts[:19] + "Z", rec.account or "-", rec.agent or "-", rec.tool or "(auth)", rec.outcome,
+                rec.code or "", _summary(data),
+            ])
+        print(_table(["time", "account", "agent", "tool", "outcome", "code", "purpose / arguments"], rows))
+        if not records:
+            print("(no events match)", file=sys.stderr)
+        return OK
+
+    return _with_db(config, work)
+
+
+def _summary(args: dict[str, Any]) -> str:
+    if "purpose" in args:
+        scopes = " ".join(args.get("scopes", [])) if isinstance(args.get("scopes"), list) else ""
+        return f"{args.get('connection', '')} [{scopes}] {args['purpose']}"
+    return " ".join(f"{k}={v}" for k, v in sorted(args.items()))[:120]
+
+
+def _audit_verify(config: Config, args: argparse.Namespace) -> int:
+    async def work(db: Database) -> int:
+        show_progress = sys.stderr.isatty()
+
+        def progress(n: int) -> None:
+            if show_progress:
+                print(f"\rverified {n} events…", end="", file=sys.stderr, flush=True)
+
+        def check(tx: Tx) -> audit.VerifyResult:
+            head = tx.get_meta(audit.HEAD_KEY)
+            head_text = head.decode() if isinstance(head, bytes) else head
+            return audit.verify(tx.iter_audit(), head_text, progress)
+
+        result = await db.read(check)
+        if show_progress:
+            print(file=sys.stderr)
+        if not result.ok:
+            print(f"audit chain BROKEN at event {result.bad_id}: {result.reason}")
+            return NO
+        print(f"audit chain OK: {result.checked} events")
+        if args.ledger:
+            from server.invariants import check_invariants
+
+            problems = await db.read(check_invariants)
+            if problems:
+                for problem in problems:
+                    print(f"ledger invariant BROKEN: {problem}")
+                return NO
+            print("ledger invariants OK")
+        return OK
+
+    return _with_db(config, work)
+
+
+def _audit_export(config: Config, args: argparse.Namespace) -> int:
+    async def work(db: Database) -> int:
+        def dump(tx: Tx) -> None:
+            where = _filter(args)
+            for rec in tx.iter_audit():
+                if _matches(rec, where):
+                    sys.stdout.write(_json_line(audit.export_line(rec)) + "\n")
+
+        await db.read(dump)
+        sys.stdout.flush()
+        return OK
+
+    return _with_db(config, work)
+
+
+def _matches(rec: Any, where: AuditFilter) -> bool:
+    for name in ("account", "agent", "tool", "outcome"):
+        wanted = getattr(where, name)
+        if wanted is not None and getattr(rec, name) != wanted:
+            return False
+    if where.since is not None and rec.ts < where.since:
+        return False
+    return not (where.until is not None and rec.ts > where.until)
+
+
+def _audit_lookup(config: Config, args: argparse.Namespace) -> int:
+    token = sys.stdin.readline().strip()
+    if not token:
+        print("token-vault-mcp: no token on stdin", file=sys.stderr)
+        return USAGE
+
+    async def work(db: Database) -> int:
+        fingerprint = audit.token_fingerprint(db.hmac_key, token)
+        records = await db.read(lambda tx: tx.find_audit(AuditFilter(token_id=fingerprint)))
+        if args.json:
+            for rec in records:
+                sys.stdout.write(_json_line(audit.export_line(rec)) + "\n")
+        elif records:
+            rows = [[r.id, r.ts[:19] + "Z", r.account, r.agent, r.tool, r.outcome, _summary(json.loads(r.args))]
+                    for r in records]
+            print(f"token_id {fingerprint.hex()}")
+            print(_table(["id", "time", "account", "agent", "tool", "outcome", "purpose / arguments"], rows))
+        else:
+            print(f"no events for token_id {fingerprint.hex()}")
+        return OK if records else NO
+
+    return _with_db(config, work)
+
+
+# ---- wallet and market ------------------------------------------------------------------------
+
+def _wallet_credit(config: Config, args: argparse.Namespace) -> int:
+    async def work(db: Database) -> int:
+        broker = Broker(db)  # crediting never calls Auth0
+        balance = await broker.credit(args.account, args.amount)
+        print(f"credited {args.amount} to {escape_controls(args.account)}; balance {balance}")
+        return OK
+
+    return _with_db(config, work)
+
+
+def _wallet_show(config: Config, args: argparse.Namespace) -> int:
+    async def work(db: Database) -> int:
+        def read(tx: Tx) -> tuple[int | None, list[Any]]:
+            return tx.balance(args.account), tx.holdings_of(args.account)
+
+        balance, holdings = await db.read(read)
+        if balance is None:
+            print(f"no wallet for account {escape_controls(args.account)}", file=sys.stderr)
+            return NO
+        if args.json:
+            print(_json_line({
+                "account": args.account, "balance": balance,
+                "holdings": [{"listing_id": h.listing_id, "connection": h.connection, "scopes": list(h.scopes),
+                              "units_remaining": h.units_held, "units_bought": h.units_bought,
+                              "units_consumed": h.units_consumed, "units_reserved": h.units_reserved}
+                             for h in holdings],
+            }))
+            return OK
+        print(f"account {escape_controls(args.account)}: balance {balance} credits")
+        print(_table(
+            ["listing", "connection", "scopes", "remaining", "bought", "used", "reserved"],
+            [[h.listing_id, h.connection, " ".join(h.scopes), h.units_held, h.units_bought, h.units_consumed,
+              h.units_reserved] for h in holdings],
+        ))
+        return OK
+
+    return _with_db(config, work)
+
+
+def _market_list(config: Config, args: argparse.Namespace) -> int:
+    async def work(db: Database) -> int:
+        now = SystemClock().now()
+        listings = await db.read(lambda tx: tx.page_listings(after=None, connection=None, open_at=None, limit=1_000_000))
+        priced = [market.price_now(item, now) for item in listings]
+        if args.json:
+            for p in priced:
+                print(_json_line(_listing_json(p, now)))
+            return OK
+        print(_table(
+            ["id", "connection", "scopes", "price", "start", "floor", "remaining", "status", "closes"],
+            [[p.listing.id, p.listing.connection, " ".join(p.listing.scopes), p.unit_price, p.listing.start_price,
+              p.listing.floor_price, p.listing.supply_remaining, _status(p, now), rfc3339(p.listing.closes_at)[:19]]
+             for p in priced],
+        ))
+        return OK
+
+    return _with_db(config, work)
+
+
+def _status(p: market.PricedListing, now: datetime) -> str:
+    if p.open:
+        return "open"
+    return "upcoming" if now < p.listing.opens_at else "closed"
+
+
+def _listing_json(p: market.PricedListing, now: datetime) -> dict[str, Any]:
+    item = p.listing
+    return {
+        "listing_id": item.id, "title": item.title, "connection": item.connection, "scopes": list(item.scopes),
+        "unit_price": p.unit_price, "start_price": item.start_price, "floor_price": item.floor_price,
+        "opens_at": rfc3339(item.opens_at), "closes_at": rfc3339(item.closes_at),
+        "supply": item.supply, "supply_remaining": item.supply_remaining, "status": _status(p, now),
+    }
+
+
+def _market_load(config: Config, args: argparse.Namespace) -> int:
+    specs = market.read_market_file(args.file)
+
+    async def work(db: Database) -> int:
+        count = await db.write(lambda tx: market.load(tx, specs))
+        print(f"loaded {count} listing(s) from {args.file}")
+        return OK
+
+    return _with_db(config, work)
+
+
+__all__ = ["main", "ledger"]

@@ -1,0 +1,155 @@
+"""Configuration from the environment (and a `.env` file), checked once at start (SPEC §6).
+
+A wrong value raises ConfigError with one line naming the variable.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from platformdirs import user_config_dir, user_data_dir
+
+from server.errors import ConfigError
+
+APP_NAME = "token-vault-mcp"
+CLIENT_AUTH_METHODS = ("client_secret_post", "client_secret_basic", "private_key_jwt")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+@dataclass(frozen=True)
+class Config:
+    auth0_base_url: str | None  # e.g. https://tenant.us.auth0.com ; None = demo mode
+    client_id: str | None
+    client_secret: str | None = field(repr=False)
+    audience: str | None
+    login_client_id: str | None
+    refresh_token: str | None = field(repr=False)
+    database: Path
+    market_file: Path | None
+    resource_url: str | None
+    allowed_hosts: tuple[str, ...]
+    allowed_origins: tuple[str, ...]
+    log_level: str
+    client_auth_method: str
+    client_key_file: Path | None
+    credentials_file: Path
+
+    @property
+    def demo(self) -> bool:
+        return self.auth0_base_url is None
+
+    @property
+    def issuer(self) -> str | None:
+        return None if self.auth0_base_url is None else self.auth0_base_url + "/"
+
+    @property
+    def refresh_client_id(self) -> str | None:
+        """The client a stored refresh token belongs to (the login client, else the main client)."""
+        return self.login_client_id or self.client_id
+
+
+def load_config(environ: Mapping[str, str] | None = None, dotenv: bool = True) -> Config:
+    """Read and check the configuration. Raises ConfigError naming the bad variable."""
+    if environ is None:
+        if dotenv:
+            _load_dotenv()
+        environ = os.environ
+    env = {k: v.strip() for k, v in environ.items() if v is not None and v.strip() != ""}
+
+    base_url = _auth0_base_url(env["AUTH0_DOMAIN"]) if "AUTH0_DOMAIN" in env else None
+    if base_url is not None:
+        for name in ("AUTH0_CLIENT_ID", "AUTH0_AUDIENCE"):
+            if name not in env:
+                raise ConfigError(f"{name} is required when AUTH0_DOMAIN is set")
+    method = env.get("TVM_CLIENT_AUTH_METHOD", "client_secret_post")
+    if method not in CLIENT_AUTH_METHODS:
+        raise ConfigError(f"TVM_CLIENT_AUTH_METHOD must be one of {', '.join(CLIENT_AUTH_METHODS)}, not {method!r}")
+    key_file = Path(env["TVM_CLIENT_KEY_FILE"]).expanduser() if "TVM_CLIENT_KEY_FILE" in env else None
+    if method == "private_key_jwt" and key_file is None and base_url is not None:
+        raise ConfigError("TVM_CLIENT_KEY_FILE (a PEM private key) is required with private_key_jwt")
+    level = env.get("TVM_LOG_LEVEL", "WARNING").upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"TVM_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {env['TVM_LOG_LEVEL']!r}")
+    resource_url = env.get("TVM_RESOURCE_URL")
+    if resource_url is not None:
+        parts = urlsplit(resource_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(f"TVM_RESOURCE_URL must be an absolute http(s) URL, not {resource_url!r}")
+        if parts.scheme == "http" and not is_loopback_host(parts.hostname or ""):
+            raise ConfigError("TVM_RESOURCE_URL must use https unless it is on loopback")
+    market = Path(env["TVM_MARKET_FILE"]).expanduser() if "TVM_MARKET_FILE" in env else None
+    if market is not None and not market.is_file():
+        raise ConfigError(f"TVM_MARKET_FILE points to {market}, which is not a readable file")
+    data_dir = Path(user_data_dir(APP_NAME, appauthor=False))
+    return Config(
+        auth0_base_url=base_url,
+        client_id=env.get("AUTH0_CLIENT_ID"),
+        client_secret=env.get("AUTH0_CLIENT_SECRET"),
+        audience=env.get("AUTH0_AUDIENCE"),
+        login_client_id=env.get("TVM_LOGIN_CLIENT_ID"),
+        refresh_token=env.get("TVM_REFRESH_TOKEN"),
+        database=Path(env["TVM_DATABASE"]).expanduser()
+        if "TVM_DATABASE" in env
+        else data_dir / ("vault.db" if base_url else "demo.db"),
+        market_file=market,
+        resource_url=resource_url,
+        allowed_hosts=_csv(env.get("TVM_ALLOWED_HOSTS")),
+        allowed_origins=_csv(env.get("TVM_ALLOWED_ORIGINS")),
+        log_level=level,
+        client_auth_method=method,
+        client_key_file=key_file,
+        credentials_file=Path(
+            env.get("TVM_CREDENTIALS_FILE", str(Path(user_config_dir(APP_NAME, appauthor=False)) / "credentials.json"))
+        ).expanduser(),
+    )
+
+
+def _auth0_base_url(value: str) -> str:
+    """`tenant.auth0.com` → `https://tenant.auth0.com`; `http://` only for loopback."""
+    text = value.rstrip("/")
+    if "://" not in text:
+        text = "https://" + text
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query:
+        raise ConfigError(f"AUTH0_DOMAIN must be a host name like your-tenant.us.auth0.com, not {value!r}")
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        raise ConfigError("AUTH0_DOMAIN may use http:// only for a loopback address (an emulator)")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def is_loopback_host(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _csv(value: str | None) -> tuple[str, ...]:
+    return tuple(p.strip() for p in value.split(",") if p.strip()) if value else ()
+
+
+def _load_dotenv() -> None:
+    try:
+        from dotenv import load_dotenv
+    except ImportError:  # pragma: no cover - a declared dependency
+        return
+    load_dotenv(Path.cwd() / ".env", override=False)
+
+
+def configure_logging(level: str) -> None:
+    """Logs go to stderr only: in stdio mode stdout carries JSON-RPC."""
+    logging.basicConfig(
+        level=getattr(logging, level, logging.WARNING),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=__import__("sys").stderr,
+        force=True,
+    )

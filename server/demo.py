@@ -1,0 +1,49 @@
+"""Demo mode (no AUTH0_DOMAIN): the embedded emulator plays the tenant; a demo market and wallet exist."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import httpx
+
+from server.emulator import DemoTenant, create_app, demo_tenant
+from server.market import ListingSpec, parse_listings
+
+DEMO_ISSUER = "https://demo-tenant.token-vault-mcp.invalid/"
+DEMO_FUNDS = 10_000
+DEMO_FUNDED_KEY = "demo_funded"
+
+_WINDOW = {"opens_at": "2026-01-01T00:00:00Z", "closes_at": "2030-01-01T00:00:00Z"}
+DEMO_LISTINGS: list[dict[str, Any]] = [
+    {"id": "github-repo-read", "title": "GitHub: read repositories", "connection": "github",
+     "scopes": ["repo:read"], "supply": 1000, "start_price": 20, "floor_price": 5, **_WINDOW},
+    {"id": "github-repo-write", "title": "GitHub: read and write repositories", "connection": "github",
+     "scopes": ["repo:read", "repo:write"], "supply": 200, "start_price": 80, "floor_price": 20, **_WINDOW},
+    {"id": "stripe-read-only", "title": "Stripe: read-only API access", "connection": "stripe",
+     "scopes": ["read_only"], "supply": 500, "start_price": 40, "floor_price": 10, **_WINDOW},
+    {"id": "google-calendar-read", "title": "Google: read calendars", "connection": "google-oauth2",
+     "scopes": ["https://www.googleapis.com/auth/calendar.readonly"], "supply": 500, "start_price": 30,
+     "floor_price": 8, **_WINDOW},
+]
+
+
+def demo_listings() -> list[ListingSpec]:
+    return parse_listings({"listing": DEMO_LISTINGS}, "demo market")
+
+
+def start_demo_tenant() -> tuple[DemoTenant, httpx.AsyncBaseTransport]:
+    """The in-process emulator tenant and the transport the Auth0 client uses to reach it."""
+    tenant = demo_tenant(DEMO_ISSUER)
+    return tenant, httpx.ASGITransport(app=create_app(tenant.state, admin=False))
+
+
+def banner(account: str, database: str) -> None:
+    """Say on stderr (never stdout) that this is a demo."""
+    print(
+        "token-vault-mcp: DEMO MODE — no AUTH0_DOMAIN set, so an embedded Auth0 emulator plays the tenant.\n"
+        f"  demo account {account}, funded wallet, demo market; database {database}\n"
+        "  Tokens it issues are fake. Set AUTH0_DOMAIN (see README) to broker real credentials.",
+        file=sys.stderr,
+        flush=True,
+    )

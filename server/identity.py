@@ -1,0 +1,77 @@
+"""Who the stdio user is: their Auth0 refresh token, exchanged for a verified access token (SPEC §3)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from server.auth0_client import Auth0Client, Auth0Error
+from server.errors import Unauthenticated, VaultUnavailable
+from server.principal import Principal, SubjectToken
+from server.token_verifier import InvalidToken, JwtVerifier
+
+log = logging.getLogger(__name__)
+RENEW_BEFORE = 60.0  # renew the access token this long before it expires
+
+
+class StdioIdentity:
+    """The local user's principal, renewed shortly before expiry; concurrent callers share one refresh."""
+
+    def __init__(
+        self,
+        auth0: Auth0Client,
+        verifier: JwtVerifier,
+        refresh_token: str | None,
+        refresh_client_id: str | None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._auth0 = auth0
+        self._verifier = verifier
+        self._refresh_token = refresh_token
+        self._refresh_client = refresh_client_id or auth0.client_id
+        self._clock = clock
+        self._principal: Principal | None = None
+        self._expires_at = 0.0
+        self._lock = asyncio.Lock()
+
+    @property
+    def uses_refresh_subject(self) -> bool:
+        """A refresh token of the broker's own client is itself the Token Vault subject."""
+        return self._refresh_client == self._auth0.client_id
+
+    async def principal(self) -> Principal:
+        """The verified principal. Raises Unauthenticated, or VaultUnavailable when Auth0 is unreachable."""
+        if self._principal is not None and self._clock() < self._expires_at - RENEW_BEFORE:
+            return self._principal
+        async with self._lock:
+            if self._principal is not None and self._clock() < self._expires_at - RENEW_BEFORE:
+                return self._principal
+            self._principal, self._expires_at = await self._renew()
+            return self._principal
+
+    async def _renew(self) -> tuple[Principal, float]:
+        if not self._refresh_token:
+            raise Unauthenticated(
+                "no Auth0 login: run `token-vault-mcp login` or set TVM_REFRESH_TOKEN, then restart the server"
+            )
+        try:
+            tokens = await self._auth0.refresh(self._refresh_token, self._refresh_client)
+        except Auth0Error as exc:
+            if exc.unreachable or (exc.status or 0) >= 500 or exc.status == 429:
+                raise VaultUnavailable("Auth0 could not be reached to confirm who you are; try again") from None
+            raise Unauthenticated(
+                f"Auth0 refused the stored login ({exc.error or exc.status}); run `token-vault-mcp login` again"
+            ) from None
+        try:
+            claims = await self._verifier.verify(tokens.access_token)
+        except InvalidToken as exc:
+            log.warning("the access token from the refresh grant was refused: %s", exc)
+            raise Unauthenticated(f"the access token Auth0 issued was refused: {exc}") from None
+        if self.uses_refresh_subject:
+            subject = SubjectToken(self._refresh_token, "refresh_token")
+        else:
+            subject = SubjectToken(tokens.access_token, "access_token")
+        expires_at = float(claims.get("exp", tokens.expires_at))
+        return Principal.from_claims(claims, subject), expires_at

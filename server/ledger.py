@@ -1,0 +1,164 @@
+"""Wallets, purchases and quota units: double-entry, integer credits (SPEC §5).
+
+Each function runs inside one store job (a transaction). They raise BrokerErrors
+before changing anything, so a refused call leaves the books as they were.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections.abc import Sequence
+from datetime import datetime
+
+from server.clock import rfc3339
+from server.errors import (
+    IdempotencyKeyReused,
+    InsufficientFunds,
+    InvalidArgument,
+    ListingClosed,
+    NoQuota,
+    PriceAboveLimit,
+    ScopeNotCovered,
+    SoldOut,
+    UnknownListing,
+)
+from server.models import Holding, Receipt
+from server.pricing import is_open, price_at
+from server.store import Tx
+
+MARKET = "market"
+MINT = "mint"
+
+
+def wallet_balance(tx: Tx, account: str) -> int:
+    return tx.balance(account) or 0
+
+
+def credit(tx: Tx, account: str, amount: int, now: datetime, reason: str = "operator credit") -> int:
+    """Mint `amount` credits into `account`'s wallet; return the new balance."""
+    if amount <= 0:
+        raise InvalidArgument("the amount must be a positive whole number of credits")
+    if tx.account_kind(account) not in (None, "wallet"):
+        raise InvalidArgument(f"{account} is a system account, not a wallet")
+    tx.ensure_wallet(account)
+    tx.transfer(MINT, account, amount, reason, None, rfc3339(now))
+    return wallet_balance(tx, account)
+
+
+def fingerprint(listing_id: str, units: int, max_unit_price: int) -> str:
+    body = json.dumps([listing_id, units, max_unit_price], separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def buy(
+    tx: Tx,
+    account: str,
+    listing_id: str,
+    units: int,
+    max_unit_price: int,
+    idempotency_key: str | None,
+    now: datetime,
+) -> Receipt:
+    """Spend wallet credits on `units` of a listing at today's price.
+
+    Raises IdempotencyKeyReused, UnknownListing, ListingClosed, PriceAboveLimit,
+    SoldOut or InsufficientFunds; nothing is changed when it raises.
+    """
+    request = fingerprint(listing_id, units, max_unit_price)
+    if idempotency_key is not None:
+        earlier = tx.find_purchase(account, idempotency_key)
+        if earlier is not None:
+            receipt, earlier_request = earlier
+            if earlier_request != request:
+                raise IdempotencyKeyReused(
+                    f"idempotency_key {idempotency_key!r} was already used for a different purchase "
+                    f"({receipt.units} units of {receipt.listing_id}); use a new key"
+                )
+            return receipt
+    listing = tx.get_listing(listing_id)
+    if listing is None:
+        raise UnknownListing(f"no listing {listing_id!r}; call list_market to see what is for sale")
+    if not is_open(listing.opens_at, listing.closes_at, now):
+        when = "opens at " + rfc3339(listing.opens_at) if now < listing.opens_at else "closed at " + rfc3339(
+            listing.closes_at
+        )
+        raise ListingClosed(f"listing {listing_id} cannot be bought now: it {when}")
+    unit_price = price_at(listing.start_price, listing.floor_price, listing.opens_at, listing.closes_at, now)
+    if unit_price > max_unit_price:
+        raise PriceAboveLimit(
+            f"the unit price of {listing_id} is {unit_price} credits, above your max_unit_price of "
+            f"{max_unit_price}; raise the limit or wait for the price to fall"
+        )
+    if listing.supply_remaining < units:
+        raise SoldOut(f"listing {listing_id} has {listing.supply_remaining} units left; you asked for {units}")
+    total = unit_price * units
+    balance = wallet_balance(tx, account)
+    if balance < total:
+        raise InsufficientFunds(
+            f"{units} units of {listing_id} cost {total} credits; the wallet holds {balance}"
+        )
+    ts = rfc3339(now)
+    purchase_id = "pur_" + secrets.token_hex(12)
+    if not tx.add_sold(listing_id, units):  # pragma: no cover - guarded above inside the same transaction
+        raise SoldOut(f"listing {listing_id} sold out")
+    transfer_id = tx.transfer(account, MARKET, total, "buy_quota", purchase_id, ts) if total > 0 else 0
+    holding = tx.add_units(account, listing_id, units, ts)
+    receipt = Receipt(
+        purchase_id=purchase_id,
+        listing_id=listing_id,
+        units=units,
+        unit_price=unit_price,
+        total=total,
+        balance_after=balance - total,
+        units_held=holding.units_held,
+        purchased_at=ts,
+    )
+    tx.insert_purchase(
+        receipt, account=account, idempotency_key=idempotency_key, fingerprint=request, transfer_id=transfer_id
+    )
+    return receipt
+
+
+def choose_holding(holdings: Sequence[Holding], connection: str, scopes: Sequence[str]) -> Holding:
+    """The covering holding to spend: fewest scopes first (least privilege), then the oldest.
+
+    Raises NoQuota or ScopeNotCovered.
+    """
+    wanted = set(scopes)
+    if not holdings:
+        raise NoQuota(f"you hold no quota for connection {connection}; buy some with buy_quota")
+    covering = [h for h in holdings if wanted <= set(h.scopes)]
+    if not covering:
+        offered = sorted({s for h in holdings for s in h.scopes})
+        missing = sorted(wanted - set(offered))
+        raise ScopeNotCovered(
+            f"no holding for {connection} covers scopes {' '.join(sorted(wanted))}"
+            + (f" (missing: {' '.join(missing)})" if missing else " together")
+            + f"; your {connection} holdings cover {' '.join(offered)}"
+        )
+    usable = [h for h in covering if h.units_held > 0]
+    if not usable:
+        raise NoQuota(
+            f"your holdings for {connection} that cover these scopes have no units left; buy more with buy_quota"
+        )
+    return min(usable, key=lambda h: (len(h.scopes), h.created_at, h.id))
+
+
+def reserve(tx: Tx, account: str, connection: str, scopes: Sequence[str], owner: str, now: datetime) -> tuple[str, Holding]:
+    """Reserve one unit from the right holding; return the reservation id and the holding."""
+    holding = choose_holding(tx.holdings_of(account, connection), connection, scopes)
+    reservation_id = "res_" + secrets.token_hex(12)
+    if not tx.reserve_unit(holding.id, reservation_id, owner, rfc3339(now)):  # pragma: no cover - same tx
+        raise NoQuota(f"no units left for {connection}")
+    return reservation_id, holding
+
+
+def settle(tx: Tx, reservation_id: str, committed: bool, now: datetime) -> bool:
+    """Commit (spend) or refund a pending reservation; False when it was already settled."""
+    return tx.settle_reservation(reservation_id, "committed" if committed else "refunded", rfc3339(now))
+
+
+def units_remaining(tx: Tx, account: str, holding_id: int) -> int:
+    return next((h.units_held for h in tx.holdings_of(account) if h.id == holding_id), 0)

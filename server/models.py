@@ -1,0 +1,82 @@
+"""Plain records the domain and the store exchange. No behaviour, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+
+@dataclass(frozen=True)
+class Listing:
+    id: str
+    title: str
+    connection: str
+    scopes: tuple[str, ...]
+    supply: int
+    sold: int
+    start_price: int
+    floor_price: int
+    opens_at: datetime
+    closes_at: datetime
+
+    @property
+    def supply_remaining(self) -> int:
+        return self.supply - self.sold
+
+
+@dataclass(frozen=True)
+class Holding:
+    id: int
+    account: str
+    listing_id: str
+    connection: str
+    scopes: tuple[str, ...]
+    units_bought: int
+    units_held: int
+    units_consumed: int
+    units_reserved: int
+    created_at: str
+
+
+@dataclass(frozen=True)
+class Receipt:
+    purchase_id: str
+    listing_id: str
+    units: int
+    unit_price: int
+    total: int
+    balance_after: int
+    units_held: int
+    purchased_at: str
+
+
+@dataclass(frozen=True)
+class Reservation:
+    id: str
+    holding_id: int
+    account: str
+    listing_id: str
+    connection: str
+    scopes: tuple[str, ...]
+    owner: str
+    created_at: str
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One audit row as stored (hashes as raw bytes)."""
+
+    id: int
+    ts: str
+    account: str | None
+    agent: str | None
+    tool: str | None
+    transport: str
+    scope: str | None
+    outcome: str
+    code: str | None
+    args: str
+    token_id: bytes | None
+    latency_ms: float | None
+    prev_hash: bytes
+    hash: bytes

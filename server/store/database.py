@@ -1,0 +1,174 @@
+"""One SQLite file, opened through aiosqlite, with group commit.
+
+Every write is a *job*: a synchronous function of a `Tx` that runs on aiosqlite's
+worker thread. Jobs queued while a commit is under way are run together in one
+`BEGIN IMMEDIATE … COMMIT`, each inside its own savepoint, so one job's failure rolls
+back only that job, and N concurrent callers pay for one fsync instead of N. Durability
+is never traded away: WAL with `synchronous=FULL`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from server.store.schema import MIGRATIONS, SCHEMA_VERSION
+from server.store.tx import Tx
+
+T = TypeVar("T")
+Job = Callable[[Tx], T]
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 256
+
+
+class StoreUnavailable(Exception):
+    """The database could not commit (disk, lock, corruption). Nothing of the batch was kept."""
+
+
+class Database:
+    """The broker's SQLite database. Open with `await Database.open(path)`."""
+
+    def __init__(self, path: Path, conn: aiosqlite.Connection, hmac_key: bytes) -> None:
+        self.path = path
+        self._conn = conn
+        self.hmac_key = hmac_key
+        self._queue: list[tuple[Job[Any], asyncio.Future[Any]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike[str]) -> Database:
+        """Open (creating and migrating as needed) the database at `path`."""
+        file = Path(path).expanduser()
+        file.parent.mkdir(parents=True, exist_ok=True)
+        conn = await aiosqlite.connect(file, isolation_level=None, check_same_thread=False)
+        try:
+            key = await conn._execute(_prepare, conn._conn)  # noqa: SLF001 - run setup on the db thread
+        except BaseException:
+            await conn.close()
+            raise
+        try:
+            os.chmod(file, 0o600)
+        except OSError:  # pragma: no cover - e.g. a read-only mount; not fatal
+            pass
+        return cls(file, conn, key)
+
+    async def write(self, job: Job[T]) -> T:
+        """Run `job` in a write transaction, batched with concurrent jobs; return its result.
+
+        The job's own exception is re-raised (its changes rolled back). Raises
+        StoreUnavailable when the batch could not commit.
+        """
+        if self._closed:
+            raise StoreUnavailable("the database is closed")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.append((job, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._drain())
+        return await future
+
+    async def read(self, job: Job[T]) -> T:
+        """Run a read-only `job` (serialized with the writer; it sees committed data)."""
+        return await self.write(job)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._writer is not None:
+            await asyncio.shield(self._writer)
+        await self._conn.close()
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+            try:
+                outcomes = await self._conn._execute(_run_batch, self._conn._conn, batch)  # noqa: SLF001
+            except BaseException as exc:  # the worker thread itself failed
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(StoreUnavailable(str(exc)))
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+                if future.done():
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+
+
+def _prepare(conn: sqlite3.Connection) -> bytes:
+    conn.execute("PRAGMA busy_timeout = 10000")
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":  # pragma: no cover - e.g. a network filesystem
+        log.warning("SQLite refused WAL mode (%s); running with %s", mode, mode)
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreUnavailable(
+                f"the database schema is version {version}, newer than this program knows ({SCHEMA_VERSION})"
+            )
+        for number in range(version, SCHEMA_VERSION):
+            for statement in _statements(MIGRATIONS[number]):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number + 1}")
+        row = conn.execute("SELECT value FROM meta WHERE key = 'token_hmac_key'").fetchone()
+        if row is None:
+            key = secrets.token_bytes(32)
+            conn.execute("INSERT INTO meta(key, value) VALUES ('token_hmac_key', ?)", (key,))
+            for name, kind in (("market", "market"), ("mint", "mint")):
+                conn.execute("INSERT INTO accounts(name, kind) VALUES (?, ?)", (name, kind))
+        else:
+            key = bytes(row[0])
+        conn.execute("COMMIT")
+        return key
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def _run_batch(conn: sqlite3.Connection, batch: list[tuple[Job[Any], Any]]) -> list[tuple[bool, Any]]:
+    outcomes: list[tuple[bool, Any]] = []
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as exc:
+        return [(False, StoreUnavailable(str(exc)))] * len(batch)
+    tx = Tx(conn)
+    for job, _ in batch:
+        conn.execute("SAVEPOINT job")
+        try:
+            value = job(tx)
+        except BaseException as exc:
+            conn.execute("ROLLBACK TO job")
+            conn.execute("RELEASE job")
+            outcomes.append((False, exc))
+        else:
+            conn.execute("RELEASE job")
+            outcomes.append((True, value))
+    try:
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        log.error("commit failed: %s", exc)
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:  # pragma: no cover - the transaction is already gone
+            pass
+        return [(False, StoreUnavailable(str(exc)))] * len(batch)
+    return outcomes

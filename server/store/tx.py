@@ -1,0 +1,432 @@
+"""Every SQL statement of the broker. Domain code calls these methods inside a job.
+
+A PostgreSQL backend would implement this same surface; nothing outside `server/store`
+writes SQL.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from server.models import AuditRecord, Holding, Listing, Receipt, Reservation
+
+_LISTING_COLUMNS = (
+    "id, title, connection, scopes, supply, sold, start_price, floor_price, opens_at, closes_at"
+)
+_HOLDING_SELECT = """
+    SELECT h.id, h.account, h.listing_id, l.connection, l.scopes, h.units_bought, h.units_held,
+           h.units_consumed, h.units_reserved, h.created_at
+    FROM holdings h JOIN listings l ON l.id = h.listing_id
+"""
+_AUDIT_COLUMNS = (
+    "id, ts, account, agent, tool, transport, scope, outcome, code, args, token_id, latency_ms, "
+    "prev_hash, hash"
+)
+
+
+def to_micros(moment: datetime) -> int:
+    delta = moment.astimezone(UTC) - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def from_micros(value: int) -> datetime:
+    seconds, micros = divmod(value, 1_000_000)
+    return datetime.fromtimestamp(seconds, UTC).replace(microsecond=micros)
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    account: str | None = None
+    agent: str | None = None
+    tool: str | None = None
+    outcome: str | None = None
+    since: str | None = None
+    until: str | None = None
+    token_id: bytes | None = None
+
+
+@dataclass(frozen=True)
+class LedgerTotals:
+    """Raw sums the invariant checker compares."""
+
+    balance_sum: int
+    negative_wallets: list[str]
+    balance_mismatches: list[str]
+    holding_mismatches: list[int]
+    oversold_listings: list[str]
+    sold_mismatches: list[str]
+    reserved_mismatches: list[int]
+
+
+class Tx:
+    """A transaction in progress on one SQLite connection."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._c = conn
+
+    @contextmanager
+    def atomic(self) -> Iterator[None]:
+        """A nested savepoint: everything inside is undone if it raises."""
+        self._c.execute("SAVEPOINT atomic")
+        try:
+            yield
+        except BaseException:
+            self._c.execute("ROLLBACK TO atomic")
+            self._c.execute("RELEASE atomic")
+            raise
+        self._c.execute("RELEASE atomic")
+
+    # ---- meta -----------------------------------------------------------------------------
+    def get_meta(self, key: str) -> bytes | None:
+        row = self._c.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else bytes(row[0]) if isinstance(row[0], bytes | memoryview) else row[0]
+
+    def set_meta(self, key: str, value: bytes | str) -> None:
+        self._c.execute(
+            "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    # ---- accounts and transfers -----------------------------------------------------------
+    def ensure_wallet(self, name: str) -> None:
+        self._c.execute("INSERT OR IGNORE INTO accounts(name, kind) VALUES (?, 'wallet')", (name,))
+
+    def balance(self, name: str) -> int | None:
+        row = self._c.execute("SELECT balance FROM accounts WHERE name = ?", (name,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def account_kind(self, name: str) -> str | None:
+        row = self._c.execute("SELECT kind FROM accounts WHERE name = ?", (name,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def transfer(self, debit: str, credit: str, amount: int, reason: str, reference: str | None, ts: str) -> int:
+        """Move `amount` from `debit` to `credit`; the CHECKs keep wallets non-negative."""
+        self._c.execute("UPDATE accounts SET balance = balance - ? WHERE name = ?", (amount, debit))
+        self._c.execute("UPDATE accounts SET balance = balance + ? WHERE name = ?", (amount, credit))
+        cur = self._c.execute(
+            "INSERT INTO transfers(ts, debit, credit, amount, reason, reference) VALUES (?, ?, ?, ?, ?, ?)",
+            (ts, debit, credit, amount, reason, reference),
+        )
+        return int(cur.lastrowid or 0)
+
+    # ---- listings -------------------------------------------------------------------------
+    def upsert_listing(self, listing: Listing) -> None:
+        """Insert or update by id; `sold` is kept as it is."""
+        self._c.execute(
+            f"INSERT INTO listings({_LISTING_COLUMNS}) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET title = excluded.title, connection = excluded.connection, "
+            "scopes = excluded.scopes, supply = excluded.supply, start_price = excluded.start_price, "
+            "floor_price = excluded.floor_price, opens_at = excluded.opens_at, closes_at = excluded.closes_at",
+            (
+                listing.id,
+                listing.title,
+                listing.connection,
+                json.dumps(list(listing.scopes)),
+                listing.supply,
+                listing.start_price,
+                listing.floor_price,
+                to_micros(listing.opens_at),
+                to_micros(listing.closes_at),
+            ),
+        )
+
+    def get_listing(self, listing_id: str) -> Listing | None:
+        row = self._c.execute(f"SELECT {_LISTING_COLUMNS} FROM listings WHERE id = ?", (listing_id,)).fetchone()
+        return None if row is None else _listing(row)
+
+    def page_listings(
+        self, *, after: str | None, connection: str | None, open_at: datetime | None, limit: int
+    ) -> list[Listing]:
+        """Listings ordered by id, after `after`; with `open_at`, only those not closed at that time."""
+        clauses, params = ["1"], []  # type: list[str], list[Any]
+        if after is not None:
+            clauses.append("id > ?")
+            params.append(after)
+        if connection is not None:
+            clauses.append("connection = ?")
+            params.append(connection)
+        if open_at is not None:
+            clauses.append("closes_at >= ?")
+            params.append(to_micros(open_at))
+        params.append(limit)
+        rows = self._c.execute(
+            f"SELECT {_LISTING_COLUMNS} FROM listings WHERE {' AND '.join(clauses)} ORDER BY id LIMIT ?", params
+        ).fetchall()
+        return [_listing(r) for r in rows]
+
+    def add_sold(self, listing_id: str, units: int) -> bool:
+        """Count `units` as sold unless that would exceed supply; True when it was counted."""
+        cur = self._c.execute(
+            "UPDATE listings SET sold = sold + ? WHERE id = ? AND sold + ? <= supply", (units, listing_id, units)
+        )
+        return cur.rowcount == 1
+
+    # ---- holdings -------------------------------------------------------------------------
+    def add_units(self, account: str, listing_id: str, units: int, ts: str) -> Holding:
+        self._c.execute(
+            "INSERT INTO holdings(account, listing_id, units_bought, units_held, created_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(account, listing_id) DO UPDATE SET "
+            "units_bought = units_bought + excluded.units_bought, units_held = units_held + excluded.units_held",
+            (account, listing_id, units, units, ts),
+        )
+        row = self._c.execute(
+            _HOLDING_SELECT + " WHERE h.account = ? AND h.listing_id = ?", (account, listing_id)
+        ).fetchone()
+        return _holding(row)
+
+    def holdings_of(self, account: str, connection: str | None = None) -> list[Holding]:
+        if connection is None:
+            rows = self._c.execute(_HOLDING_SELECT + " WHERE h.account = ? ORDER BY h.id", (account,))
+        else:
+            rows = self._c.execute(
+                _HOLDING_SELECT + " WHERE h.account = ? AND l.connection = ? ORDER BY h.id", (account, connection)
+            )
+        return [_holding(r) for r in rows.fetchall()]
+
+    # ---- purchases ------------------------------------------------------------------------
+    def find_purchase(self, account: str, idempotency_key: str) -> tuple[Receipt, str] | None:
+        row = self._c.execute(
+            "SELECT id, listing_id, units, unit_price, total, balance_after, units_held, purchased_at, fingerprint "
+            "FROM purchases WHERE account = ? AND idempotency_key = ?",
+            (account, idempotency_key),
+        ).fetchone()
+        if row is None:
+            return None
+        return Receipt(*row[:8]), str(row[8])
+
+    def insert_purchase(
+        self, receipt: Receipt, *, account: str, idempotency_key: str | None, fingerprint: str, transfer_id: int
+    ) -> None:
+        self._c.execute(
+            "INSERT INTO purchases(id, account, listing_id, units, unit_price, total, balance_after, units_held, "
+            "purchased_at, idempotency_key, fingerprint, transfer_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                receipt.purchase_id,
+                account,
+                receipt.listing_id,
+                receipt.units,
+                receipt.unit_price,
+                receipt.total,
+                receipt.balance_after,
+                receipt.units_held,
+                receipt.purchased_at,
+                idempotency_key,
+                fingerprint,
+                transfer_id,
+            ),
+        )
+
+    # ---- reservations ---------------------------------------------------------------------
+    def reserve_unit(self, holding_id: int, reservation_id: str, owner: str, ts: str) -> bool:
+        cur = self._c.execute(
+            "UPDATE holdings SET units_held = units_held - 1, units_reserved = units_reserved + 1 "
+            "WHERE id = ? AND units_held > 0",
+            (holding_id,),
+        )
+        if cur.rowcount != 1:
+            return False
+        self._c.execute(
+            "INSERT INTO reservations(id, holding_id, status, owner, created_at) VALUES (?, ?, 'pending', ?, ?)",
+            (reservation_id, holding_id, owner, ts),
+        )
+        return True
+
+    def settle_reservation(self, reservation_id: str, status: str, ts: str) -> bool:
+        """Mark a pending reservation committed or refunded and move its unit; False if not pending."""
+        cur = self._c.execute(
+            "UPDATE reservations SET status = ?, settled_at = ? WHERE id = ? AND status = 'pending'",
+            (status, ts, reservation_id),
+        )
+        if cur.rowcount != 1:
+            return False
+        if status == "committed":
+            move = "units_consumed = units_consumed + 1"
+        else:
+            move = "units_held = units_held + 1"
+        self._c.execute(
+            f"UPDATE holdings SET units_reserved = units_reserved - 1, {move} "
+            "WHERE id = (SELECT holding_id FROM reservations WHERE id = ?)",
+            (reservation_id,),
+        )
+        return True
+
+    def pending_reservations(self) -> list[Reservation]:
+        rows = self._c.execute(
+            "SELECT r.id, r.holding_id, h.account, h.listing_id, l.connection, l.scopes, r.owner, r.created_at "
+            "FROM reservations r JOIN holdings h ON h.id = r.holding_id JOIN listings l ON l.id = h.listing_id "
+            "WHERE r.status = 'pending' ORDER BY r.created_at"
+        ).fetchall()
+        return [Reservation(r[0], r[1], r[2], r[3], r[4], tuple(json.loads(r[5])), r[6], r[7]) for r in rows]
+
+    # ---- audit ----------------------------------------------------------------------------
+    def audit_head(self) -> tuple[int, bytes] | None:
+        row = self._c.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+        return None if row is None else (int(row[0]), bytes(row[1]))
+
+    def insert_audit(self, record: AuditRecord) -> None:
+        self._c.execute(
+            f"INSERT INTO audit({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.id,
+                record.ts,
+                record.account,
+                record.agent,
+                record.tool,
+                record.transport,
+                record.scope,
+                record.outcome,
+                record.code,
+                record.args,
+                record.token_id,
+                record.latency_ms,
+                record.prev_hash,
+                record.hash,
+            ),
+        )
+
+    def audit_count(self) -> int:
+        return int(self._c.execute("SELECT count(*) FROM audit").fetchone()[0])
+
+    def iter_audit(self, after_id: int = 0, chunk: int = 5000) -> Iterator[AuditRecord]:
+        """All audit rows in id order, fetched in chunks."""
+        last = after_id
+        while True:
+            rows = self._c.execute(
+                f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE id > ? ORDER BY id LIMIT ?", (last, chunk)
+            ).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                yield _audit(row)
+            last = rows[-1][0]
+
+    def find_audit(self, where: AuditFilter, limit: int | None = None, newest_first: bool = False) -> list[AuditRecord]:
+        clauses, params = ["1"], []  # type: list[str], list[Any]
+        for column, value in (
+            ("account", where.account),
+            ("agent", where.agent),
+            ("tool", where.tool),
+            ("outcome", where.outcome),
+            ("token_id", where.token_id),
+        ):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if where.since is not None:
+            clauses.append("ts >= ?")
+            params.append(where.since)
+        if where.until is not None:
+            clauses.append("ts <= ?")
+            params.append(where.until)
+        order = "DESC" if newest_first else "ASC"
+        sql = f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE {' AND '.join(clauses)} ORDER BY id {order}"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [_audit(r) for r in self._c.execute(sql, params).fetchall()]
+
+    # ---- invariants -----------------------------------------------------------------------
+    def ledger_totals(self) -> LedgerTotals:
+        c = self._c
+        balance_sum = int(c.execute("SELECT coalesce(sum(balance), 0) FROM accounts").fetchone()[0])
+        negative = [r[0] for r in c.execute("SELECT name FROM accounts WHERE kind = 'wallet' AND balance < 0")]
+        mismatched = [
+            r[0]
+            for r in c.execute(
+                "SELECT a.name FROM accounts a WHERE a.balance <> "
+                "coalesce((SELECT sum(amount) FROM transfers WHERE credit = a.name), 0) - "
+                "coalesce((SELECT sum(amount) FROM transfers WHERE debit = a.name), 0)"
+            )
+        ]
+        holdings = [
+            int(r[0])
+            for r in c.execute(
+                "SELECT id FROM holdings WHERE units_bought <> units_held + units_consumed + units_reserved "
+                "OR units_bought <> (SELECT coalesce(sum(units), 0) FROM purchases p "
+                "WHERE p.account = holdings.account AND p.listing_id = holdings.listing_id)"
+            )
+        ]
+        oversold = [r[0] for r in c.execute("SELECT id FROM listings WHERE sold > supply")]
+        sold = [
+            r[0]
+            for r in c.execute(
+                "SELECT id FROM listings l WHERE sold <> "
+                "(SELECT coalesce(sum(units), 0) FROM purchases p WHERE p.listing_id = l.id)"
+            )
+        ]
+        reserved = [
+            int(r[0])
+            for r in c.execute(
+                "SELECT id FROM holdings h WHERE units_reserved <> (SELECT count(*) FROM reservations r "
+                "WHERE r.holding_id = h.id AND r.status = 'pending') OR units_consumed <> "
+                "(SELECT count(*) FROM reservations r WHERE r.holding_id = h.id AND r.status = 'committed')"
+            )
+        ]
+        return LedgerTotals(balance_sum, negative, mismatched, holdings, oversold, sold, reserved)
+
+    def committed_reservations_without_event(self) -> int:
+        """Committed reservations minus ok request_token events with a token_id (should be 0)."""
+        committed = int(
+            self._c.execute("SELECT count(*) FROM reservations WHERE status = 'committed'").fetchone()[0]
+        )
+        events = int(
+            self._c.execute(
+                "SELECT count(*) FROM audit WHERE tool = 'request_token' AND outcome = 'ok' AND token_id IS NOT NULL"
+            ).fetchone()[0]
+        )
+        return committed - events
+
+
+def _listing(row: Sequence[Any]) -> Listing:
+    return Listing(
+        id=row[0],
+        title=row[1],
+        connection=row[2],
+        scopes=tuple(json.loads(row[3])),
+        supply=int(row[4]),
+        sold=int(row[5]),
+        start_price=int(row[6]),
+        floor_price=int(row[7]),
+        opens_at=from_micros(int(row[8])),
+        closes_at=from_micros(int(row[9])),
+    )
+
+
+def _holding(row: Sequence[Any]) -> Holding:
+    return Holding(
+        id=int(row[0]),
+        account=row[1],
+        listing_id=row[2],
+        connection=row[3],
+        scopes=tuple(json.loads(row[4])),
+        units_bought=int(row[5]),
+        units_held=int(row[6]),
+        units_consumed=int(row[7]),
+        units_reserved=int(row[8]),
+        created_at=row[9],
+    )
+
+
+def _audit(row: Sequence[Any]) -> AuditRecord:
+    return AuditRecord(
+        id=int(row[0]),
+        ts=row[1],
+        account=row[2],
+        agent=row[3],
+        tool=row[4],
+        transport=row[5],
+        scope=row[6],
+        outcome=row[7],
+        code=row[8],
+        args=row[9],
+        token_id=None if row[10] is None else bytes(row[10]),
+        latency_ms=row[11],
+        prev_hash=bytes(row[12]),
+        hash=bytes(row[13]),
+    )

@@ -1,0 +1,8 @@
+"""The MCP face of the broker: one module per tool, all through `tools.registry`."""
+
+from tools import buy_quota, check_balance, list_market, request_token
+from tools.registry import ToolSpec
+
+ALL_TOOLS: tuple[ToolSpec, ...] = (list_market.SPEC, check_balance.SPEC, buy_quota.SPEC, request_token.SPEC)
+
+__all__ = ["ALL_TOOLS", "ToolSpec"]

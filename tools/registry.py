@@ -1,0 +1,118 @@
+"""How a tool meets MCP: principal, scope check, pydantic validation and `[code] message` errors.
+
+Every tool goes through `ToolSpec.call`, so no tool can skip authentication, the scope
+check, validation or its audit event, and every failure is answered the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from mcp.server.mcpserver.tools import Tool
+from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase, FuncMetadata
+from mcp.types import CallToolResult, TextContent, ToolAnnotations
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from server.broker import Broker, Call
+from server.errors import BrokerError, InternalError, InvalidArgument
+from server.principal import Principal, require_scope
+
+log = logging.getLogger(__name__)
+
+In = TypeVar("In", bound=BaseModel)
+Out = TypeVar("Out", bound=BaseModel)
+PrincipalSource = Callable[[], Awaitable[Principal]]
+
+
+class StrictInput(BaseModel):
+    """Base of every tool's input: unknown fields are refused, not ignored."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+
+@dataclass(frozen=True)
+class Invocation:
+    broker: Broker
+    principal: Principal
+    call: Call
+
+
+@dataclass(frozen=True)
+class ToolSpec(Generic[In, Out]):
+    name: str
+    title: str
+    description: str
+    scope: str
+    annotations: ToolAnnotations
+    input_model: type[In]
+    output_model: type[Out]
+    run: Callable[[Invocation, In], Awaitable[Out]]
+
+    async def call(
+        self, broker: Broker, principals: PrincipalSource, transport: str, arguments: dict[str, Any]
+    ) -> Out | CallToolResult:
+        """Authenticate, check scope, validate, run; any refusal becomes an `isError` result."""
+        call = Call(tool=self.name, scope=self.scope, transport=transport, args=arguments)
+        principal: Principal | None = None
+        try:
+            principal = await principals()
+            require_scope(principal, self.scope, self.name)
+            try:
+                params = self.input_model.model_validate(arguments)
+            except ValidationError as exc:
+                raise InvalidArgument(describe_validation(exc)) from None
+            call.args = params.model_dump(exclude_none=True)
+        except BrokerError as error:
+            await broker.record(call, principal, error)
+            return error_result(error)
+        try:
+            return await self.run(Invocation(broker, principal, call), params)
+        except BrokerError as error:
+            return error_result(error)
+        except Exception:
+            log.exception("tool %s failed unexpectedly", self.name)
+            return error_result(InternalError())
+
+    def to_mcp(self, broker: Broker, principals: PrincipalSource, transport: str) -> Tool:
+        """The SDK's Tool, with our schema and our validation (the SDK passes arguments through)."""
+
+        async def handler(arguments: dict[str, Any]) -> Out | CallToolResult:
+            return await self.call(broker, principals, transport, arguments)
+
+        return Tool(
+            fn=handler,
+            name=self.name,
+            title=self.title,
+            description=self.description,
+            parameters=self.input_model.model_json_schema(),
+            fn_metadata=FuncMetadata(arg_model=_PassThrough, output_model=self.output_model),
+            is_async=True,
+            context_kwarg=None,
+            annotations=self.annotations,
+        )
+
+
+class _PassThrough(ArgModelBase):
+    """Hands the raw arguments to `ToolSpec.call`, which validates them itself."""
+
+    model_config = ConfigDict(extra="allow")
+
+    def model_dump_one_level(self) -> dict[str, Any]:
+        return {"arguments": dict(self.__pydantic_extra__ or {})}
+
+
+def error_result(error: BrokerError) -> CallToolResult:
+    return CallToolResult(content=[TextContent(type="text", text=error.render())], is_error=True)
+
+
+def describe_validation(exc: ValidationError) -> str:
+    """Field names and what was wrong; never the rejected values (they are the caller's data)."""
+    problems = []
+    for err in exc.errors()[:10]:
+        where = ".".join(str(p) for p in err["loc"]) or "arguments"
+        message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        problems.append(f"{where}: {message}")
+    return "invalid arguments: " + "; ".join(problems)
