@@ -344,7 +344,9 @@ def _wallet_show(config: Config, args: argparse.Namespace) -> int:
 def _market_list(config: Config, args: argparse.Namespace) -> int:
     async def work(db: Database) -> int:
         now = SystemClock().now()
-        listings = await db.read(lambda tx: tx.page_listings(after=None, connection=None, open_at=None, limit=1_000_000))
+        listings = await db.read(
+            lambda tx: tx.page_listings(after=None, connection=None, open_at=None, limit=1_000_000)
+        )
         priced = [market.price_now(item, now) for item in listings]
         if args.json:
             for p in priced:
@@ -388,4 +390,4 @@ def _market_load(config: Config, args: argparse.Namespace) -> int:
     return _with_db(config, work)
 
 
-__all__ = ["main", "ledger"]
+__all__ = ["ledger", "main"]

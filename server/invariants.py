@@ -14,10 +14,14 @@ def check_invariants(tx: Tx) -> list[str]:
         problems.append(f"account balances sum to {totals.balance_sum}, not 0")
     problems += [f"wallet {name} is below zero" for name in totals.negative_wallets]
     problems += [f"account {name}'s balance differs from its transfers" for name in totals.balance_mismatches]
-    problems += [f"holding {h}: bought ≠ held + consumed + reserved, or ≠ its purchases" for h in totals.holding_mismatches]
+    problems += [
+        f"holding {h}: bought ≠ held + consumed + reserved, or ≠ its purchases" for h in totals.holding_mismatches
+    ]
     problems += [f"listing {name} sold more than its supply" for name in totals.oversold_listings]
     problems += [f"listing {name}'s sold count differs from its purchases" for name in totals.sold_mismatches]
-    problems += [f"holding {h}: reserved/consumed units differ from its reservations" for h in totals.reserved_mismatches]
+    problems += [
+        f"holding {h}: reserved/consumed units differ from its reservations" for h in totals.reserved_mismatches
+    ]
     missing = tx.committed_reservations_without_event()
     if missing != 0:
         problems.append(f"{missing} committed request_token(s) differ from their ok audit events")

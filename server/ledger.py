@@ -146,7 +146,9 @@ def choose_holding(holdings: Sequence[Holding], connection: str, scopes: Sequenc
     return min(usable, key=lambda h: (len(h.scopes), h.created_at, h.id))
 
 
-def reserve(tx: Tx, account: str, connection: str, scopes: Sequence[str], owner: str, now: datetime) -> tuple[str, Holding]:
+def reserve(
+    tx: Tx, account: str, connection: str, scopes: Sequence[str], owner: str, now: datetime
+) -> tuple[str, Holding]:
     """Reserve one unit from the right holding; return the reservation id and the holding."""
     holding = choose_holding(tx.holdings_of(account, connection), connection, scopes)
     reservation_id = "res_" + secrets.token_hex(12)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -105,7 +106,7 @@ def map_exchange_error(exc: Auth0Error, connection: str) -> BrokerError:
     if exc.unreachable or (exc.status is not None and exc.status >= 500) or exc.status == 200:
         return VaultUnavailable("Token Vault is unavailable right now; your unit was refunded, try again shortly")
     if exc.status == 429:
-        wait = max(1, int(round(exc.retry_after))) if exc.retry_after is not None else 1
+        wait = max(1, math.ceil(exc.retry_after)) if exc.retry_after is not None else 1
         return RateLimited(f"Auth0 is rate limiting; your unit was refunded, retry in {wait} seconds", wait)
     text = f"{exc.error or ''} {exc.description or ''}".lower()
     if exc.status == 401 and (

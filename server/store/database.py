@@ -48,11 +48,11 @@ class Database:
     @classmethod
     async def open(cls, path: str | os.PathLike[str]) -> Database:
         """Open (creating and migrating as needed) the database at `path`."""
-        file = Path(path).expanduser()
-        file.parent.mkdir(parents=True, exist_ok=True)
+        file = Path(path)  # callers expand ~ (config does)
+        await asyncio.to_thread(file.parent.mkdir, parents=True, exist_ok=True)
         conn = await aiosqlite.connect(file, isolation_level=None, check_same_thread=False)
         try:
-            key = await conn._execute(_prepare, conn._conn)  # noqa: SLF001 - run setup on the db thread
+            key = await conn._execute(_prepare, conn._conn)
         except BaseException:
             await conn.close()
             raise
@@ -90,7 +90,7 @@ class Database:
         while self._queue:
             batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
             try:
-                outcomes = await self._conn._execute(_run_batch, self._conn._conn, batch)  # noqa: SLF001
+                outcomes = await self._conn._execute(_run_batch, self._conn._conn, batch)
             except BaseException as exc:  # the worker thread itself failed
                 for _, future in batch:
                     if not future.done():

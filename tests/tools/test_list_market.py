@@ -1,0 +1,59 @@
+"""list_market through the SDK client: today's price, paging, filters and refusals."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from mcp import Client
+
+from server.clock import ManualClock, parse_rfc3339
+from server.pricing import price_at
+from tests.conftest import DEMO_NOW, ok, refused
+
+
+async def test_listings_carry_the_price_of_this_moment(client: Client, clock: ManualClock) -> None:
+    page = await ok(client, "list_market", {})
+    assert page["as_of"].startswith("2027-06-01T12:00:00")
+    for item in page["listings"]:
+        expected = price_at(
+            item["start_price"], item["floor_price"], parse_rfc3339(item["opens_at"]),
+            parse_rfc3339(item["closes_at"]), DEMO_NOW,
+        )
+        assert item["unit_price"] == expected
+        assert item["floor_price"] < item["unit_price"] < item["start_price"]
+    clock.advance(timedelta(days=200))
+    later = await ok(client, "list_market", {})
+    assert all(b["unit_price"] <= a["unit_price"] for a, b in zip(page["listings"], later["listings"], strict=True))
+    assert any(b["unit_price"] < a["unit_price"] for a, b in zip(page["listings"], later["listings"], strict=True))
+
+
+async def test_pages_follow_the_cursor_to_the_end(client: Client) -> None:
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page = await ok(client, "list_market", {"limit": 1, **({"cursor": cursor} if cursor else {})})
+        assert len(page["listings"]) == 1
+        seen.append(page["listings"][0]["listing_id"])
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    everything = await ok(client, "list_market", {"limit": 100})
+    assert seen == [item["listing_id"] for item in everything["listings"]]
+    assert everything["next_cursor"] is None
+    assert len(seen) == 4
+
+
+async def test_connection_filter_and_closed_listings(client: Client, clock: ManualClock) -> None:
+    github = await ok(client, "list_market", {"connection": "github"})
+    assert {item["connection"] for item in github["listings"]} == {"github"}
+    clock.set(clock.now().replace(year=2031))
+    assert (await ok(client, "list_market", {}))["listings"] == []
+    closed = await ok(client, "list_market", {"include_closed": True})
+    assert len(closed["listings"]) == 4
+    assert all(item["unit_price"] == item["floor_price"] for item in closed["listings"])
+
+
+async def test_bad_paging_arguments_are_refused(client: Client) -> None:
+    for args in ({"limit": 0}, {"limit": 101}, {"cursor": "not-a-cursor"}, {"connection": "bad name!"},
+                 {"include_closed": "maybe"}, {"surprise": 1}):
+        assert (await refused(client, "list_market", args)).startswith("[invalid_argument] "), args
