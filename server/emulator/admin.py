@@ -1,0 +1,115 @@
+"""The emulator's test API (not Auth0's), for driving a running emulator from outside:
+mint access tokens for any account, connect accounts, and play the user in the device flow.
+JSON in, JSON out; errors are Auth0-shaped `invalid_request`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from pydantic import BaseModel, Field, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from server.emulator.errors import OAuthError, error_response, invalid_request
+from server.emulator.state import EmulatorState
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class MintRequest(BaseModel):
+    """`POST /emulator/tokens`."""
+
+    sub: str = Field(min_length=1)
+    scopes: list[str]
+    azp: str | None = None
+    audience: str | list[str] | None = None  # default: the tenant's first API
+    expires_in: int = Field(default=3600, gt=0)
+
+
+class ConnectRequest(BaseModel):
+    """`POST /emulator/accounts`."""
+
+    sub: str = Field(min_length=1)
+    connection: str = Field(min_length=1)
+    scopes: list[str]
+
+
+class ApproveRequest(BaseModel):
+    """`POST /emulator/device/approve`."""
+
+    user_code: str = Field(min_length=1)
+    sub: str = Field(min_length=1)
+
+
+class DenyRequest(BaseModel):
+    """`POST /emulator/device/deny`."""
+
+    user_code: str = Field(min_length=1)
+
+
+def admin_routes(state: EmulatorState) -> list[Route]:
+    """The routes of the test API, bound to `state`."""
+
+    async def mint(request: Request) -> Response:
+        try:
+            body = _parse(MintRequest, await request.body())
+            audience = body.audience or state.default_audience
+        except LookupError:
+            return error_response(invalid_request("The tenant has no API; send an audience."))
+        except OAuthError as error:
+            return error_response(error)
+        token = state.mint_access_token(
+            body.sub, audience=audience, scopes=body.scopes, azp=body.azp, expires_in=body.expires_in
+        )
+        return JSONResponse({"access_token": token, "token_type": "Bearer", "expires_in": body.expires_in})
+
+    async def connect(request: Request) -> Response:
+        try:
+            body = _parse(ConnectRequest, await request.body())
+        except OAuthError as error:
+            return error_response(error)
+        state.add_user(body.sub)
+        state.connect_account(body.sub, body.connection, body.scopes)
+        return JSONResponse(body.model_dump())
+
+    async def approve(request: Request) -> Response:
+        try:
+            body = _parse(ApproveRequest, await request.body())
+            state.add_user(body.sub)
+            _act(lambda: state.approve_device(body.user_code, body.sub))
+        except OAuthError as error:
+            return error_response(error)
+        return JSONResponse({"user_code": body.user_code, "status": "approved"})
+
+    async def deny(request: Request) -> Response:
+        try:
+            body = _parse(DenyRequest, await request.body())
+            _act(lambda: state.deny_device(body.user_code))
+        except OAuthError as error:
+            return error_response(error)
+        return JSONResponse({"user_code": body.user_code, "status": "denied"})
+
+    return [
+        Route("/emulator/tokens", mint, methods=["POST"]),
+        Route("/emulator/accounts", connect, methods=["POST"]),
+        Route("/emulator/device/approve", approve, methods=["POST"]),
+        Route("/emulator/device/deny", deny, methods=["POST"]),
+    ]
+
+
+def _parse(model: type[M], body: bytes) -> M:
+    try:
+        return model.model_validate_json(body or b"{}")
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+        raise invalid_request(problems) from exc
+
+
+def _act(action: Callable[[], None]) -> None:
+    try:
+        action()
+    except ValueError as exc:
+        raise OAuthError(404, "not_found", str(exc)) from exc

@@ -1,0 +1,194 @@
+"""The tenant's HTTP face: discovery, JWKS, `/oauth/token` and `/oauth/device/code`, Auth0-shaped.
+
+Bodies may be `application/x-www-form-urlencoded` or JSON (Auth0's SDKs send both). Every
+request to the two POST endpoints is recorded in `state.requests`, failed ones included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import parse_qsl
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from server.emulator.admin import admin_routes
+from server.emulator.client_auth import AuthenticatedClient, authenticate_client
+from server.emulator.device import start_device_authorization
+from server.emulator.errors import NO_STORE, OAuthError, error_response, invalid_request
+from server.emulator.faults import Fault
+from server.emulator.grants import GRANTS
+from server.emulator.keys import ASSERTION_ALGORITHMS
+from server.emulator.state import EmulatorState, RecordedRequest
+from server.emulator.tokens import required
+
+
+def create_app(state: EmulatorState, *, admin: bool = True) -> Starlette:
+    """A Starlette app serving `state` at its issuer's root.
+
+    With `admin`, the test API under `/emulator/` is served too (see the package docstring).
+    """
+    endpoints = _Endpoints(state)
+    routes = [
+        Route("/.well-known/openid-configuration", endpoints.discovery, methods=["GET"]),
+        Route("/.well-known/jwks.json", endpoints.jwks, methods=["GET"]),
+        Route("/oauth/token", endpoints.token, methods=["POST"]),
+        Route("/oauth/device/code", endpoints.device_code, methods=["POST"]),
+    ]
+    if admin:
+        routes += admin_routes(state)
+    return Starlette(routes=routes)
+
+
+class _Endpoints:
+    def __init__(self, state: EmulatorState) -> None:
+        self.state = state
+
+    async def discovery(self, request: Request) -> Response:
+        issuer = self.state.issuer
+        return JSONResponse(
+            {
+                "issuer": issuer,
+                "token_endpoint": issuer + "oauth/token",
+                "device_authorization_endpoint": issuer + "oauth/device/code",
+                "jwks_uri": issuer + ".well-known/jwks.json",
+                "grant_types_supported": list(GRANTS),
+                "response_types_supported": ["code"],
+                "subject_types_supported": ["public"],
+                "scopes_supported": ["openid", "profile", "email", "offline_access"],
+                "token_endpoint_auth_methods_supported": [
+                    "client_secret_post",
+                    "client_secret_basic",
+                    "private_key_jwt",
+                ],
+                "token_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGORITHMS),
+                "id_token_signing_alg_values_supported": ["RS256"],
+            }
+        )
+
+    async def jwks(self, request: Request) -> Response:
+        return JSONResponse(self.state.public_jwks())
+
+    async def token(self, request: Request) -> Response:
+        def answer(fields: dict[str, str], recorded: _Recorder) -> dict[str, Any]:
+            grant_type = required(fields, "grant_type")
+            recorded.grant_type = grant_type
+            grant = GRANTS.get(grant_type)
+            if grant is None:
+                raise OAuthError(400, "unsupported_grant_type", f"Unsupported grant type: {grant_type}")
+            recorded.client = authenticate_client(self.state, fields, request.headers)
+            return grant(self.state, fields, recorded.client.client)
+
+        return await self._serve(request, answer)
+
+    async def device_code(self, request: Request) -> Response:
+        def answer(fields: dict[str, str], recorded: _Recorder) -> dict[str, Any]:
+            body = start_device_authorization(self.state, fields)
+            # Native clients identify themselves by client_id alone; record who asked.
+            recorded.client = AuthenticatedClient(self.state.clients[fields["client_id"]], "none")
+            return body
+
+        return await self._serve(request, answer)
+
+    async def _serve(
+        self,
+        request: Request,
+        answer: Callable[[dict[str, str], _Recorder], dict[str, Any]],
+    ) -> Response:
+        """Delay, record, inject faults, and turn OAuthError into Auth0-shaped answers."""
+        faults = self.state.faults
+        if faults.latency > 0:
+            await asyncio.sleep(faults.latency)
+        recorded = _Recorder()
+        try:
+            recorded.fields = await _read_fields(request)
+            recorded.grant_type = recorded.fields.get("grant_type")
+            fault = faults.take()
+            if fault is not None:
+                return _fault_response(fault, now=self.state.clock())
+            return JSONResponse(answer(recorded.fields, recorded), headers=NO_STORE)
+        except OAuthError as error:
+            return error_response(error)
+        finally:
+            self.state.requests.append(recorded.freeze(request))
+
+
+class _Recorder:
+    """What is known of a request so far; frozen into a RecordedRequest however it ends."""
+
+    def __init__(self) -> None:
+        self.fields: dict[str, str] = {}
+        self.grant_type: str | None = None
+        self.client: AuthenticatedClient | None = None
+
+    def freeze(self, request: Request) -> RecordedRequest:
+        return RecordedRequest(
+            path=request.url.path,
+            grant_type=self.grant_type,
+            fields=dict(self.fields),
+            client_id=self.client.client.client_id if self.client else None,
+            headers=dict(request.headers),
+            auth_method=self.client.method if self.client else None,
+        )
+
+
+async def _read_fields(request: Request) -> dict[str, str]:
+    """The parameters of a form or JSON body. Raises OAuthError 400 `invalid_request`."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await request.body()
+    if content_type == "application/json":
+        return _json_fields(body)
+    if content_type in ("application/x-www-form-urlencoded", ""):
+        return _form_fields(body)
+    raise invalid_request(f"Unsupported content type: {content_type}")
+
+
+def _json_fields(body: bytes) -> dict[str, str]:
+    try:
+        data = json.loads(body or b"{}")
+    except ValueError as exc:
+        raise invalid_request("The body is not valid JSON.") from exc
+    if not isinstance(data, dict):
+        raise invalid_request("The JSON body must be an object.")
+    fields: dict[str, str] = {}
+    for name, value in data.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise invalid_request(f"Parameter {name} must be a string.")
+        fields[name] = str(value)
+    return fields
+
+
+def _form_fields(body: bytes) -> dict[str, str]:
+    try:
+        pairs = parse_qsl(body.decode(), keep_blank_values=True, strict_parsing=False)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise invalid_request("The form body is malformed.") from exc
+    fields: dict[str, str] = {}
+    for name, value in pairs:
+        # RFC 6749 §3.2: request parameters must not be repeated.
+        if name in fields:
+            raise invalid_request(f"Parameter {name} was sent more than once.")
+        fields[name] = value
+    return fields
+
+
+def _fault_response(fault: Fault, *, now: float) -> Response:
+    headers = dict(NO_STORE)
+    if fault.reset_in is not None:
+        headers.update(
+            {
+                "x-ratelimit-limit": "30",
+                "x-ratelimit-remaining": "0",
+                "x-ratelimit-reset": str(int(now) + fault.reset_in),
+            }
+        )
+    if fault.retry_after is not None:
+        headers["Retry-After"] = str(fault.retry_after)
+    return error_response(OAuthError(fault.status, fault.error, fault.description, headers=headers))

@@ -1,0 +1,299 @@
+"""The emulated tenant's data: APIs, clients, users and their connected accounts, issued grants,
+recorded requests, and the knobs tests turn. No HTTP here: `app.py` serves it.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from joserfc.jwk import RSAKey
+from joserfc.jwt import JWTClaimsRegistry
+
+from server.emulator.faults import Faults
+from server.emulator.keys import SigningKeys
+
+OFFLINE_ACCESS = "offline_access"
+AuthMethod = Literal["client_secret_post", "client_secret_basic", "private_key_jwt", "none"]
+
+
+@dataclass(frozen=True)
+class Api:
+    """An API (resource server) of the tenant and the scopes it defines."""
+
+    audience: str
+    scopes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Client:
+    """An application. Native clients are public: no secret, device flow, no Token Vault."""
+
+    client_id: str
+    secret: str | None = None
+    native: bool = False
+    public_key_pem: str | None = None
+
+
+@dataclass
+class ConnectedAccount:
+    """A user's account at a provider (a Token Vault connection) and the provider scopes it granted."""
+
+    connection: str
+    scopes: tuple[str, ...]
+    revoked: bool = False
+
+
+@dataclass(frozen=True)
+class RefreshGrant:
+    """What a refresh token stands for: it belongs to the client it was issued to."""
+
+    token: str
+    sub: str
+    client_id: str
+    scopes: tuple[str, ...]
+    audience: str
+
+
+@dataclass
+class DeviceGrant:
+    """One device authorization, from `/oauth/device/code` to approval, denial or expiry."""
+
+    device_code: str
+    user_code: str
+    client_id: str
+    scopes: tuple[str, ...]
+    audience: str
+    expires_at: float
+    interval: int
+    last_poll: float
+    status: Literal["pending", "approved", "denied", "consumed"] = "pending"
+    sub: str | None = None
+
+
+@dataclass(frozen=True)
+class VaultIssue:
+    """One provider token handed out, so tests can trace a token back to its exchange."""
+
+    access_token: str
+    sub: str
+    connection: str
+    scopes: tuple[str, ...]
+    client_id: str
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request to `/oauth/token` or `/oauth/device/code`, as the emulator received it."""
+
+    path: str
+    grant_type: str | None
+    fields: dict[str, str]
+    client_id: str | None  # the authenticated client; None when authentication failed or was not tried
+    headers: dict[str, str]
+    auth_method: AuthMethod | None = None
+
+
+class EmulatorState:
+    """An Auth0 tenant in memory.
+
+    `issuer` is the tenant's base URL with a trailing slash (one is added when missing).
+    `clock` gives UNIX seconds; tests pass their own to expire tokens and device codes
+    without sleeping.
+    """
+
+    def __init__(
+        self,
+        issuer: str,
+        *,
+        clock: Callable[[], float] = time.time,
+        signing_key: RSAKey | None = None,
+    ) -> None:
+        self.issuer = issuer if issuer.endswith("/") else issuer + "/"
+        self.clock = clock
+        self.keys = SigningKeys(signing_key)
+        self.apis: dict[str, Api] = {}
+        self.clients: dict[str, Client] = {}
+        self.users: set[str] = set()
+        self.accounts: dict[str, dict[str, ConnectedAccount]] = {}
+        self.refresh_tokens: dict[str, RefreshGrant] = {}
+        self.devices: dict[str, DeviceGrant] = {}
+        self.used_assertions: set[tuple[str, str]] = set()
+        self.requests: list[RecordedRequest] = []
+        self.vault_issues: list[VaultIssue] = []
+        self.faults = Faults()
+        # Knobs: lifetimes (Auth0's defaults), device polling, and Token Vault answer shapes.
+        self.access_token_expires_in = 86400
+        self.vault_token_expires_in = 3600
+        self.device_interval = 5
+        self.device_expires_in = 900
+        self.omit_scope_in_exchange = False
+        self.overgrant = False
+
+    # --- tenant setup -------------------------------------------------------------------------
+
+    def add_api(self, audience: str, scopes: list[str]) -> None:
+        """Register an API; the first one registered is the audience `/emulator/tokens` defaults to."""
+        self.apis[audience] = Api(audience, tuple(scopes))
+
+    def add_client(
+        self,
+        client_id: str,
+        secret: str | None = None,
+        *,
+        native: bool = False,
+        public_key_pem: str | None = None,
+    ) -> None:
+        """Register an application.
+
+        A confidential client needs a secret, a public key (for private_key_jwt), or both;
+        a native client has neither. Raises ValueError otherwise.
+        """
+        if native and (secret or public_key_pem):
+            raise ValueError("a native client is public: no secret, no key")
+        if not native and not (secret or public_key_pem):
+            raise ValueError("a confidential client needs a secret or a public key")
+        self.clients[client_id] = Client(client_id, secret, native, public_key_pem)
+
+    def add_user(self, sub: str) -> None:
+        """Register a user by `sub` (e.g. `auth0|abc`)."""
+        self.users.add(sub)
+        self.accounts.setdefault(sub, {})
+
+    def connect_account(self, sub: str, connection: str, scopes: list[str]) -> None:
+        """Give the user a connected account at `connection` that granted `scopes` (replaces an old one).
+
+        Raises ValueError for an unknown user.
+        """
+        self._require_user(sub)
+        self.accounts[sub][connection] = ConnectedAccount(connection, tuple(scopes))
+
+    def revoke_connection(self, sub: str, connection: str) -> None:
+        """Make the user's connected account stale, as when the provider revoked it.
+
+        Raises ValueError when there is no such account.
+        """
+        account = self.accounts.get(sub, {}).get(connection)
+        if account is None:
+            raise ValueError(f"{sub} has no connected account at {connection}")
+        account.revoked = True
+
+    def connected_account(self, sub: str, connection: str) -> ConnectedAccount | None:
+        """The user's live connected account at `connection`, if any."""
+        account = self.accounts.get(sub, {}).get(connection)
+        return None if account is None or account.revoked else account
+
+    @property
+    def default_audience(self) -> str:
+        """The first API registered (the OAuth grants still require an explicit `audience`).
+
+        Raises LookupError when there is none.
+        """
+        if not self.apis:
+            raise LookupError("the tenant has no API")
+        return next(iter(self.apis))
+
+    # --- tokens -------------------------------------------------------------------------------
+
+    def issue_refresh_token(self, sub: str, client_id: str, scopes: list[str], audience: str) -> str:
+        """A refresh token of `sub` for `client_id` (no rotation: it stays valid).
+
+        Raises ValueError for an unknown user, client or audience.
+        """
+        self._require_user(sub)
+        if client_id not in self.clients:
+            raise ValueError(f"unknown client {client_id}")
+        if audience not in self.apis:
+            raise ValueError(f"unknown audience {audience}")
+        token = "v1." + secrets.token_urlsafe(48)
+        self.refresh_tokens[token] = RefreshGrant(token, sub, client_id, tuple(scopes), audience)
+        return token
+
+    def mint_access_token(
+        self,
+        sub: str,
+        *,
+        audience: str | list[str],
+        scopes: list[str],
+        azp: str | None = None,
+        expires_in: int = 3600,
+        permissions: list[str] | None = None,
+        kid: str | None = None,
+        extra_claims: Mapping[str, Any] | None = None,
+    ) -> str:
+        """An RS256 access token signed with the tenant key.
+
+        `scope` is omitted when `scopes` is empty, `permissions` when None; `extra_claims`
+        are applied last, so they can override any claim (e.g. `exp` in the past, `iss`).
+        `kid` overrides the header's key id.
+        """
+        now = int(self.clock())
+        claims: dict[str, Any] = {"iss": self.issuer, "sub": sub, "aud": audience, "iat": now}
+        claims["exp"] = now + expires_in
+        if azp is not None:
+            claims["azp"] = azp
+        if scopes:
+            claims["scope"] = " ".join(scopes)
+        if permissions is not None:
+            claims["permissions"] = list(permissions)
+        claims.update(extra_claims or {})
+        return self.keys.sign(claims, kid=kid)
+
+    def verify_access_token(self, token: str) -> dict[str, Any]:
+        """The claims of an unexpired access token of this tenant (signature, `iss`, `exp`, `sub`).
+
+        The audience is the caller's to check. Raises keys.InvalidJWT.
+        """
+        registry = JWTClaimsRegistry(
+            now=int(self.clock()),
+            iss={"essential": True, "value": self.issuer},
+            sub={"essential": True},
+            exp={"essential": True},
+        )
+        return self.keys.verify(token, registry)
+
+    def public_jwks(self) -> dict[str, list[dict[str, Any]]]:
+        """The JWKS served at `/.well-known/jwks.json`."""
+        return self.keys.public_jwks()
+
+    def rotate_signing_key(self) -> str:
+        """Sign from now on with a new key (the old stays in the JWKS); return its kid."""
+        return self.keys.rotate()
+
+    # --- device flow (the user's side, which Auth0 runs in a browser) --------------------------
+
+    def approve_device(self, user_code: str, sub: str) -> None:
+        """The user `sub` approves the pending device authorization `user_code`.
+
+        Raises ValueError for an unknown user or a code that is not pending.
+        """
+        self._require_user(sub)
+        grant = self._pending_device(user_code)
+        grant.status = "approved"
+        grant.sub = sub
+
+    def deny_device(self, user_code: str) -> None:
+        """The user denies the pending device authorization `user_code`. Raises ValueError."""
+        self._pending_device(user_code).status = "denied"
+
+    def pending_user_codes(self) -> list[str]:
+        """User codes of device authorizations still waiting for the user, oldest first."""
+        now = self.clock()
+        return [g.user_code for g in self.devices.values() if g.status == "pending" and now < g.expires_at]
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _require_user(self, sub: str) -> None:
+        if sub not in self.users:
+            raise ValueError(f"unknown user {sub}")
+
+    def _pending_device(self, user_code: str) -> DeviceGrant:
+        normalized = user_code.upper().replace(" ", "")
+        now = self.clock()
+        for grant in self.devices.values():
+            if grant.user_code == normalized and grant.status == "pending" and now < grant.expires_at:
+                return grant
+        raise ValueError(f"no pending device authorization with user code {user_code}")

@@ -1,0 +1,80 @@
+"""`serve`: loopback only, settings on stderr, a real server a broker can reach."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import shlex
+import sys
+
+import httpx
+import pytest
+
+from server.emulator import demo_tenant, serve
+from server.emulator.serve import is_loopback, print_settings
+
+SETTINGS = {"AUTH0_DOMAIN", "AUTH0_AUDIENCE", "AUTH0_CLIENT_ID", "AUTH0_CLIENT_SECRET", "TVM_REFRESH_TOKEN"}
+
+
+def parse_exports(text: str) -> dict[str, str]:
+    found = {}
+    for line in text.splitlines():
+        words = shlex.split(line, comments=True)
+        if words and words[0] == "export":
+            name, _, value = words[1].partition("=")
+            found[name] = value
+    return found
+
+
+def test_loopback_hosts_are_recognised() -> None:
+    assert all(is_loopback(host) for host in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"))
+    assert not any(is_loopback(host) for host in ("0.0.0.0", "192.168.1.10", "example.com", "::"))
+
+
+def test_serve_refuses_a_non_loopback_host() -> None:
+    with pytest.raises(ValueError, match="loopback"):
+        serve(8123, host="0.0.0.0")
+
+
+def test_settings_are_pasteable_export_lines() -> None:
+    demo = demo_tenant("http://127.0.0.1:8123/")
+    out = io.StringIO()
+
+    print_settings(demo, out)
+
+    assert parse_exports(out.getvalue()) == {
+        "AUTH0_DOMAIN": "http://127.0.0.1:8123",
+        "AUTH0_AUDIENCE": demo.audience,
+        "AUTH0_CLIENT_ID": demo.client_id,
+        "AUTH0_CLIENT_SECRET": demo.client_secret,
+        "TVM_REFRESH_TOKEN": demo.refresh_token,
+    }
+
+
+async def test_served_emulator_answers_on_loopback_with_the_printed_settings() -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "from server.emulator import serve; serve(0)", stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        assert process.stderr is not None
+        printed = ""
+        while not SETTINGS <= set(parse_exports(printed)):
+            line = await asyncio.wait_for(process.stderr.readline(), timeout=15)
+            assert line, f"emulator exited early: {printed}"
+            printed += line.decode()
+        env = parse_exports(printed)
+
+        async with httpx.AsyncClient(base_url=env["AUTH0_DOMAIN"], timeout=5) as http:
+            discovery = (await http.get("/.well-known/openid-configuration")).json()
+            token = await http.post(
+                "/oauth/token",
+                data={"grant_type": "refresh_token", "refresh_token": env["TVM_REFRESH_TOKEN"]},
+                auth=(env["AUTH0_CLIENT_ID"], env["AUTH0_CLIENT_SECRET"]),
+            )
+    finally:
+        process.terminate()
+        await process.wait()
+
+    assert discovery["issuer"] == env["AUTH0_DOMAIN"] + "/"
+    assert token.status_code == 200
+    assert token.json()["scope"] == "read:market read:balance buy:quota request:token"
