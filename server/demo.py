@@ -47,3 +47,21 @@ def banner(account: str, database: str) -> None:
         file=sys.stderr,
         flush=True,
     )
+
+
+def remote_banner(tenant: DemoTenant, base_url: str, transport: str) -> None:
+    """A bearer token of the demo tenant, so a remote client can try the demo (it is not a real credential)."""
+    token = tenant.state.mint_access_token(
+        tenant.account,
+        audience=tenant.audience,
+        scopes=["read:market", "read:balance", "buy:quota", "request:token"],
+        azp="demo-remote-client",
+        expires_in=24 * 3600,
+    )
+    path = "/mcp" if transport == "http" else "/sse"
+    print(
+        f"  serving {base_url}{path}; demo bearer token (24 h, demo tenant only):\n"
+        f"  Authorization: Bearer {token}",
+        file=sys.stderr,
+        flush=True,
+    )

@@ -41,6 +41,10 @@ class StdioIdentity:
         """A refresh token of the broker's own client is itself the Token Vault subject."""
         return self._refresh_client == self._auth0.client_id
 
+    async def for_request(self, _http_scope: object = None) -> Principal:
+        """The principal source for stdio: one user, whatever the request."""
+        return await self.principal()
+
     async def principal(self) -> Principal:
         """The verified principal. Raises Unauthenticated, or VaultUnavailable when Auth0 is unreachable."""
         if self._principal is not None and self._clock() < self._expires_at - RENEW_BEFORE:

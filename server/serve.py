@@ -20,7 +20,34 @@ async def serve_stdio(config: Config) -> None:
         refunded = await runtime.broker.recover_reservations()
         if refunded:
             log.warning("refunded %d reservation(s) left by a process that died", refunded)
-        mcp = build_mcp(runtime, runtime.identity.principal, "stdio")
+        mcp = build_mcp(runtime, runtime.identity.for_request, "stdio")
         await mcp.run_stdio_async()
+    finally:
+        await runtime.aclose()
+
+
+async def serve_remote(config: Config, transport: str, host: str, port: int) -> None:
+    """SSE or Streamable HTTP on `host:port` with one shared runtime for every connection."""
+    import uvicorn
+
+    from server.remote import build_remote_app, remote_settings
+
+    runtime = await open_runtime(config)
+    try:
+        await runtime.broker.recover_reservations()
+        server = uvicorn.Server(
+            uvicorn.Config(
+                build_remote_app(runtime, remote_settings(runtime, transport, host, port)),
+                host=host,
+                port=port,
+                log_level=config.log_level.lower(),
+                server_header=False,
+                proxy_headers=False,
+            )
+        )
+        if runtime.tenant is not None:
+            demo.banner(runtime.tenant.account, str(config.database))
+            demo.remote_banner(runtime.tenant, f"http://{host}:{port}", transport)
+        await server.serve()
     finally:
         await runtime.aclose()

@@ -25,7 +25,15 @@ JWKS_REFRESH_INTERVAL = 30.0  # an unknown kid refetches the JWKS at most this o
 
 
 class InvalidToken(Exception):
-    """The token was refused; the message says why (never the token itself)."""
+    """The token was refused; the message says why (never the token itself).
+
+    `claims` is set when the signature verified but a claim did not (e.g. expired), so the
+    refusal can still name the account and agent in the audit log.
+    """
+
+    def __init__(self, message: str, claims: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.claims = claims
 
 
 class JwtVerifier:
@@ -58,7 +66,10 @@ class JwtVerifier:
         except (JoseError, ValueError, TypeError) as exc:
             raise InvalidToken("the token's signature does not verify") from exc
         claims = decoded.claims
-        self._check_claims(claims)
+        try:
+            self._check_claims(claims)
+        except InvalidToken as exc:
+            raise InvalidToken(str(exc), claims) from None
         return claims
 
     def _check_claims(self, claims: dict[str, Any]) -> None:

@@ -44,7 +44,7 @@ async def runtime(db_path: Path, clock: ManualClock) -> AsyncIterator[Runtime]:
 
 @pytest.fixture
 async def client(runtime: Runtime) -> AsyncIterator[Client]:
-    async with held(Client(build_mcp(runtime, runtime.identity.principal, "stdio"))) as c:
+    async with held(Client(build_mcp(runtime, runtime.identity.for_request, "stdio"))) as c:
         yield c
 
 

@@ -7,10 +7,11 @@ check, validation or its audit event, and every failure is answered the same way
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.tools import Tool
 from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase, FuncMetadata
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 
 In = TypeVar("In", bound=BaseModel)
 Out = TypeVar("Out", bound=BaseModel)
-PrincipalSource = Callable[[], Awaitable[Principal]]
+# Resolves the caller from the HTTP request's ASGI scope (remote), or from nothing (stdio: one user).
+PrincipalSource = Callable[[Mapping[str, Any] | None], Awaitable[Principal]]
 
 
 class StrictInput(BaseModel):
@@ -52,13 +54,18 @@ class ToolSpec(Generic[In, Out]):
     run: Callable[[Invocation, In], Awaitable[Out]]
 
     async def call(
-        self, broker: Broker, principals: PrincipalSource, transport: str, arguments: dict[str, Any]
+        self,
+        broker: Broker,
+        principals: PrincipalSource,
+        transport: str,
+        arguments: dict[str, Any],
+        http_scope: Mapping[str, Any] | None = None,
     ) -> Out | CallToolResult:
         """Authenticate, check scope, validate, run; any refusal becomes an `isError` result."""
         call = Call(tool=self.name, scope=self.scope, transport=transport, args=arguments)
         principal: Principal | None = None
         try:
-            principal = await principals()
+            principal = await principals(http_scope)
             require_scope(principal, self.scope, self.name)
             try:
                 params = self.input_model.model_validate(arguments)
@@ -79,8 +86,8 @@ class ToolSpec(Generic[In, Out]):
     def to_mcp(self, broker: Broker, principals: PrincipalSource, transport: str) -> Tool:
         """The SDK's Tool, with our schema and our validation (the SDK passes arguments through)."""
 
-        async def handler(arguments: dict[str, Any]) -> Out | CallToolResult:
-            return await self.call(broker, principals, transport, arguments)
+        async def handler(arguments: dict[str, Any], ctx: Context[Any, Any]) -> Out | CallToolResult:
+            return await self.call(broker, principals, transport, arguments, _http_scope(ctx))
 
         return Tool(
             fn=handler,
@@ -90,9 +97,19 @@ class ToolSpec(Generic[In, Out]):
             parameters=self.input_model.model_json_schema(),
             fn_metadata=FuncMetadata(arg_model=_PassThrough, output_model=self.output_model),
             is_async=True,
-            context_kwarg=None,
+            context_kwarg="ctx",
             annotations=self.annotations,
         )
+
+
+def _http_scope(ctx: Context[Any, Any]) -> Mapping[str, Any] | None:
+    """The ASGI scope of the HTTP request that carried this call (None over stdio)."""
+    try:
+        request = ctx.request_context.request
+    except (ValueError, AttributeError):
+        return None
+    scope = getattr(request, "scope", None)
+    return scope if isinstance(scope, Mapping) else None
 
 
 class _PassThrough(ArgModelBase):

@@ -56,7 +56,7 @@ async def test_tools_list_publishes_output_schemas_and_annotations(client: Clien
 async def test_missing_scope_is_refused_naming_it_and_audited(runtime: Any) -> None:
     narrow = Principal(account="auth0|narrow", agent="agent-x", scopes=frozenset({"read:market", "read:balance"}))
 
-    async def principals() -> Principal:
+    async def principals(_: object) -> Principal:
         return narrow
 
     async with held(Client(build_mcp(runtime, principals, "stdio"))) as client:
@@ -78,7 +78,7 @@ async def test_a_refused_login_is_unauthenticated_for_every_tool(tmp_path: Path)
     )
     runtime = await open_runtime(config, clock=ManualClock(DEMO_NOW))
     try:
-        async with held(Client(build_mcp(runtime, runtime.identity.principal, "stdio"))) as client:
+        async with held(Client(build_mcp(runtime, runtime.identity.for_request, "stdio"))) as client:
             for tool, args in ARGS.items():
                 text = await refused(client, tool, args)
                 assert text.startswith("[unauthenticated] "), text

@@ -1,0 +1,247 @@
+"""Remote mode: Streamable HTTP (`/mcp`) or legacy SSE (`/sse` + `/messages/`) as an OAuth 2.1 resource server.
+
+Two ASGI layers wrap the SDK's transport app:
+- `HostOriginGuard` (outermost, every request): a `Host` outside the allowlist → 421, an
+  `Origin` outside it → 403 (DNS rebinding, cross-site browsers).
+- `BearerAuth` (the MCP endpoints): a verified Auth0 access token or 401 with
+  `WWW-Authenticate` naming the RFC 9728 metadata; every refusal is audited without the token.
+The verified principal rides in the ASGI scope to the tools, whose scope checks answer
+`[insufficient_scope]`. The caller's token is only ever sent to Auth0's Token Vault.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from mcp.server.transport_security import TransportSecuritySettings
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from server.app import Runtime, build_mcp
+from server.broker import Call
+from server.errors import Unauthenticated
+from server.principal import Principal, SubjectToken
+from server.token_verifier import InvalidToken
+from tools import ALL_TOOLS
+
+log = logging.getLogger(__name__)
+
+PRINCIPAL_KEY = "tvm.principal"
+METADATA_PREFIX = "/.well-known/oauth-protected-resource"
+MAX_TOKEN_LENGTH = 16_384
+
+
+@dataclass(frozen=True)
+class RemoteSettings:
+    transport: str  # "http" or "sse"
+    host: str
+    port: int
+    resource_url: str
+    allowed_hosts: frozenset[str]
+    allowed_origins: frozenset[str]
+
+    @property
+    def protected_paths(self) -> tuple[str, ...]:
+        return ("/mcp",) if self.transport == "http" else ("/sse", "/messages")
+
+    @property
+    def metadata_path(self) -> str:
+        path = urlsplit(self.resource_url).path.rstrip("/")
+        return METADATA_PREFIX + path
+
+    @property
+    def metadata_url(self) -> str:
+        parts = urlsplit(self.resource_url)
+        return f"{parts.scheme}://{parts.netloc}{self.metadata_path}"
+
+
+def remote_settings(runtime: Runtime, transport: str, host: str, port: int) -> RemoteSettings:
+    """Allowlists: loopback names on the bound port, the resource URL's host, and the configured extras."""
+    config = runtime.config
+    default_path = "/mcp" if transport == "http" else "/sse"
+    shown_host = f"[{host}]" if ":" in host else host
+    resource = config.resource_url or f"http://{shown_host}:{port}{default_path}"
+    hosts = {f"{name}:{port}" for name in ("127.0.0.1", "localhost", "[::1]")} | {"127.0.0.1", "localhost", "[::1]"}
+    hosts.add(f"{shown_host}:{port}")
+    origins = {f"http://{name}:{port}" for name in ("127.0.0.1", "localhost", "[::1]")}
+    parts = urlsplit(resource)
+    hosts.add(parts.netloc.lower())
+    origins.add(f"{parts.scheme}://{parts.netloc}".lower())
+    hosts.update(h.lower() for h in config.allowed_hosts)
+    origins.update(o.lower().rstrip("/") for o in config.allowed_origins)
+    return RemoteSettings(transport, host, port, resource, frozenset(hosts), frozenset(origins))
+
+
+def metadata_document(runtime: Runtime, settings: RemoteSettings) -> dict[str, Any]:
+    """RFC 9728 Protected Resource Metadata."""
+    return {
+        "resource": settings.resource_url,
+        "authorization_servers": [runtime.auth0.issuer],
+        "scopes_supported": [spec.scope for spec in ALL_TOOLS],
+        "bearer_methods_supported": ["header"],
+        "resource_name": "token-vault-mcp",
+    }
+
+
+def build_remote_app(runtime: Runtime, settings: RemoteSettings) -> Starlette:
+    """The whole remote ASGI app: SDK transport, health, metadata, auth and Host/Origin guards."""
+
+    async def principals(http_scope: Mapping[str, Any] | None) -> Principal:
+        principal = (http_scope or {}).get(PRINCIPAL_KEY)
+        if not isinstance(principal, Principal):  # pragma: no cover - BearerAuth guards every MCP path
+            raise Unauthenticated("no verified access token came with this request")
+        return principal
+
+    mcp = build_mcp(runtime, principals, settings.transport)
+    document = metadata_document(runtime, settings)
+
+    @mcp.custom_route("/healthz", methods=["GET"])
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    @mcp.custom_route(settings.metadata_path, methods=["GET"])
+    async def resource_metadata(request: Request) -> Response:
+        return JSONResponse(document)
+
+    if settings.metadata_path != METADATA_PREFIX:
+
+        @mcp.custom_route(METADATA_PREFIX, methods=["GET"])
+        async def resource_metadata_root(request: Request) -> Response:
+            return JSONResponse(document)
+
+    off = TransportSecuritySettings(enable_dns_rebinding_protection=False)  # HostOriginGuard does it for all paths
+    if settings.transport == "http":
+        app = mcp.streamable_http_app(streamable_http_path="/mcp", transport_security=off, host=settings.host)
+    else:
+        app = mcp.sse_app(transport_security=off, host=settings.host)
+    app.add_middleware(BearerAuth, runtime=runtime, settings=settings)
+    app.add_middleware(HostOriginGuard, settings=settings)
+    return app
+
+
+class HostOriginGuard:
+    """421 for a Host we do not serve, 403 for a browser Origin we do not trust."""
+
+    def __init__(self, app: ASGIApp, settings: RemoteSettings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = _headers(scope)
+        host = headers.get("host", "").lower()
+        if host not in self.settings.allowed_hosts:
+            await _plain(send, 421, "Misdirected Request: this server does not serve that Host")
+            return
+        origin = headers.get("origin")
+        if origin is not None and origin.lower().rstrip("/") not in self.settings.allowed_origins:
+            await _plain(send, 403, "Forbidden: Origin not allowed")
+            return
+        await self.app(scope, receive, send)
+
+
+class BearerAuth:
+    """Verifies the Auth0 access token on the MCP endpoints; audits every refusal."""
+
+    def __init__(self, app: ASGIApp, runtime: Runtime, settings: RemoteSettings) -> None:
+        self.app = app
+        self.runtime = runtime
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _under(scope["path"], self.settings.protected_paths):
+            await self.app(scope, receive, send)
+            return
+        authorization = _headers(scope).get("authorization", "")
+        scheme, _, token = authorization.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            await self._refuse(scope, send, "no bearer token", None, error=None)
+            return
+        if len(token) > MAX_TOKEN_LENGTH:
+            await self._refuse(scope, send, "the bearer token is too long", None)
+            return
+        try:
+            claims = await self.runtime.verifier.verify(token)
+            principal = Principal.from_claims(claims, SubjectToken(token, "access_token"))
+        except InvalidToken as exc:
+            await self._refuse(scope, send, str(exc), _claimed(exc.claims))
+            return
+        except Unauthenticated as exc:
+            await self._refuse(scope, send, exc.message, None)
+            return
+        scope[PRINCIPAL_KEY] = principal
+        await self.app(scope, receive, send)
+
+    async def _refuse(
+        self, scope: Scope, send: Send, reason: str, known: Principal | None, error: str | None = "invalid_token"
+    ) -> None:
+        client = scope.get("client")
+        remote = f"{client[0]}:{client[1]}" if client else None
+        call = Call(
+            tool=None,
+            scope=None,
+            transport=self.settings.transport,
+            args={"reason": reason, "remote": remote},
+        )
+        await self.runtime.broker.record(call, known, Unauthenticated(reason))
+        challenge = 'Bearer realm="token-vault-mcp"'
+        if error is not None:
+            challenge += f', error="{error}", error_description="{_quoted(reason)}"'
+        challenge += f', resource_metadata="{self.settings.metadata_url}"'
+        body = json.dumps({"error": error or "unauthorized", "error_description": reason}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"www-authenticate", challenge.encode()),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def _claimed(claims: dict[str, Any] | None) -> Principal | None:
+    """Who a signed-but-refused token names (expired, wrong audience, …), for the audit log."""
+    if not claims:
+        return None
+    try:
+        return Principal.from_claims(claims)
+    except Unauthenticated:
+        return None
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+
+
+def _under(path: str, prefixes: Iterable[str]) -> bool:
+    return any(path == p or path.startswith(p + "/") for p in prefixes)
+
+
+def _quoted(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', "'")
+
+
+async def _plain(send: Send, status: int, text: str) -> None:
+    body = text.encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,186 @@
+"""Remote mode over real HTTP on 127.0.0.1: Streamable HTTP and SSE, bearer tokens, guards, audit."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from joserfc import jwt
+from joserfc.jwk import RSAKey
+
+from server import audit
+from server.auth0_client import TOKEN_VAULT_GRANT
+from server.clock import ManualClock
+from server.store import AuditFilter
+from tests.conftest import DEMO_NOW, held, ok, refused
+from tests.server.remote_harness import ALL_SCOPES, Remote, remote_server
+
+BUY = {"listing_id": "github-repo-read", "units": 2, "max_unit_price": 100}
+ASK = {"connection": "github", "scopes": ["repo:read"], "purpose": "remote e2e"}
+
+
+@pytest.fixture(params=["http", "sse"])
+async def remote(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Remote]:
+    async with held(remote_server(tmp_path, request.param, ManualClock(DEMO_NOW))) as r:
+        yield r
+
+
+async def session_flow(remote: Remote, sub: str, azp: str) -> dict[str, Any]:
+    async with held(remote.client(remote.token(sub, azp=azp))) as client:
+        assert {t.name for t in (await client.list_tools()).tools} == {
+            "list_market", "check_balance", "buy_quota", "request_token"
+        }
+        await ok(client, "list_market", {"limit": 2})
+        await ok(client, "buy_quota", BUY)
+        token = await ok(client, "request_token", ASK)
+        balance = await ok(client, "check_balance", {})
+        return {"token": token, "balance": balance}
+
+
+async def test_four_tools_for_concurrent_clients_and_accounts_stay_apart(remote: Remote) -> None:
+    results = await asyncio.gather(
+        session_flow(remote, "auth0|alice", "agent-a1"),
+        session_flow(remote, "auth0|alice", "agent-a2"),
+        session_flow(remote, "auth0|bob", "agent-b"),
+    )
+    alice1, alice2, bob = results
+    price = bob["token"] and (1000 - bob["balance"]["balance"]) // BUY["units"]
+    assert bob["balance"]["account"] == "auth0|bob"
+    assert bob["balance"]["holdings"] == [
+        {"listing_id": "github-repo-read", "connection": "github", "scopes": ["repo:read"], "units_remaining": 1}
+    ]
+    assert {alice1["balance"]["account"], alice2["balance"]["account"]} == {"auth0|alice"}
+    alice_now = await remote.runtime.db.read(lambda tx: (tx.balance("auth0|alice"), tx.holdings_of("auth0|alice")))
+    assert alice_now[0] == 1000 - 2 * BUY["units"] * price  # both of alice's agents paid; bob's purchase did not
+    assert [h.units_held for h in alice_now[1]] == [2]
+    records = await remote.runtime.db.read(lambda tx: tx.find_audit(AuditFilter(tool="request_token")))
+    assert {(r.account, r.agent) for r in records} == {
+        ("auth0|alice", "agent-a1"), ("auth0|alice", "agent-a2"), ("auth0|bob", "agent-b")
+    }
+    assert all(r.transport == remote.transport for r in records)
+
+
+async def test_vault_exchange_carries_the_callers_access_token_and_nothing_else_does(remote: Remote) -> None:
+    bearer = remote.token("auth0|alice")
+    async with held(remote.client(bearer)) as client:
+        await ok(client, "buy_quota", BUY)
+        await ok(client, "request_token", ASK)
+    sent = remote.tenant.state.requests
+    [exchange] = [r for r in sent if r.grant_type == TOKEN_VAULT_GRANT]
+    assert exchange.fields["subject_token"] == bearer
+    assert exchange.fields["subject_token_type"] == "urn:ietf:params:oauth:token-type:access_token"
+    assert exchange.fields["scope"] == "repo:read"
+    others = [r for r in sent if r is not exchange]
+    assert all(bearer not in json.dumps(r.fields) + json.dumps(dict(r.headers)) for r in others)
+    db_bytes = b"".join(p.read_bytes() for p in remote.runtime.db.path.parent.glob(remote.runtime.db.path.name + "*"))
+    assert bearer.encode() not in db_bytes
+
+
+def forge(header: dict[str, Any], claims: dict[str, Any], key: Any, alg: str) -> str:
+    return jwt.encode(header | {"alg": alg}, claims, key, algorithms=[alg])
+
+
+def _part(data: dict[str, Any] | bytes) -> str:
+    raw = data if isinstance(data, bytes) else json.dumps(data).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def unsigned(claims: dict[str, Any]) -> str:
+    return f"{_part({'alg': 'none', 'typ': 'JWT'})}.{_part(claims)}."
+
+
+def hs256_with(secret: bytes, kid: str, claims: dict[str, Any]) -> str:
+    """The classic confusion attack: HMAC-sign with the RSA public key as the secret."""
+    signing_input = f"{_part({'alg': 'HS256', 'typ': 'JWT', 'kid': kid})}.{_part(claims)}"
+    signature = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{_part(signature)}"
+
+
+def bad_tokens(remote: Remote) -> dict[str, str]:
+    now = int(time.time())
+    good_claims = {
+        "iss": remote.tenant.issuer, "sub": "auth0|alice", "aud": remote.tenant.audience, "azp": "agent-1",
+        "scope": " ".join(ALL_SCOPES), "iat": now, "exp": now + 600,
+    }
+    state = remote.tenant.state
+    jwks = state.public_jwks()["keys"][0]
+    public_pem = RSAKey.import_key(jwks).as_pem(private=False)
+    stranger = RSAKey.generate_key(2048, parameters={"kid": jwks["kid"]})
+    unknown_kid = RSAKey.generate_key(2048, parameters={"kid": "never-published"})
+    return {
+        "malformed": "not.a.jwt!",
+        "garbage": "abc",
+        "bad signature": forge({"kid": jwks["kid"]}, good_claims, stranger, "RS256"),
+        "alg none": unsigned(good_claims),
+        "hs256 with the public key": hs256_with(public_pem, jwks["kid"], good_claims),
+        "expired": remote.token("auth0|alice", extra_claims={"exp": now - 3600, "iat": now - 7200}),
+        "not yet valid": remote.token("auth0|alice", extra_claims={"nbf": now + 3600}),
+        "wrong issuer": remote.token("auth0|alice", extra_claims={"iss": "https://evil.test/"}),
+        "wrong audience": state.mint_access_token("auth0|alice", audience="https://other/api", scopes=ALL_SCOPES),
+        "unknown kid": forge({"kid": "never-published"}, good_claims, unknown_kid, "RS256"),
+    }
+
+
+async def test_bad_tokens_get_401_with_metadata_and_are_audited(remote: Remote) -> None:
+    cases = bad_tokens(remote)
+    async with httpx.AsyncClient(base_url=remote.base_url) as http:
+        none = await http.post(remote.endpoint, json={})
+        assert none.status_code == 401
+        assert 'resource_metadata="' in none.headers["www-authenticate"]
+        for name, token in cases.items():
+            answer = await http.post(
+                remote.endpoint,
+                json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+                headers={"Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream"},
+            )
+            assert answer.status_code == 401, name
+            challenge = answer.headers["www-authenticate"]
+            assert 'error="invalid_token"' in challenge, name
+            assert "resource_metadata=" in challenge
+            assert token not in answer.text
+    records = await remote.runtime.db.read(lambda tx: tx.find_audit(AuditFilter(outcome="denied")))
+    refusals = [r for r in records if r.tool is None]
+    assert len(refusals) == len(cases) + 1
+    assert all(r.code == "unauthenticated" and json.loads(r.args)["remote"].startswith("127.0.0.1") for r in refusals)
+    expired = [r for r in refusals if "expired" in json.loads(r.args)["reason"]]
+    assert expired and expired[0].account == "auth0|alice"
+    dump = json.dumps([audit.export_line(r) for r in records])
+    assert all(token not in dump for token in cases.values())
+
+
+async def test_token_without_the_tools_scope_is_insufficient_scope(remote: Remote) -> None:
+    async with held(remote.client(remote.token("auth0|bob", scopes=["read:market"]))) as client:
+        await ok(client, "list_market", {})
+        text = await refused(client, "buy_quota", BUY)
+        assert text == "[insufficient_scope] buy_quota needs scope buy:quota; the token grants read:market"
+        assert (await refused(client, "check_balance", {})).startswith("[insufficient_scope] ")
+
+
+async def test_bad_origin_is_403_bad_host_is_421_and_metadata_is_exact(remote: Remote) -> None:
+    async with httpx.AsyncClient(base_url=remote.base_url) as http:
+        assert (await http.get("/healthz")).json() == {"status": "ok"}
+        evil = await http.get(remote.endpoint, headers={"Origin": "https://evil.example"})
+        assert evil.status_code == 403
+        rebound = await http.get("/healthz", headers={"Host": "attacker.example"})
+        assert rebound.status_code == 421
+        path = "/mcp" if remote.transport == "http" else "/sse"
+        meta = await http.get(f"/.well-known/oauth-protected-resource{path}")
+        assert meta.status_code == 200
+        assert meta.json() == {
+            "resource": remote.endpoint,
+            "authorization_servers": [remote.tenant.issuer],
+            "scopes_supported": ALL_SCOPES,
+            "bearer_methods_supported": ["header"],
+            "resource_name": "token-vault-mcp",
+        }
+        good_origin = await http.get("/healthz", headers={"Origin": remote.base_url})
+        assert good_origin.status_code == 200
