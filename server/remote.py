@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.app import Runtime, build_mcp
 from server.broker import Call
+from server.config import Config
 from server.errors import Unauthenticated
 from server.principal import Principal, SubjectToken
 from server.token_verifier import InvalidToken
@@ -62,9 +63,8 @@ class RemoteSettings:
         return f"{parts.scheme}://{parts.netloc}{self.metadata_path}"
 
 
-def remote_settings(runtime: Runtime, transport: str, host: str, port: int) -> RemoteSettings:
+def remote_settings(config: Config, transport: str, host: str, port: int) -> RemoteSettings:
     """Allowlists: loopback names on the bound port, the resource URL's host, and the configured extras."""
-    config = runtime.config
     default_path = "/mcp" if transport == "http" else "/sse"
     shown_host = f"[{host}]" if ":" in host else host
     resource = config.resource_url or f"http://{shown_host}:{port}{default_path}"

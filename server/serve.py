@@ -37,7 +37,7 @@ async def serve_remote(config: Config, transport: str, host: str, port: int) -> 
         await runtime.broker.recover_reservations()
         server = uvicorn.Server(
             uvicorn.Config(
-                build_remote_app(runtime, remote_settings(runtime, transport, host, port)),
+                build_remote_app(runtime, remote_settings(runtime.config, transport, host, port)),
                 host=host,
                 port=port,
                 log_level=config.log_level.lower(),

@@ -48,7 +48,7 @@ class JwtVerifier:
         self._clock = clock
         self._leeway = leeway
         self._keys: KeySet | None = None
-        self._last_fetch = float("-inf")
+        self._last_refresh = float("-inf")  # the last refetch an unknown kid caused
 
     async def verify(self, token: str) -> dict[str, Any]:
         """Return the verified claims. Raises InvalidToken."""
@@ -95,15 +95,16 @@ class JwtVerifier:
     async def _keyset(self, refresh: bool = False) -> KeySet:
         if self._keys is not None and not refresh:
             return self._keys
-        if refresh and self._keys is not None and self._clock() - self._last_fetch < JWKS_REFRESH_INTERVAL:
-            return self._keys  # do not let unknown kids hammer the tenant
+        if refresh and self._keys is not None:
+            if self._clock() - self._last_refresh < JWKS_REFRESH_INTERVAL:
+                return self._keys  # do not let unknown kids hammer the tenant
+            self._last_refresh = self._clock()
         try:
             data = await self._auth0.jwks(refresh=self._keys is not None)
         except Auth0Error as exc:
             if self._keys is not None:
                 return self._keys
             raise InvalidToken("the tenant's signing keys could not be fetched") from exc
-        self._last_fetch = self._clock()
         try:
             rsa_keys = [k for k in data.get("keys", []) if isinstance(k, dict) and k.get("kty") == "RSA"]
             self._keys = KeySet.import_key_set({"keys": rsa_keys})

@@ -77,7 +77,7 @@ async def remote_server(tmp_path: Path, transport: str, clock: ManualClock) -> A
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    app = build_remote_app(runtime, remote_settings(runtime, transport, "127.0.0.1", port))
+    app = build_remote_app(runtime, remote_settings(runtime.config, transport, "127.0.0.1", port))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:

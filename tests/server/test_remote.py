@@ -184,3 +184,23 @@ async def test_bad_origin_is_403_bad_host_is_421_and_metadata_is_exact(remote: R
         }
         good_origin = await http.get("/healthz", headers={"Origin": remote.base_url})
         assert good_origin.status_code == 200
+
+
+def test_allowlists_come_from_the_resource_url_and_the_environment(tmp_path: Path) -> None:
+    from server.config import load_config
+    from server.remote import remote_settings
+
+    config = load_config(
+        {
+            "TVM_DATABASE": str(tmp_path / "x.db"),
+            "TVM_RESOURCE_URL": "https://broker.example.com/mcp",
+            "TVM_ALLOWED_HOSTS": "internal.lan:8000, Other.Example",
+            "TVM_ALLOWED_ORIGINS": "https://app.example.com/",
+        },
+        dotenv=False,
+    )
+    settings = remote_settings(config, "http", "0.0.0.0", 8000)
+    assert {"broker.example.com", "internal.lan:8000", "other.example", "127.0.0.1:8000"} <= settings.allowed_hosts
+    assert {"https://broker.example.com", "https://app.example.com"} <= settings.allowed_origins
+    assert "evil.example" not in settings.allowed_hosts
+    assert settings.metadata_url == "https://broker.example.com/.well-known/oauth-protected-resource/mcp"
