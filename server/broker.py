@@ -233,7 +233,7 @@ class Broker:
                 commit,
                 ok_extra=lambda _: {
                     "token_id": token_id,
-                    "args": {"flags": list(token.flags)} if token.flags else {},
+                    "args": {"reservation_id": reservation_id, **({"flags": list(token.flags)} if token.flags else {})},
                 },
             )
         except BrokerError as error:

@@ -22,9 +22,14 @@ def check_invariants(tx: Tx) -> list[str]:
     problems += [
         f"holding {h}: reserved/consumed units differ from its reservations" for h in totals.reserved_mismatches
     ]
-    missing = tx.committed_reservations_without_event()
-    if missing != 0:
-        problems.append(f"{missing} committed request_token(s) differ from their ok audit events")
+    committed, events = tx.token_events_by_reservation()
+    problems += [
+        f"committed reservation {rid} has {events.get(rid, 0)} ok request_token events, not 1"
+        for rid in sorted(committed)
+        if events.get(rid, 0) != 1
+    ]
+    problems += [f"an ok request_token event names reservation {rid}, which is not committed"
+                 for rid in sorted(set(events) - committed)]
     head = tx.get_meta(audit.HEAD_KEY)
     result = audit.verify(tx.iter_audit(), head.decode() if isinstance(head, bytes) else head)
     if not result.ok:

@@ -370,17 +370,17 @@ class Tx:
         ]
         return LedgerTotals(balance_sum, negative, mismatched, holdings, oversold, sold, reserved)
 
-    def committed_reservations_without_event(self) -> int:
-        """Committed reservations minus ok request_token events with a token_id (should be 0)."""
-        committed = int(
-            self._c.execute("SELECT count(*) FROM reservations WHERE status = 'committed'").fetchone()[0]
-        )
-        events = int(
-            self._c.execute(
-                "SELECT count(*) FROM audit WHERE tool = 'request_token' AND outcome = 'ok' AND token_id IS NOT NULL"
-            ).fetchone()[0]
-        )
-        return committed - events
+    def token_events_by_reservation(self) -> tuple[set[str], dict[str, int]]:
+        """Committed reservation ids, and per reservation id the count of ok request_token events with a token."""
+        committed = {r[0] for r in self._c.execute("SELECT id FROM reservations WHERE status = 'committed'")}
+        counts = {
+            str(r[0]): int(r[1])
+            for r in self._c.execute(
+                "SELECT json_extract(args, '$.reservation_id'), count(*) FROM audit "
+                "WHERE tool = 'request_token' AND outcome = 'ok' AND token_id IS NOT NULL GROUP BY 1"
+            )
+        }
+        return committed, counts
 
 
 def _listing(row: Sequence[Any]) -> Listing:

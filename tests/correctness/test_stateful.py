@@ -1,0 +1,250 @@
+"""A stateful property test: random tool calls against a simple model, invariants after every step.
+
+The machine drives the four tools (through `ToolSpec.call`, the same path MCP uses) for two
+accounts, with the clock moving (prices fall, listings open and close), idempotency keys
+reused, and Token Vault failing now and then. After every step the books must balance
+(`check_invariants`) and the tools must agree with the model. `TVM_SLOW=1` runs it longer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from mcp.types import CallToolResult
+
+from server import market
+from server.app import Runtime, open_runtime
+from server.clock import ManualClock
+from server.config import load_config
+from server.invariants import check_invariants
+from server.principal import Principal, SubjectToken
+from tools import buy_quota, check_balance, request_token
+
+SLOW = os.environ.get("TVM_SLOW") == "1"
+T0 = datetime(2027, 3, 1, tzinfo=UTC)
+ACCOUNTS = ("auth0|alice", "auth0|bob")
+SCOPES = ("read:market", "read:balance", "buy:quota", "request:token")
+LISTINGS: list[dict[str, Any]] = [
+    {"id": "gh-read", "title": "r", "connection": "github", "scopes": ["repo:read"], "supply": 8,
+     "start_price": 10, "floor_price": 2, "opens_at": T0, "closes_at": T0 + timedelta(days=10)},
+    {"id": "gh-rw", "title": "rw", "connection": "github", "scopes": ["repo:read", "repo:write"], "supply": 5,
+     "start_price": 30, "floor_price": 10, "opens_at": T0 + timedelta(days=1), "closes_at": T0 + timedelta(days=20)},
+    {"id": "st-ro", "title": "s", "connection": "stripe", "scopes": ["read_only"], "supply": 6,
+     "start_price": 5, "floor_price": 5, "opens_at": T0 - timedelta(days=1), "closes_at": T0 + timedelta(days=5)},
+]
+ASKS = [("github", ["repo:read"]), ("github", ["repo:write"]), ("github", ["repo:read", "repo:write"]),
+        ("stripe", ["read_only"]), ("stripe", ["read_write"]), ("google-oauth2", ["x"])]
+
+
+def model_price(item: dict[str, Any], now: datetime) -> int:
+    """The SPEC formula, computed independently with exact fractions."""
+    window = Fraction((item["closes_at"] - item["opens_at"]) / timedelta(microseconds=1))
+    elapsed = Fraction((now - item["opens_at"]) / timedelta(microseconds=1))
+    elapsed = min(max(elapsed, Fraction(0)), window)
+    drop = (item["start_price"] - item["floor_price"]) * elapsed / window
+    return int(item["start_price"] - (drop.numerator // drop.denominator))
+
+
+@dataclass
+class Model:
+    balances: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ACCOUNTS, 0))
+    sold: dict[str, int] = field(default_factory=lambda: {i["id"]: 0 for i in LISTINGS})
+    # account -> listing -> [units_held, order created]
+    holdings: dict[str, dict[str, list[int]]] = field(default_factory=lambda: {a: {} for a in ACCOUNTS})
+    receipts: dict[tuple[str, str], tuple[tuple[str, int, int], dict[str, Any]]] = field(default_factory=dict)
+    created: int = 0
+
+
+class BrokerMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.dir = tempfile.mkdtemp(prefix="tvm-state-")
+        self.clock = ManualClock(T0)
+        config = load_config({"TVM_DATABASE": str(Path(self.dir) / "v.db")}, dotenv=False)
+        self.runtime: Runtime = self.loop.run_until_complete(open_runtime(config, clock=self.clock))
+        tenant = self.runtime.tenant
+        assert tenant is not None
+        self.tenant = tenant
+        specs = market.parse_listings({"listing": LISTINGS})
+        self.loop.run_until_complete(self.runtime.db.write(lambda tx: market.load(tx, specs)))
+        self.model = Model()
+        self.principals: dict[str, Principal] = {}
+        for account in ACCOUNTS:
+            tenant.state.add_user(account)
+            tenant.state.connect_account(account, "github", ["repo:read", "repo:write"])
+            tenant.state.connect_account(account, "stripe", ["read_only"])
+            bearer = tenant.state.mint_access_token(account, audience=tenant.audience, scopes=list(SCOPES))
+            self.principals[account] = Principal(
+                account, "agent", frozenset(SCOPES), SubjectToken(bearer, "access_token")
+            )
+            self.run(self.runtime.broker.credit(account, 150))
+            self.model.balances[account] += 150
+        self.hint = 0
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    def call(self, spec: Any, account: str, args: dict[str, Any]) -> Any:
+        async def principals(_: object) -> Principal:
+            return self.principals[account]
+
+        return self.run(spec.call(self.runtime.broker, principals, "stdio", args))
+
+    def teardown(self) -> None:
+        self.run(self.runtime.aclose())
+        self.loop.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # ---- rules ------------------------------------------------------------------------------
+    @rule(delta=st.sampled_from([timedelta(0), timedelta(hours=1), timedelta(days=1), timedelta(days=4)]))
+    def advance_clock(self, delta: timedelta) -> None:
+        self.clock.advance(delta)
+
+    @rule(account=st.sampled_from(ACCOUNTS), amount=st.integers(1, 100))
+    def credit(self, account: str, amount: int) -> None:
+        self.run(self.runtime.broker.credit(account, amount))
+        self.model.balances[account] += amount
+
+    @rule(
+        account=st.sampled_from(ACCOUNTS),
+        index=st.integers(0, len(LISTINGS) - 1),
+        units=st.integers(1, 4),
+        limit=st.sampled_from(["exact", "below", "plenty"]),
+        key=st.sampled_from([None, "k1", "k2", "k3"]),
+    )
+    def buy(self, account: str, index: int, units: int, limit: str, key: str | None) -> None:
+        item = LISTINGS[index]
+        now = self.clock.now()
+        price = model_price(item, now)
+        max_price = {"exact": price, "below": price - 1, "plenty": 1000}[limit]
+        if max_price < 0:
+            max_price = 0
+        args = {"listing_id": item["id"], "units": units, "max_unit_price": max_price}
+        if key is not None:
+            args["idempotency_key"] = key
+        result = self.call(buy_quota.SPEC, account, args)
+        expected = self.expect_buy(account, item, units, max_price, price, key, now)
+        if isinstance(expected, str):
+            assert isinstance(result, CallToolResult) and result.is_error, (expected, result)
+            assert result.content[0].text.startswith(f"[{expected}] "), (expected, result.content[0].text)
+            return
+        assert not isinstance(result, CallToolResult), result.content[0].text
+        receipt = result.model_dump()
+        if expected is not None:  # a replay
+            assert receipt == expected
+            return
+        assert receipt["unit_price"] == price and receipt["total"] == price * units
+        assert receipt["balance_after"] == self.model.balances[account] - price * units
+        self.model.balances[account] -= price * units
+        self.model.sold[item["id"]] += units
+        holding = self.model.holdings[account].setdefault(item["id"], [0, self.model.created])
+        self.model.created += 1
+        holding[0] += units
+        assert receipt["units_held"] == holding[0]
+        if key is not None:
+            self.model.receipts[(account, key)] = ((item["id"], units, max_price), receipt)
+
+    def expect_buy(
+        self, account: str, item: dict[str, Any], units: int, max_price: int, price: int, key: str | None,
+        now: datetime,
+    ) -> str | dict[str, Any] | None:
+        if key is not None and (account, key) in self.model.receipts:
+            request, receipt = self.model.receipts[(account, key)]
+            return receipt if request == (item["id"], units, max_price) else "idempotency_key_reused"
+        if not item["opens_at"] <= now <= item["closes_at"]:
+            return "listing_closed"
+        if price > max_price:
+            return "price_above_limit"
+        if item["supply"] - self.model.sold[item["id"]] < units:
+            return "sold_out"
+        if self.model.balances[account] < price * units:
+            return "insufficient_funds"
+        return None
+
+    @rule(account=st.sampled_from(ACCOUNTS), ask=st.sampled_from(ASKS),
+          fault=st.sampled_from([None, None, None, "outage", "revoked", "rate"]))
+    def request(self, account: str, ask: tuple[str, list[str]], fault: str | None) -> None:
+        connection, scopes = ask
+        args: dict[str, Any] = {"connection": connection, "scopes": scopes, "purpose": "property test"}
+        if fault is not None:  # a fresh ask, so the reuse cache cannot hide the failure
+            self.hint += 1
+            args["login_hint"] = f"u{self.hint}@example.com"
+        state = self.tenant.state
+        if fault == "outage":
+            state.faults.fail_next(503, count=50)
+        elif fault == "rate":
+            state.faults.rate_limit_next(count=50, retry_after=120, reset_in=120)
+        elif fault == "revoked" and connection in ("github", "stripe"):
+            state.revoke_connection(account, connection)
+        try:
+            result = self.call(request_token.SPEC, account, args)
+        finally:
+            state.faults.clear()
+            if fault == "revoked" and connection in ("github", "stripe"):
+                granted = ["repo:read", "repo:write"] if connection == "github" else ["read_only"]
+                state.connect_account(account, connection, granted)
+        chosen = self.expect_holding(account, connection, scopes)
+        if isinstance(chosen, str):
+            assert isinstance(result, CallToolResult) and result.content[0].text.startswith(f"[{chosen}] ")
+            return
+        if fault is not None or (connection == "stripe" and "read_write" in scopes):
+            assert isinstance(result, CallToolResult) and result.is_error, result
+            codes = {"outage": "vault_unavailable", "rate": "rate_limited", "revoked": "account_not_connected"}
+            code = codes.get(fault or "", "vault_denied")
+            assert result.content[0].text.startswith(f"[{code}] "), result.content[0].text
+            return  # refunded: the model does not change
+        assert not isinstance(result, CallToolResult), result.content[0].text
+        self.model.holdings[account][chosen][0] -= 1
+        assert result.units_remaining == self.model.holdings[account][chosen][0]
+
+    def expect_holding(self, account: str, connection: str, scopes: list[str]) -> str:
+        held = [(lid, h) for lid, h in self.model.holdings[account].items()
+                if _listing(lid)["connection"] == connection]
+        if not held:
+            return "no_quota"
+        covering = [(lid, h) for lid, h in held if set(scopes) <= set(_listing(lid)["scopes"])]
+        if not covering:
+            return "scope_not_covered"
+        usable = [(lid, h) for lid, h in covering if h[0] > 0]
+        if not usable:
+            return "no_quota"
+        return min(usable, key=lambda item: (len(_listing(item[0])["scopes"]), item[1][1]))[0]
+
+    @precondition(lambda self: True)
+    @rule(account=st.sampled_from(ACCOUNTS))
+    def balance_matches_the_model(self, account: str) -> None:
+        result = self.call(check_balance.SPEC, account, {})
+        assert not isinstance(result, CallToolResult)
+        assert result.balance == self.model.balances[account]
+        assert {h.listing_id: h.units_remaining for h in result.holdings} == {
+            lid: h[0] for lid, h in self.model.holdings[account].items()
+        }
+
+    @invariant()
+    def books_balance(self) -> None:
+        assert self.run(self.runtime.db.read(check_invariants)) == []
+
+
+def _listing(listing_id: str) -> dict[str, Any]:
+    return next(item for item in LISTINGS if item["id"] == listing_id)
+
+
+BrokerMachine.TestCase.settings = settings(
+    max_examples=200 if SLOW else 12,
+    stateful_step_count=60 if SLOW else 25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+TestBrokerMachine = BrokerMachine.TestCase
