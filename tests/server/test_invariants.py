@@ -1,0 +1,48 @@
+"""The invariant checker catches each way the books can be broken behind the broker's back."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from mcp import Client
+
+from server.app import Runtime
+from server.invariants import check_invariants
+from tests.conftest import ok
+
+Corruption = Callable[[sqlite3.Connection], None]
+
+
+async def history(client: Client) -> None:
+    await ok(client, "buy_quota", {"listing_id": "github-repo-read", "units": 3, "max_unit_price": 100})
+    await ok(client, "request_token", {"connection": "github", "scopes": ["repo:read"], "purpose": "p"})
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "expected"),
+    [
+        (lambda db: db.execute("UPDATE accounts SET balance = balance + 5 WHERE name = 'auth0|demo-user'"),
+         "balances sum to 5"),
+        (lambda db: db.execute("DELETE FROM purchases"), "≠ its purchases"),
+        (lambda db: db.execute("UPDATE listings SET sold = sold + 1 WHERE id = 'github-repo-read'"),
+         "sold count differs"),
+        (lambda db: db.execute("UPDATE reservations SET status = 'refunded'"), "reserved/consumed units differ"),
+        (lambda db: db.execute("DELETE FROM audit WHERE tool = 'request_token'"), "ok request_token events, not 1"),
+        (lambda db: db.execute("UPDATE audit SET args = '{}' WHERE tool = 'buy_quota'"), "audit chain broken"),
+    ],
+    ids=["money-from-nowhere", "purchase-erased", "phantom-sale", "consumed-unit-unrecorded", "token-event-erased",
+         "audit-edited"],
+)
+async def test_each_corruption_is_named(
+    client: Client, runtime: Runtime, db_path: Path, corrupt: Corruption, expected: str
+) -> None:
+    await history(client)
+    assert await runtime.db.read(check_invariants) == []
+    with sqlite3.connect(db_path) as side:
+        side.execute("PRAGMA ignore_check_constraints = ON")
+        corrupt(side)
+    problems = await runtime.db.read(check_invariants)
+    assert any(expected in p for p in problems), problems
