@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -314,6 +313,3 @@ class Broker:
         operator = Principal(account=account, agent="operator", scopes=frozenset())
         return await self._run(call, operator, op)
 
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(12)}"

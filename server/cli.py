@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
 
-from server import audit, ledger, market
+from server import audit, market
 from server.broker import Broker
 from server.clock import SystemClock, parse_rfc3339, rfc3339
 from server.config import Config, configure_logging, is_loopback_host, load_config
@@ -389,5 +389,3 @@ def _market_load(config: Config, args: argparse.Namespace) -> int:
 
     return _with_db(config, work)
 
-
-__all__ = ["ledger", "main"]

@@ -135,12 +135,3 @@ class InternalError(BrokerError):
 
 class ConfigError(Exception):
     """A configuration value is wrong; the message names the variable."""
-
-
-class Auth0Error(Exception):
-    """An Auth0 answer the broker could not use (raised by the Auth0 client)."""
-
-    def __init__(self, message: str, *, status: int | None = None, error: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.error = error

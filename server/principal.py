@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -72,7 +72,3 @@ def require_scope(principal: Principal, scope: str, tool: str) -> None:
         return
     held = " ".join(sorted(principal.scopes)) or "no scopes"
     raise InsufficientScope(f"{tool} needs scope {scope}; the token grants {held}")
-
-
-def describe_scopes(scopes: Iterable[str]) -> str:
-    return " ".join(sorted(scopes))
