@@ -20,7 +20,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from mcp.types import CallToolResult
 
 from server import market
@@ -71,7 +71,7 @@ class BrokerMachine(RuleBasedStateMachine):
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.dir = tempfile.mkdtemp(prefix="tvm-state-")
-        self.clock = ManualClock(T0)
+        self.clock = ManualClock(T0 + timedelta(days=1))  # all three listings open at the start
         config = load_config({"TVM_DATABASE": str(Path(self.dir) / "v.db")}, dotenv=False)
         self.runtime: Runtime = self.loop.run_until_complete(open_runtime(config, clock=self.clock))
         tenant = self.runtime.tenant
@@ -108,6 +108,12 @@ class BrokerMachine(RuleBasedStateMachine):
         shutil.rmtree(self.dir, ignore_errors=True)
 
     # ---- rules ------------------------------------------------------------------------------
+    @initialize(account=st.sampled_from(ACCOUNTS), indexes=st.sets(st.integers(0, len(LISTINGS) - 1)))
+    def start_with_holdings(self, account: str, indexes: set[int]) -> None:
+        """Often start with overlapping holdings, so least-privilege spending is exercised early."""
+        for index in sorted(indexes):
+            self.buy(account, index, 1, "plenty", None)
+
     @rule(delta=st.sampled_from([timedelta(0), timedelta(hours=1), timedelta(days=1), timedelta(days=4)]))
     def advance_clock(self, delta: timedelta) -> None:
         self.clock.advance(delta)
@@ -195,9 +201,9 @@ class BrokerMachine(RuleBasedStateMachine):
             if fault == "revoked" and connection in ("github", "stripe"):
                 granted = ["repo:read", "repo:write"] if connection == "github" else ["read_only"]
                 state.connect_account(account, connection, granted)
-        chosen = self.expect_holding(account, connection, scopes)
-        if isinstance(chosen, str):
-            assert isinstance(result, CallToolResult) and result.content[0].text.startswith(f"[{chosen}] ")
+        refusal, chosen = self.expect_holding(account, connection, scopes)
+        if refusal is not None:
+            assert isinstance(result, CallToolResult) and result.content[0].text.startswith(f"[{refusal}] ")
             return
         if fault is not None or (connection == "stripe" and "read_write" in scopes):
             assert isinstance(result, CallToolResult) and result.is_error, result
@@ -208,19 +214,21 @@ class BrokerMachine(RuleBasedStateMachine):
         assert not isinstance(result, CallToolResult), result.content[0].text
         self.model.holdings[account][chosen][0] -= 1
         assert result.units_remaining == self.model.holdings[account][chosen][0]
+        self.balance_matches_the_model(account)  # the right holding paid
 
-    def expect_holding(self, account: str, connection: str, scopes: list[str]) -> str:
+    def expect_holding(self, account: str, connection: str, scopes: list[str]) -> tuple[str | None, str]:
+        """(the refusal code, or None and the listing whose holding pays)."""
         held = [(lid, h) for lid, h in self.model.holdings[account].items()
                 if _listing(lid)["connection"] == connection]
         if not held:
-            return "no_quota"
+            return "no_quota", ""
         covering = [(lid, h) for lid, h in held if set(scopes) <= set(_listing(lid)["scopes"])]
         if not covering:
-            return "scope_not_covered"
+            return "scope_not_covered", ""
         usable = [(lid, h) for lid, h in covering if h[0] > 0]
         if not usable:
-            return "no_quota"
-        return min(usable, key=lambda item: (len(_listing(item[0])["scopes"]), item[1][1]))[0]
+            return "no_quota", ""
+        return None, min(usable, key=lambda item: (len(_listing(item[0])["scopes"]), item[1][1]))[0]
 
     @precondition(lambda self: True)
     @rule(account=st.sampled_from(ACCOUNTS))
@@ -242,7 +250,7 @@ def _listing(listing_id: str) -> dict[str, Any]:
 
 
 BrokerMachine.TestCase.settings = settings(
-    max_examples=200 if SLOW else 12,
+    max_examples=200 if SLOW else 25,
     stateful_step_count=60 if SLOW else 25,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
