@@ -85,9 +85,15 @@ async def open_runtime(
         )
         specs = demo.demo_listings() if config.demo else []
         if config.market_file is not None:
-            specs += market.read_market_file(config.market_file)
+            try:
+                specs += market.read_market_file(config.market_file)
+            except market.MarketFileError as exc:
+                raise ConfigError(f"TVM_MARKET_FILE: {exc}") from None
         if specs:
-            await db.write(lambda tx: market.load(tx, specs))
+            try:
+                await db.write(lambda tx: market.load(tx, specs))
+            except market.MarketFileError as exc:
+                raise ConfigError(f"TVM_MARKET_FILE: {exc}") from None
         if tenant is not None:
             await _fund_demo_wallet(broker, tenant.account)
     except BaseException:

@@ -122,6 +122,7 @@ class PricedListing:
 class Page:
     listings: list[PricedListing]
     next_cursor: str | None
+    as_of: datetime
 
 
 def price_now(listing: Listing, now: datetime) -> PricedListing:
@@ -140,7 +141,7 @@ def page(
     more = len(rows) > limit
     rows = rows[:limit]
     next_cursor = encode_cursor(rows[-1].id) if more and rows else None
-    return Page([price_now(r, now) for r in rows], next_cursor)
+    return Page([price_now(r, now) for r in rows], next_cursor, now)
 
 
 def encode_cursor(listing_id: str) -> str:

@@ -50,9 +50,8 @@ async def run(inv: Invocation, params: ListMarketInput) -> ListMarketOutput:
         limit=params.limit,
         cursor=params.cursor,
     )
-    as_of = inv.broker.clock.now()
     return ListMarketOutput(
-        as_of=rfc3339(as_of),
+        as_of=rfc3339(page.as_of),
         listings=[_view(p.listing, p.unit_price) for p in page.listings],
         next_cursor=page.next_cursor,
     )

@@ -1,0 +1,55 @@
+"""Configuration: defaults, and one clear line naming the variable for each wrong value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.app import open_runtime
+from server.config import load_config
+from server.errors import ConfigError
+
+
+def test_demo_defaults_and_domain_forms(tmp_path: Path) -> None:
+    demo = load_config({}, dotenv=False)
+    assert demo.demo and demo.database.name == "demo.db"
+    real = load_config({"AUTH0_DOMAIN": "acme.us.auth0.com/", "AUTH0_CLIENT_ID": "c", "AUTH0_AUDIENCE": "a"},
+                       dotenv=False)
+    assert real.auth0_base_url == "https://acme.us.auth0.com"
+    assert real.issuer == "https://acme.us.auth0.com/"
+    assert real.database.name == "vault.db"
+    local = load_config({"AUTH0_DOMAIN": "http://127.0.0.1:8123", "AUTH0_CLIENT_ID": "c", "AUTH0_AUDIENCE": "a"},
+                        dotenv=False)
+    assert local.issuer == "http://127.0.0.1:8123/"
+    secret = load_config({"AUTH0_CLIENT_SECRET": "s3cr3t", "TVM_REFRESH_TOKEN": "r3fr3sh"}, dotenv=False)
+    assert "s3cr3t" not in repr(secret) and "r3fr3sh" not in repr(secret)
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"AUTH0_DOMAIN": "http://example.com"}, "AUTH0_DOMAIN"),
+        ({"AUTH0_DOMAIN": "ftp://x"}, "AUTH0_DOMAIN"),
+        ({"AUTH0_DOMAIN": "acme.auth0.com", "AUTH0_AUDIENCE": "a"}, "AUTH0_CLIENT_ID"),
+        ({"AUTH0_DOMAIN": "acme.auth0.com", "AUTH0_CLIENT_ID": "c"}, "AUTH0_AUDIENCE"),
+        ({"TVM_LOG_LEVEL": "LOUD"}, "TVM_LOG_LEVEL"),
+        ({"TVM_RESOURCE_URL": "not a url"}, "TVM_RESOURCE_URL"),
+        ({"TVM_RESOURCE_URL": "http://public.example.com/mcp"}, "TVM_RESOURCE_URL"),
+        ({"TVM_MARKET_FILE": "/no/such/market.toml"}, "TVM_MARKET_FILE"),
+        ({"TVM_CLIENT_AUTH_METHOD": "magic"}, "TVM_CLIENT_AUTH_METHOD"),
+    ],
+)
+def test_a_wrong_value_names_its_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_config(env, dotenv=False)
+    assert variable in str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
+async def test_an_invalid_market_file_stops_the_start_naming_the_variable(tmp_path: Path) -> None:
+    market = tmp_path / "market.toml"
+    market.write_text('[[listing]]\nid = "Bad Id"\n', encoding="utf-8")
+    config = load_config({"TVM_DATABASE": str(tmp_path / "v.db"), "TVM_MARKET_FILE": str(market)}, dotenv=False)
+    with pytest.raises(ConfigError, match="TVM_MARKET_FILE"):
+        await open_runtime(config)
