@@ -42,16 +42,7 @@ async def run(inv: Invocation, params: BuyQuotaInput) -> BuyQuotaOutput:
         max_unit_price=params.max_unit_price,
         idempotency_key=params.idempotency_key,
     )
-    return BuyQuotaOutput(
-        purchase_id=receipt.purchase_id,
-        listing_id=receipt.listing_id,
-        units=receipt.units,
-        unit_price=receipt.unit_price,
-        total=receipt.total,
-        balance_after=receipt.balance_after,
-        units_held=receipt.units_held,
-        purchased_at=receipt.purchased_at,
-    )
+    return BuyQuotaOutput.model_validate(receipt, from_attributes=True)  # the receipt's fields, one to one
 
 
 SPEC = ToolSpec(
