@@ -35,6 +35,8 @@ class Principal:
     agent: str | None
     scopes: frozenset[str]
     subject: SubjectToken | None = field(default=None, repr=False, compare=False)
+    # the scopes in the order the token lists them, for messages a person reads
+    scope_order: tuple[str, ...] = field(default=(), compare=False)
 
     @classmethod
     def from_claims(cls, claims: Mapping[str, Any], subject: SubjectToken | None = None) -> Principal:
@@ -46,29 +48,32 @@ class Principal:
         if not isinstance(sub, str) or not sub:
             raise Unauthenticated("the access token has no subject (sub); sign in again")
         agent = claims.get("azp") or claims.get("client_id")
+        ordered = scopes_of(claims)
         return cls(
             account=sub,
             agent=agent if isinstance(agent, str) else None,
-            scopes=frozenset(scopes_of(claims)),
+            scopes=frozenset(ordered),
             subject=subject,
+            scope_order=tuple(ordered),
         )
 
 
-def scopes_of(claims: Mapping[str, Any]) -> set[str]:
-    """The `scope` claim split on spaces, united with the `permissions` claim."""
-    found: set[str] = set()
+def scopes_of(claims: Mapping[str, Any]) -> list[str]:
+    """The `scope` claim split on spaces, united with the `permissions` claim (first-seen order)."""
+    found: dict[str, None] = {}
     scope = claims.get("scope")
     if isinstance(scope, str):
-        found.update(s for s in scope.split(" ") if s)
+        found.update(dict.fromkeys(s for s in scope.split(" ") if s))
     permissions = claims.get("permissions")
     if isinstance(permissions, list):
-        found.update(p for p in permissions if isinstance(p, str) and p)
-    return found
+        found.update(dict.fromkeys(p for p in permissions if isinstance(p, str) and p))
+    return list(found)
 
 
 def require_scope(principal: Principal, scope: str, tool: str) -> None:
     """Raise InsufficientScope unless the principal holds `scope`."""
     if scope in principal.scopes:
         return
-    held = " ".join(sorted(principal.scopes)) or "no scopes"
+    shown = principal.scope_order or tuple(sorted(principal.scopes))
+    held = " ".join(shown) or "no scopes"
     raise InsufficientScope(f"{tool} needs scope {scope}; the token grants {held}")

@@ -61,7 +61,11 @@ SPEC = ToolSpec(
     ),
     scope="request:token",
     annotations=ToolAnnotations(
-        title="Request a scoped token", read_only_hint=False, destructive_hint=False, open_world_hint=True
+        title="Request a scoped token",
+        read_only_hint=False,
+        destructive_hint=False,
+        idempotent_hint=False,
+        open_world_hint=True,
     ),
     input_model=RequestTokenInput,
     output_model=RequestTokenOutput,

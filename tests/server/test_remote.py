@@ -163,6 +163,10 @@ async def test_token_without_the_tools_scope_is_insufficient_scope(remote: Remot
         text = await refused(client, "buy_quota", BUY)
         assert text == "[insufficient_scope] buy_quota needs scope buy:quota; the token grants read:market"
         assert (await refused(client, "check_balance", {})).startswith("[insufficient_scope] ")
+    async with held(remote.client(remote.token("auth0|bob", scopes=["read:market", "read:balance"]))) as client:
+        assert await refused(client, "buy_quota", BUY) == (  # the SPEC's own example, to the letter
+            "[insufficient_scope] buy_quota needs scope buy:quota; the token grants read:market read:balance"
+        )
 
 
 async def test_bad_origin_is_403_bad_host_is_421_and_metadata_is_exact(remote: Remote) -> None:
