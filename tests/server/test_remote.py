@@ -118,7 +118,7 @@ def bad_tokens(remote: Remote) -> dict[str, str]:
     unknown_kid = RSAKey.generate_key(2048, parameters={"kid": "never-published"})
     return {
         "malformed": "not.a.jwt!",
-        "garbage": "abc",
+        "garbage": "definitely-not-a-jwt-but-long-enough-to-search-for",
         "bad signature": forge({"kid": jwks["kid"]}, good_claims, stranger, "RS256"),
         "alg none": unsigned(good_claims),
         "hs256 with the public key": hs256_with(public_pem, jwks["kid"], good_claims),
