@@ -1,0 +1,37 @@
+"""The bench's smoke run (tiny sizes): every phase still runs end to end and writes its report.
+
+Not a timed test: it checks that the bench works and that its own correctness checks hold
+(no failed calls, every call audited, the seeded chains verify), never how fast anything is.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_smoke_run_writes_every_table_with_no_errors_and_every_call_audited(tmp_path: Path) -> None:
+    out = tmp_path / "benchmarks.md"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(out), "--workdir", str(tmp_path / "work")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = out.read_text(encoding="utf-8")
+    for heading in ("## 1. Sequential latency", "## 2. Throughput", "## 3. Cold start", "## 4. Growth"):
+        assert heading in report
+    for transport in ("stdio", "http", "sse"):
+        assert f"| {transport} | request_token, fresh exchange |" in report
+    throughput = report.split("## 2. Throughput", 1)[1].split("## 3.", 1)[0]
+    rows = [line for line in throughput.splitlines() if line.startswith("| ") and "calls/s" not in line]
+    assert len(rows) == 3
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[6] == "0", row  # errors
+        calls, audited = cells[7].split(" ")[0], cells[7].split(" ")[2]
+        assert calls == audited and int(calls) > 0, row
+    growth = report.split("## 4. Growth", 1)[1]
+    assert "❌ |\n" not in growth.split("| from", 1)[0], "a seeded chain failed to verify"
