@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     emu = sub.add_parser("emulator", help="run the Auth0 emulator on loopback (prints demo credentials)")
     emu.add_argument("--port", type=int, default=8123)
     emu.add_argument("--host", default="127.0.0.1")
+    _emulator_flags(emu)
     emu.set_defaults(handler=_emulator)
 
     aud = sub.add_parser("audit", help="read and check the audit log").add_subparsers(dest="audit_command")
@@ -175,12 +176,47 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     return OK
 
 
+def _emulator_flags(p: argparse.ArgumentParser) -> None:
+    faults = p.add_argument_group("fault injection (rates are fractions of requests, 0 to 1)")
+    faults.add_argument("--latency", type=float, metavar="SECONDS", help="delay every answer")
+    faults.add_argument("--fail-rate", type=float, metavar="F", help="answer this fraction with a 5xx")
+    faults.add_argument("--fail-status", type=int, metavar="STATUS", help="the 5xx to answer (default 503)")
+    faults.add_argument("--rate-limit-rate", type=float, metavar="F", help="answer this fraction with 429")
+    faults.add_argument("--retry-after", type=int, metavar="SECONDS", help="send Retry-After on a 429")
+    faults.add_argument("--reset-in", type=int, metavar="SECONDS", help="x-ratelimit-reset on a 429 (default 1)")
+    faults.add_argument("--reset-rate", type=float, metavar="F", help="drop the connection of this fraction")
+    faults.add_argument("--hang-rate", type=float, metavar="F", help="never answer this fraction")
+    faults.add_argument("--malformed-rate", type=float, metavar="F", help="answer this fraction with bad JSON")
+    faults.add_argument("--seed", type=int, help="seed the fault draws (repeatable runs)")
+    faults.add_argument("--revoke", action="append", default=[], metavar="CONNECTION",
+                        help="the demo user's connected account at CONNECTION was revoked (repeatable)")
+    p.add_argument("--auto-approve", action="store_true", help="approve device logins at once as the demo user")
+    p.add_argument("--device-interval", type=int, metavar="SECONDS", help="device flow polling interval")
+
+
 def _emulator(config: Config, args: argparse.Namespace) -> int:
     if not is_loopback_host(args.host):
         raise ConfigError("the emulator serves loopback only (--host 127.0.0.1)")
-    from server.emulator import serve
+    from pydantic import ValidationError
 
-    serve(args.port, args.host)
+    from server.emulator import FaultSettings, serve
+
+    names = ("latency", "fail_rate", "fail_status", "rate_limit_rate", "retry_after", "reset_in", "reset_rate",
+             "hang_rate", "malformed_rate", "seed")
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    try:
+        faults = FaultSettings(**given) if given else None
+        serve(args.port, args.host, faults=faults, revoke=args.revoke, auto_approve=args.auto_approve,
+              device_interval=args.device_interval)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" if e["loc"] else e["msg"] for e in exc.errors()
+        )
+        print(f"token-vault-mcp: emulator: {problems}", file=sys.stderr)
+        return USAGE
+    except ValueError as exc:
+        print(f"token-vault-mcp: emulator: {exc}", file=sys.stderr)
+        return USAGE
     return OK
 
 

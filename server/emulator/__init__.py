@@ -13,8 +13,13 @@ Auth0's API (`create_app(state)`; tenant data and knobs live in `EmulatorState`)
   `urn:auth0:params:oauth:grant-type:token-exchange:federated-connection-access-token`
 - `POST /oauth/device/code` (native clients only)
 
+- `POST /oauth/revoke` (a refresh token, by the client it was issued to)
+
 Errors are `{"error", "error_description"}` with Auth0's statuses. `state.requests` records
-every request to the two POST endpoints; `state.faults` injects latency, 5xx and 429.
+every request to the POST endpoints; `state.faults` (faults.py) injects latency, 5xx, 429
+with either rate-limit header, connection resets, hangs and malformed JSON, queued for the
+next requests or at a rate. `state.revoke_connection` makes a connected account stale and
+`state.auto_approve_sub` approves device logins at once.
 
 Test API (served unless `create_app(state, admin=False)`), JSON bodies:
 
@@ -23,15 +28,31 @@ Test API (served unless `create_app(state, admin=False)`), JSON bodies:
   and scopes (audience defaults to the tenant's first API).
 - `POST /emulator/accounts` `{"sub", "connection", "scopes"}`: give a user (created if
   new) a connected account at a provider.
+- `POST /emulator/accounts/revoke` `{"sub", "connection"}`: the provider revoked that
+  connected account (404 `not_found` when there is none).
 - `POST /emulator/device/approve` `{"user_code", "sub"}` and
   `POST /emulator/device/deny` `{"user_code"}`: the user's side of the device flow
   (404 `not_found` when no such code is pending).
+- `POST /emulator/faults` `{"clear"?, "latency"?, "fail_rate"?, "fail_status"?,
+  "rate_limit_rate"?, "retry_after"?, "reset_in"?, "reset_rate"?, "hang_rate"?,
+  "malformed_rate"?, "seed"?, "next"?: [{"kind", "count"?, "status"?, "error"?,
+  "retry_after"?, "reset_in"?}]}` → the current settings and `pending` (queued faults).
+  `kind` is `status`, `rate_limit`, `reset`, `hang` or `malformed`.
 """
 
 from server.emulator.app import create_app
 from server.emulator.demo import DemoTenant, demo_tenant
-from server.emulator.faults import Faults
+from server.emulator.faults import Faults, FaultSettings
 from server.emulator.serve import serve
 from server.emulator.state import EmulatorState, RecordedRequest
 
-__all__ = ["DemoTenant", "EmulatorState", "Faults", "RecordedRequest", "create_app", "demo_tenant", "serve"]
+__all__ = [
+    "DemoTenant",
+    "EmulatorState",
+    "FaultSettings",
+    "Faults",
+    "RecordedRequest",
+    "create_app",
+    "demo_tenant",
+    "serve",
+]

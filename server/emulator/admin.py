@@ -1,6 +1,6 @@
 """The emulator's test API (not Auth0's), for driving a running emulator from outside:
-mint access tokens for any account, connect accounts, and play the user in the device flow.
-JSON in, JSON out; errors are Auth0-shaped `invalid_request`.
+mint access tokens for any account, connect and revoke accounts, play the user in the device
+flow, and inject faults. JSON in, JSON out; errors are Auth0-shaped `invalid_request`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from server.emulator.errors import OAuthError, error_response, invalid_request
+from server.emulator.faults import FaultKind, FaultSettings
 from server.emulator.state import EmulatorState
 
 M = TypeVar("M", bound=BaseModel)
@@ -48,6 +49,31 @@ class DenyRequest(BaseModel):
     """`POST /emulator/device/deny`."""
 
     user_code: str = Field(min_length=1)
+
+
+class RevokeRequest(BaseModel):
+    """`POST /emulator/accounts/revoke`."""
+
+    sub: str = Field(min_length=1)
+    connection: str = Field(min_length=1)
+
+
+class NextFault(BaseModel):
+    """One-shot faults for the next requests (see `faults.py` for the kinds)."""
+
+    kind: FaultKind
+    count: int = Field(default=1, ge=1, le=10_000)
+    status: int = Field(default=503, ge=400, le=599, description="kind status only")
+    error: str = Field(default="server_error", min_length=1, description="kind status only")
+    retry_after: int | None = Field(default=None, ge=0, le=3600, description="kind rate_limit only")
+    reset_in: int | None = Field(default=1, ge=0, le=3600, description="kind rate_limit only")
+
+
+class FaultsRequest(FaultSettings):
+    """`POST /emulator/faults`: clear first (if asked), then apply the rates, then queue `next`."""
+
+    clear: bool = False
+    next: list[NextFault] = Field(default_factory=list)
 
 
 def admin_routes(state: EmulatorState) -> list[Route]:
@@ -92,9 +118,44 @@ def admin_routes(state: EmulatorState) -> list[Route]:
             return error_response(error)
         return JSONResponse({"user_code": body.user_code, "status": "denied"})
 
+    async def revoke(request: Request) -> Response:
+        try:
+            body = _parse(RevokeRequest, await request.body())
+            _act(lambda: state.revoke_connection(body.sub, body.connection))
+        except OAuthError as error:
+            return error_response(error)
+        return JSONResponse({**body.model_dump(), "revoked": True})
+
+    async def faults(request: Request) -> Response:
+        try:
+            body = _parse(FaultsRequest, await request.body())
+        except OAuthError as error:
+            return error_response(error)
+        if body.clear:
+            state.faults.clear()
+        try:
+            state.faults.configure(FaultSettings.model_validate(body.model_dump(exclude={"clear", "next"})))
+        except ValueError as exc:
+            return error_response(invalid_request(str(exc)))
+        for item in body.next:
+            if item.kind == "status":
+                state.faults.fail_next(item.status, count=item.count, error=item.error)
+            elif item.kind == "rate_limit":
+                state.faults.rate_limit_next(count=item.count, reset_in=item.reset_in, retry_after=item.retry_after)
+            elif item.kind == "reset":
+                state.faults.reset_next(item.count)
+            elif item.kind == "hang":
+                state.faults.hang_next(item.count)
+            else:
+                state.faults.malformed_next(item.count)
+        current = state.faults.settings().model_dump(exclude_none=True)
+        return JSONResponse({**current, "pending": state.faults.pending})
+
     return [
         Route("/emulator/tokens", mint, methods=["POST"]),
         Route("/emulator/accounts", connect, methods=["POST"]),
+        Route("/emulator/accounts/revoke", revoke, methods=["POST"]),
+        Route("/emulator/faults", faults, methods=["POST"]),
         Route("/emulator/device/approve", approve, methods=["POST"]),
         Route("/emulator/device/deny", deny, methods=["POST"]),
     ]

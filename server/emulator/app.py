@@ -1,7 +1,7 @@
 """The tenant's HTTP face: discovery, JWKS, `/oauth/token` and `/oauth/device/code`, Auth0-shaped.
 
 Bodies may be `application/x-www-form-urlencoded` or JSON (Auth0's SDKs send both). Every
-request to the two POST endpoints is recorded in `state.requests`, failed ones included.
+request to the POST endpoints is recorded in `state.requests`, failed ones included.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from server.emulator.admin import admin_routes
 from server.emulator.client_auth import AuthenticatedClient, authenticate_client
 from server.emulator.device import start_device_authorization
 from server.emulator.errors import NO_STORE, OAuthError, error_response, invalid_request
 from server.emulator.faults import Fault
-from server.emulator.grants import GRANTS
+from server.emulator.grants import GRANTS, revoke_refresh_token
 from server.emulator.keys import ASSERTION_ALGORITHMS
 from server.emulator.state import EmulatorState, RecordedRequest
 from server.emulator.tokens import required
@@ -39,6 +40,7 @@ def create_app(state: EmulatorState, *, admin: bool = True) -> Starlette:
         Route("/.well-known/jwks.json", endpoints.jwks, methods=["GET"]),
         Route("/oauth/token", endpoints.token, methods=["POST"]),
         Route("/oauth/device/code", endpoints.device_code, methods=["POST"]),
+        Route("/oauth/revoke", endpoints.revoke, methods=["POST"]),
     ]
     if admin:
         routes += admin_routes(state)
@@ -95,6 +97,14 @@ class _Endpoints:
 
         return await self._serve(request, answer)
 
+    async def revoke(self, request: Request) -> Response:
+        def answer(fields: dict[str, str], recorded: _Recorder) -> dict[str, Any]:
+            recorded.client = authenticate_client(self.state, fields, request.headers)
+            revoke_refresh_token(self.state, fields, recorded.client.client)
+            return {}
+
+        return await self._serve(request, answer)
+
     async def _serve(
         self,
         request: Request,
@@ -102,15 +112,15 @@ class _Endpoints:
     ) -> Response:
         """Delay, record, inject faults, and turn OAuthError into Auth0-shaped answers."""
         faults = self.state.faults
-        if faults.latency > 0:
-            await asyncio.sleep(faults.latency)
         recorded = _Recorder()
         try:
             recorded.fields = await _read_fields(request)
             recorded.grant_type = recorded.fields.get("grant_type")
+            if faults.latency > 0:  # inside the try: a request its client gave up on is recorded too
+                await asyncio.sleep(faults.latency)
             fault = faults.take()
             if fault is not None:
-                return _fault_response(fault, now=self.state.clock())
+                return _fault_response(fault, now=self.state.clock(), request=request)
             return JSONResponse(answer(recorded.fields, recorded), headers=NO_STORE)
         except OAuthError as error:
             return error_response(error)
@@ -179,7 +189,14 @@ def _form_fields(body: bytes) -> dict[str, str]:
     return fields
 
 
-def _fault_response(fault: Fault, *, now: float) -> Response:
+def _fault_response(fault: Fault, *, now: float, request: Request) -> Response:
+    if fault.kind == "reset":
+        return _ResetConnection()
+    if fault.kind == "hang":
+        return _Hang(request)
+    if fault.kind == "malformed":
+        # Cut off mid-object, as a proxy or a crashed worker might leave it.
+        return Response(b'{"access_token": "ey', status_code=200, media_type="application/json")
     headers = dict(NO_STORE)
     if fault.reset_in is not None:
         headers.update(
@@ -192,3 +209,35 @@ def _fault_response(fault: Fault, *, now: float) -> Response:
     if fault.retry_after is not None:
         headers["Retry-After"] = str(fault.retry_after)
     return error_response(OAuthError(fault.status, fault.error, fault.description, headers=headers))
+
+
+class ConnectionReset(ConnectionResetError):
+    """Raised by the emulator to drop a connection mid-answer.
+
+    Under uvicorn the server closes the socket after a started response, so the client sees
+    the peer hang up; in process (`httpx.ASGITransport`) the error itself reaches the client.
+    """
+
+
+class _ResetConnection(Response):
+    """Start a response promising a body, then drop the connection."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=200, media_type="application/json", headers={"content-length": "512"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": b'{"access_', "more_body": True})
+        raise ConnectionReset("connection reset by the emulator (injected fault)")
+
+
+class _Hang(Response):
+    """Never answer; end only when the client gives up (so a served emulator can still shut down)."""
+
+    def __init__(self, request: Request) -> None:
+        super().__init__()
+        self._receive = request.receive
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            continue

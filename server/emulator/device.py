@@ -47,6 +47,8 @@ def start_device_authorization(state: EmulatorState, fields: Mapping[str, str]) 
         last_poll=now,
     )
     state.devices[grant.device_code] = grant
+    if state.auto_approve_sub is not None:
+        state.approve_device(grant.user_code, state.auto_approve_sub)
     verification_uri = state.issuer + "activate"
     return {
         "device_code": grant.device_code,

@@ -65,6 +65,20 @@ def refresh_token(state: EmulatorState, fields: Mapping[str, str], client: Clien
     )
 
 
+def revoke_refresh_token(state: EmulatorState, fields: Mapping[str, str], client: Client) -> None:
+    """`POST /oauth/revoke`: forget a refresh token issued to this client.
+
+    Like Auth0 (and RFC 7009), an unknown token is not an error. Raises OAuthError 400
+    `invalid_request` without a token, 403 `invalid_grant` for another client's token.
+    """
+    grant = state.refresh_tokens.get(required(fields, "token"))
+    if grant is None:
+        return
+    if grant.client_id != client.client_id:
+        raise OAuthError(403, "invalid_grant", "The refresh token was issued to another client.")
+    del state.refresh_tokens[grant.token]
+
+
 GRANTS: dict[str, Grant] = {
     "client_credentials": client_credentials,
     "refresh_token": refresh_token,

@@ -6,19 +6,33 @@ import ipaddress
 import shlex
 import socket
 import sys
+from collections.abc import Sequence
 from typing import TextIO
 
 import uvicorn
 
 from server.emulator.app import create_app
 from server.emulator.demo import DemoTenant, demo_tenant
+from server.emulator.faults import FaultSettings
 
 
-def serve(port: int, host: str = "127.0.0.1") -> None:
+def serve(
+    port: int,
+    host: str = "127.0.0.1",
+    *,
+    faults: FaultSettings | None = None,
+    revoke: Sequence[str] = (),
+    auto_approve: bool = False,
+    device_interval: int | None = None,
+) -> None:
     """Serve a demo tenant at `http://{host}:{port}/` until interrupted (blocking).
 
-    Port 0 picks a free port; the settings printed to stderr carry the real one.
-    Raises ValueError for a host that is not loopback: the emulator hands out tokens to anyone.
+    Port 0 picks a free port; the settings printed to stderr carry the real one. `faults`
+    sets fault rates and latency from the start, `revoke` makes the demo user's connected
+    accounts at those connections stale, `auto_approve` approves device logins at once as
+    the demo user, `device_interval` sets the device flow's polling interval in seconds.
+    Raises ValueError for a host that is not loopback (the emulator hands out tokens to
+    anyone), an unknown connection or fault rates adding up to more than 1.
     """
     if not is_loopback(host):
         raise ValueError(f"the emulator serves loopback only; {host!r} is not a loopback address")
@@ -33,9 +47,56 @@ def serve(port: int, host: str = "127.0.0.1") -> None:
     bound_port = sock.getsockname()[1]
     url_host = f"[{bare_host}]" if ":" in bare_host else bare_host
     demo = demo_tenant(f"http://{url_host}:{bound_port}/")
+    try:
+        configure(demo, faults=faults, revoke=revoke, auto_approve=auto_approve, device_interval=device_interval)
+    except ValueError:
+        sock.close()
+        raise
+    if faults is not None or revoke:
+        print(f"# injecting faults: {describe(demo)}", file=sys.stderr, flush=True)
     print_settings(demo, sys.stderr)
-    config = uvicorn.Config(create_app(demo.state), host=bare_host, port=bound_port, log_level="warning")
+    # A hanging fault holds its request until the client leaves; do not let it hold shutdown too.
+    config = uvicorn.Config(
+        create_app(demo.state), host=bare_host, port=bound_port, log_level="warning", timeout_graceful_shutdown=2
+    )
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def configure(
+    demo: DemoTenant,
+    *,
+    faults: FaultSettings | None = None,
+    revoke: Sequence[str] = (),
+    auto_approve: bool = False,
+    device_interval: int | None = None,
+) -> None:
+    """Apply the `serve` switches to a demo tenant. Raises ValueError (see `serve`)."""
+    if faults is not None:
+        demo.state.faults.configure(faults)
+    for connection in revoke:
+        demo.state.revoke_connection(demo.account, connection)
+    if auto_approve:
+        demo.state.auto_approve_sub = demo.account
+    if device_interval is not None:
+        demo.state.device_interval = device_interval
+
+
+def describe(demo: DemoTenant) -> str:
+    """The active fault switches, one line."""
+    current = demo.state.faults.settings()
+    parts = [
+        f"{name}={value}"
+        for name, value in current.model_dump(exclude_none=True).items()
+        if (name == "latency" or name.endswith("_rate")) and value
+    ]
+    if current.fail_rate:
+        parts.append(f"fail_status={current.fail_status}")
+    if current.rate_limit_rate:
+        parts.append(f"retry_after={current.retry_after} reset_in={current.reset_in}")
+    revoked = [c for c, a in demo.state.accounts.get(demo.account, {}).items() if a.revoked]
+    if revoked:
+        parts.append("revoked=" + ",".join(revoked))
+    return " ".join(parts) or "none"
 
 
 def print_settings(demo: DemoTenant, out: TextIO) -> None:

@@ -87,7 +87,7 @@ class VaultIssue:
 
 @dataclass(frozen=True)
 class RecordedRequest:
-    """One request to `/oauth/token` or `/oauth/device/code`, as the emulator received it."""
+    """One request to `/oauth/token`, `/oauth/device/code` or `/oauth/revoke`, as the emulator received it."""
 
     path: str
     grant_type: str | None
@@ -132,6 +132,8 @@ class EmulatorState:
         self.device_expires_in = 900
         self.omit_scope_in_exchange = False
         self.overgrant = False
+        # When set, device authorizations are approved at once as this user (a headless `login`).
+        self.auto_approve_sub: str | None = None
 
     # --- tenant setup -------------------------------------------------------------------------
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 import httpx
 
 ISSUER = "https://tenant.example/"
@@ -34,3 +36,14 @@ def error_of(response: httpx.Response) -> tuple[int, str]:
     assert set(body) == {"error", "error_description"}, body
     assert body["error_description"]
     return response.status_code, body["error"]
+
+
+def parse_exports(text: str) -> dict[str, str]:
+    """The `export NAME=value` lines of the emulator's settings, as a dict."""
+    found = {}
+    for line in text.splitlines():
+        words = shlex.split(line, comments=True)
+        if words and words[0] == "export":
+            name, _, value = words[1].partition("=")
+            found[name] = value
+    return found

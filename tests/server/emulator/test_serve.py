@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import shlex
 import sys
 
 import httpx
@@ -12,18 +11,9 @@ import pytest
 
 from server.emulator import demo_tenant, serve
 from server.emulator.serve import is_loopback, print_settings
+from tests.server.emulator.helpers import parse_exports
 
 SETTINGS = {"AUTH0_DOMAIN", "AUTH0_AUDIENCE", "AUTH0_CLIENT_ID", "AUTH0_CLIENT_SECRET", "TVM_REFRESH_TOKEN"}
-
-
-def parse_exports(text: str) -> dict[str, str]:
-    found = {}
-    for line in text.splitlines():
-        words = shlex.split(line, comments=True)
-        if words and words[0] == "export":
-            name, _, value = words[1].partition("=")
-            found[name] = value
-    return found
 
 
 def test_loopback_hosts_are_recognised() -> None:
