@@ -73,7 +73,7 @@ async def open_runtime(
     key_pem = config.client_key_file.read_bytes() if config.client_key_file else None
     auth0 = Auth0Client(
         base_url, client_id, secret, auth_method=config.client_auth_method, private_key_pem=key_pem,
-        transport=auth0_transport,
+        transport=auth0_transport, timeout=config.auth0_timeout,
     )
     db = await Database.open(config.database)
     try:

@@ -1,9 +1,11 @@
 """The one place the broker talks to Auth0 (or the emulator: it cannot tell the difference).
 
-Every request goes through `Auth0Client._post_token` / `_get_json` on one `httpx.AsyncClient`,
-whose transport tests and the demo swap for `httpx.ASGITransport(emulator_app)`.
-Client authentication (`client_secret_post`, `client_secret_basic`, `private_key_jwt`)
-is applied by authlib's `ClientAuth`, with the JWT assertion signed by joserfc.
+Every request goes through `Auth0Client._request` on one `httpx.AsyncClient`, whose
+transport tests and the demo swap for `httpx.ASGITransport(emulator_app)`. There, each
+operation gets one deadline and bounded, jittered retries for network errors, timeouts,
+5xx and 429 (`RetryPolicy`); other 4xx are final. Client authentication
+(`client_secret_post`, `client_secret_basic`, `private_key_jwt`) is applied per attempt by
+authlib's `ClientAuth`, with the JWT assertion signed by joserfc.
 """
 
 from __future__ import annotations
@@ -11,8 +13,12 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import logging
+import math
+import random as _random
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
@@ -22,19 +28,25 @@ from authlib.oauth2.auth import ClientAuth
 from joserfc import jwt
 from joserfc.jwk import RSAKey
 
+from server.errors import ConfigError
 from server.principal import SubjectToken
+from server.singleflight import SingleFlight
+
+log = logging.getLogger(__name__)
 
 TOKEN_VAULT_GRANT = "urn:auth0:params:oauth:grant-type:token-exchange:federated-connection-access-token"
 FEDERATED_TOKEN_TYPE = "http://auth0.com/oauth/token-type/federated-connection-access-token"
 DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 USER_AGENT = "token-vault-mcp/0.1"
+RENEW_BEFORE = 60.0  # renew a cached Auth0 token this long before it expires
 
 
 class Auth0Error(Exception):
     """Auth0 answered with an error, or could not be reached (status None).
 
-    Carries Auth0's `error` code and description, never a token.
+    Carries Auth0's `error` code and description, never a token. `retry_after` is the wait
+    Auth0 asked for (429), in seconds.
     """
 
     def __init__(
@@ -54,7 +66,73 @@ class Auth0Error(Exception):
 
     @property
     def unreachable(self) -> bool:
+        """No HTTP answer: a network error or a timeout."""
         return self.status is None
+
+    @property
+    def retryable(self) -> bool:
+        """Worth another attempt: network errors, timeouts, 5xx and 429 (but not the device flow's
+        `slow_down`, a protocol answer the poller handles). Other 4xx would fail again the same way.
+        """
+        if self.status is None or self.status >= 500:
+            return True
+        return self.status == 429 and self.error != "slow_down"
+
+    @property
+    def client_auth_failed(self) -> bool:
+        """Auth0 refused this client's own authentication (wrong secret or key, unknown client).
+
+        Auth0 answers 401 `access_denied` ("Unauthorized"); RFC 6749 names it `invalid_client`.
+        """
+        return self.status == 401 and self.error in ("access_denied", "invalid_client", "unauthorized")
+
+    @property
+    def wait_seconds(self) -> int:
+        """Whole seconds to wait before trying again (at least 1), from Auth0's rate-limit headers."""
+        return max(1, math.ceil(self.retry_after)) if self.retry_after is not None else 1
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How one Auth0 operation copes with a failing tenant.
+
+    Every operation (a token request, a JWKS fetch) has one `deadline` in seconds that covers
+    all its attempts and waits. A single attempt may use at most `attempt_timeout` (default:
+    half the deadline, so a hung attempt leaves room for one more). Retries happen only for
+    `Auth0Error.retryable` failures, at most `max_attempts` attempts in all, after a jittered
+    exponential backoff starting at `backoff` seconds (doubling, capped at `max_backoff`).
+    A 429 is retried no sooner than its `Retry-After` / `x-ratelimit-reset`; when that wait is
+    longer than `max_wait` (default: a quarter of the deadline) or would pass the deadline,
+    the 429 is answered at once, so the caller hears how long to wait instead of being held.
+    """
+
+    deadline: float = 10.0
+    max_attempts: int = 3
+    backoff: float = 0.1
+    max_backoff: float = 2.0
+    attempt_timeout: float | None = None
+    max_wait: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.deadline <= 0 or self.max_attempts < 1 or self.backoff < 0:
+            raise ValueError("a retry policy needs a positive deadline and at least one attempt")
+
+    @property
+    def per_attempt(self) -> float:
+        return self.attempt_timeout if self.attempt_timeout is not None else self.deadline / 2
+
+    @property
+    def longest_wait(self) -> float:
+        return self.max_wait if self.max_wait is not None else self.deadline / 4
+
+    def backoff_for(self, attempt: int, draw: float) -> float:
+        """The pause after failed attempt number `attempt` (1-based); `draw` in [0, 1) jitters it.
+
+        Equal jitter: half the exponential step is fixed, half random, so retries from many
+        callers spread out but none comes back at once.
+        """
+        step = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
+        return step / 2 + draw * step / 2
 
 
 @dataclass(frozen=True)
@@ -66,14 +144,22 @@ class TokenSet:
     token_type: str = "Bearer"
     scope: str | None = None
     refresh_token: str | None = field(default=None, repr=False)
+    issued_at: float | None = None
 
     @property
     def expires_in(self) -> int:
         return max(0, int(self.expires_at - time.time()))
 
+    @property
+    def renew_at(self) -> float:
+        """When a cached copy should be replaced (see `renew_at`)."""
+        return renew_at(self.issued_at if self.issued_at is not None else self.expires_at, self.expires_at)
+
 
 @dataclass(frozen=True)
 class DeviceAuthorization:
+    """The start of a device login: what to show the user, and how often to poll."""
+
     device_code: str = field(repr=False)
     user_code: str
     verification_uri: str
@@ -82,8 +168,25 @@ class DeviceAuthorization:
     interval: int
 
 
+Sleep = Callable[[float], Awaitable[None]]
+
+
+def seconds(n: int) -> str:
+    """`1 second`, `7 seconds`."""
+    return f"{n} second" if n == 1 else f"{n} seconds"
+
+
+def renew_at(issued_at: float, expires_at: float) -> float:
+    """When to renew a token: RENEW_BEFORE seconds before expiry, or halfway for short-lived ones."""
+    return expires_at - min(RENEW_BEFORE, (expires_at - issued_at) / 2)
+
+
 class Auth0Client:
-    """An Auth0 tenant's Authentication API, as one confidential client (plus public ones for login)."""
+    """An Auth0 tenant's Authentication API, as one confidential client (plus public ones for login).
+
+    Every operation runs under the `RetryPolicy` (one deadline, bounded jittered retries).
+    `sleep` and `random` are the backoff's pause and jitter; tests pass instant ones.
+    """
 
     def __init__(
         self,
@@ -95,21 +198,34 @@ class Auth0Client:
         private_key_pem: bytes | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         timeout: float = 10.0,
+        retry: RetryPolicy | None = None,
+        sleep: Sleep = asyncio.sleep,
+        random: Callable[[], float] = _random.random,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.client_id = client_id
         self._secret = client_secret
         self._auth_method = auth_method
-        self._key = RSAKey.import_key(private_key_pem) if private_key_pem else None
+        try:
+            self._key = RSAKey.import_key(private_key_pem) if private_key_pem else None
+        except Exception as exc:  # joserfc raises several kinds for a bad PEM
+            raise ConfigError("TVM_CLIENT_KEY_FILE does not hold a PEM RSA private key") from exc
+        self.retry = retry or RetryPolicy(deadline=timeout)
+        self._sleep = sleep
+        self._random = random
+        self._clock = clock
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             transport=transport,
-            timeout=timeout,
+            timeout=self.retry.per_attempt,
             headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
             follow_redirects=False,
         )
         self._jwks: dict[str, Any] | None = None
         self._jwks_lock = asyncio.Lock()
+        self._server_tokens: dict[str, TokenSet] = {}
+        self._flights: SingleFlight[tuple[str, str], TokenSet] = SingleFlight()
 
     @property
     def issuer(self) -> str:
@@ -124,32 +240,50 @@ class Auth0Client:
 
     # ---- keys --------------------------------------------------------------------------
     async def jwks(self, refresh: bool = False) -> dict[str, Any]:
-        """The tenant's JSON Web Key Set, cached; `refresh=True` fetches it again."""
+        """The tenant's JSON Web Key Set, cached; `refresh=True` fetches it again. Raises Auth0Error."""
         async with self._jwks_lock:
             if self._jwks is None or refresh:
-                self._jwks = await self._get_json("/.well-known/jwks.json")
+                self._jwks = await self._request("GET", "/.well-known/jwks.json")
             return self._jwks
 
     async def discovery(self) -> dict[str, Any]:
-        return await self._get_json("/.well-known/openid-configuration")
+        """The tenant's OpenID configuration. Raises Auth0Error."""
+        return await self._request("GET", "/.well-known/openid-configuration")
 
     # ---- grants ------------------------------------------------------------------------
     async def refresh(self, refresh_token: str, client_id: str | None = None) -> TokenSet:
-        """Exchange a refresh token for an access token.
+        """Exchange a refresh token for an access token. Raises Auth0Error.
 
         A refresh token belongs to the client that obtained it: with `client_id` other
         than this client's, the request is made as that public (native) client.
         """
         form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
-        return _token_set(await self._post_token(form, as_client=client_id))
+        return self._token_set(await self._post_token(form, as_client=client_id))
 
     async def client_credentials(self, audience: str) -> TokenSet:
-        return _token_set(await self._post_token({"grant_type": "client_credentials", "audience": audience}))
+        """A fresh machine-to-machine token of this client for `audience` (uncached). Raises Auth0Error."""
+        return self._token_set(await self._post_token({"grant_type": "client_credentials", "audience": audience}))
+
+    async def server_token(self, audience: str) -> TokenSet:
+        """This client's own token for `audience`, cached and renewed shortly before it expires.
+
+        Concurrent callers on a cold or stale cache share one request. Raises Auth0Error.
+        """
+        cached = self._server_tokens.get(audience)
+        if cached is not None and self._clock() < cached.renew_at:
+            return cached
+
+        async def fetch() -> TokenSet:
+            token = await self.client_credentials(audience)
+            self._server_tokens[audience] = token
+            return token
+
+        return await self._flights.do(("client_credentials", audience), fetch)
 
     async def exchange(
         self, subject: SubjectToken, connection: str, scopes: list[str], login_hint: str | None = None
     ) -> TokenSet:
-        """Token Vault: the caller's subject token for a connection's access token (SPEC §4)."""
+        """Token Vault: the caller's subject token for a connection's access token (SPEC §4). Raises Auth0Error."""
         form = {
             "grant_type": TOKEN_VAULT_GRANT,
             "subject_token": subject.token,
@@ -160,11 +294,12 @@ class Auth0Client:
         }
         if login_hint:
             form["login_hint"] = login_hint
-        return _token_set(await self._post_token(form))
+        return self._token_set(await self._post_token(form))
 
     async def start_device_login(self, client_id: str, scope: str, audience: str) -> DeviceAuthorization:
-        data = await self._post(
-            "/oauth/device/code", {"client_id": client_id, "scope": scope, "audience": audience}, None
+        """Start the device flow for the public client `client_id`. Raises Auth0Error."""
+        data = await self._request(
+            "POST", "/oauth/device/code", {"client_id": client_id, "scope": scope, "audience": audience}
         )
         try:
             return DeviceAuthorization(
@@ -179,14 +314,25 @@ class Auth0Client:
             raise Auth0Error("Auth0 sent a device authorization without the expected fields", status=200) from exc
 
     async def poll_device_login(self, client_id: str, device_code: str) -> TokenSet:
-        form = {"grant_type": DEVICE_CODE_GRANT, "device_code": device_code}
-        return _token_set(await self._post_token(form, as_client=client_id))
+        """One poll of the device flow, as the public client `client_id` (Auth0 runs the device flow
+        for Native apps only). Raises Auth0Error, e.g. `authorization_pending` or `slow_down`.
+        """
+        form = {"grant_type": DEVICE_CODE_GRANT, "device_code": device_code, "client_id": client_id}
+        return self._token_set(await self._request("POST", "/oauth/token", form))
+
+    async def revoke_refresh_token(self, refresh_token: str, client_id: str) -> None:
+        """Revoke a refresh token at the tenant (`/oauth/revoke`) as the public client it was issued to.
+
+        Raises Auth0Error.
+        """
+        form = {"token": refresh_token, "client_id": client_id}
+        await self._request("POST", "/oauth/revoke", form, expect_json=False)
 
     # ---- transport ---------------------------------------------------------------------
     async def _post_token(self, form: dict[str, str], as_client: str | None = None) -> dict[str, Any]:
         if as_client is not None and as_client != self.client_id:
-            return await self._post("/oauth/token", {**form, "client_id": as_client}, None)
-        return await self._post("/oauth/token", form, self._client_auth())
+            return await self._request("POST", "/oauth/token", {**form, "client_id": as_client})
+        return await self._request("POST", "/oauth/token", form, self._client_auth())
 
     def _client_auth(self) -> ClientAuth:
         if self._auth_method == "private_key_jwt":
@@ -197,7 +343,7 @@ class Auth0Client:
         self, client: ClientAuth, method: str, uri: str, headers: dict[str, str], body: str
     ) -> tuple[str, dict[str, str], str]:
         if self._key is None:
-            raise Auth0Error("private_key_jwt needs a private key (TVM_CLIENT_KEY_FILE)")
+            raise ConfigError("private_key_jwt needs a private key (TVM_CLIENT_KEY_FILE)")
         now = int(time.time())
         claims = {
             "iss": self.client_id,
@@ -213,35 +359,86 @@ class Auth0Client:
         )
         return uri, headers, f"{body}&{extra}" if body else extra
 
-    async def _post(self, path: str, form: dict[str, str], auth: ClientAuth | None) -> dict[str, Any]:
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        form: dict[str, str] | None = None,
+        auth: ClientAuth | None = None,
+        *,
+        expect_json: bool = True,
+    ) -> dict[str, Any]:
+        """One Auth0 operation: attempts under one deadline, retried per the policy. Raises Auth0Error."""
+        policy = self.retry
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + policy.deadline
+        attempt = 0
+        while True:
+            attempt += 1
+            budget = min(deadline - loop.time(), policy.per_attempt)
+            try:
+                response = await self._attempt(method, path, form, auth, budget)
+                return _parse(response, expect_json)
+            except Auth0Error as exc:
+                error = exc
+            if not error.retryable:
+                raise error
+            wait = self._pause(error, attempt)
+            left = deadline - loop.time()
+            if error.status == 429 and (wait > policy.longest_wait or wait >= left):
+                raise error  # better to say "retry in N seconds" now than to hold the call that long
+            if attempt >= policy.max_attempts or wait >= left:
+                raise error
+            log.info(
+                "Auth0 %s %s failed (%s); attempt %d of %d in %.2f s",
+                method, path, error.status or "no answer", attempt + 1, policy.max_attempts, wait,
+            )
+            await self._sleep(wait)
+
+    def _pause(self, error: Auth0Error, attempt: int) -> float:
+        backoff = self.retry.backoff_for(attempt, self._random())
+        if error.status == 429 and error.retry_after is not None:
+            # Never sooner than Auth0 asked; the jitter on top keeps a crowd from returning together.
+            return error.retry_after + backoff / 2
+        return backoff
+
+    async def _attempt(
+        self, method: str, path: str, form: dict[str, str] | None, auth: ClientAuth | None, budget: float
+    ) -> httpx.Response:
+        if budget <= 0:
+            raise Auth0Error("Auth0 did not answer in time")
         url = self.base_url + path
-        headers = {"Content-Type": "application/x-www-form-urlencoded"}
-        body = urlencode(form)
-        if auth is not None:
-            url, headers, body = auth.prepare("POST", url, headers, body)
+        headers: dict[str, str] = {}
+        body: str | None = None
+        if form is not None:
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+            body = urlencode(form)
+            if auth is not None:
+                # Per attempt: a private_key_jwt assertion is single-use (its jti), so each try signs anew.
+                url, headers, body = auth.prepare(method, url, headers, body)
         try:
-            response = await self._http.post(url, content=body.encode(), headers=headers)
-        except httpx.TimeoutException as exc:
-            raise Auth0Error("Auth0 did not answer in time") from exc
-        except httpx.HTTPError as exc:
-            raise Auth0Error(f"Auth0 could not be reached ({type(exc).__name__})") from exc
-        return _parse(response)
+            # asyncio.timeout as well as httpx's: a transport may ignore httpx timeouts (ASGI does).
+            async with asyncio.timeout(budget):
+                return await self._http.request(
+                    method, url, content=None if body is None else body.encode(), headers=headers, timeout=budget
+                )
+        except (TimeoutError, httpx.TimeoutException):
+            raise Auth0Error("Auth0 did not answer in time") from None
+        except (httpx.HTTPError, OSError) as exc:
+            # OSError: an in-process transport can surface a socket error without httpx's wrapping.
+            raise Auth0Error(f"Auth0 could not be reached ({type(exc).__name__})") from None
 
-    async def _get_json(self, path: str) -> dict[str, Any]:
-        try:
-            response = await self._http.get(path)
-        except httpx.TimeoutException as exc:
-            raise Auth0Error("Auth0 did not answer in time") from exc
-        except httpx.HTTPError as exc:
-            raise Auth0Error(f"Auth0 could not be reached ({type(exc).__name__})") from exc
-        return _parse(response)
+    def _token_set(self, data: dict[str, Any]) -> TokenSet:
+        return _token_set(data, self._clock())
 
 
-def _parse(response: httpx.Response) -> dict[str, Any]:
+def _parse(response: httpx.Response, expect_json: bool = True) -> dict[str, Any]:
     try:
         data = response.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
         data = None
+    if response.is_success and not expect_json:
+        return data if isinstance(data, dict) else {}
     if response.is_success:
         if not isinstance(data, dict):
             raise Auth0Error("Auth0 sent an answer that is not a JSON object", status=response.status_code)
@@ -278,7 +475,7 @@ def retry_after(headers: httpx.Headers) -> float | None:
     return None
 
 
-def _token_set(data: dict[str, Any]) -> TokenSet:
+def _token_set(data: dict[str, Any], now: float) -> TokenSet:
     token = data.get("access_token")
     if not isinstance(token, str) or not token:
         raise Auth0Error("Auth0 sent a token answer without an access_token", status=200)
@@ -290,7 +487,8 @@ def _token_set(data: dict[str, Any]) -> TokenSet:
     refresh = data.get("refresh_token")
     return TokenSet(
         access_token=token,
-        expires_at=time.time() + expires_in,
+        issued_at=now,
+        expires_at=now + expires_in,
         token_type=str(data.get("token_type") or "Bearer"),
         scope=scope if isinstance(scope, str) else None,
         refresh_token=refresh if isinstance(refresh, str) else None,

@@ -20,6 +20,8 @@ from server.errors import ConfigError
 APP_NAME = "token-vault-mcp"
 CLIENT_AUTH_METHODS = ("client_secret_post", "client_secret_basic", "private_key_jwt")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DEFAULT_AUTH0_TIMEOUT = 10.0
+MAX_AUTH0_TIMEOUT = 120.0
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class Config:
     client_auth_method: str
     client_key_file: Path | None
     credentials_file: Path
+    auth0_timeout: float = DEFAULT_AUTH0_TIMEOUT  # seconds: the deadline of one Auth0 operation, retries included
 
     @property
     def demo(self) -> bool:
@@ -73,6 +76,9 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv: bool = True) -
     key_file = Path(env["TVM_CLIENT_KEY_FILE"]).expanduser() if "TVM_CLIENT_KEY_FILE" in env else None
     if method == "private_key_jwt" and key_file is None and base_url is not None:
         raise ConfigError("TVM_CLIENT_KEY_FILE (a PEM private key) is required with private_key_jwt")
+    if key_file is not None and not key_file.is_file():
+        raise ConfigError(f"TVM_CLIENT_KEY_FILE points to {key_file}, which is not a readable file")
+    auth0_timeout = _auth0_timeout(env.get("TVM_AUTH0_TIMEOUT"))
     level = env.get("TVM_LOG_LEVEL", "WARNING").upper()
     if level not in LOG_LEVELS:
         raise ConfigError(f"TVM_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {env['TVM_LOG_LEVEL']!r}")
@@ -104,10 +110,24 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv: bool = True) -
         log_level=level,
         client_auth_method=method,
         client_key_file=key_file,
+        auth0_timeout=auth0_timeout,
         credentials_file=Path(
             env.get("TVM_CREDENTIALS_FILE", str(Path(user_config_dir(APP_NAME, appauthor=False)) / "credentials.json"))
         ).expanduser(),
     )
+
+
+def _auth0_timeout(value: str | None) -> float:
+    """TVM_AUTH0_TIMEOUT: seconds, more than 0 and at most MAX_AUTH0_TIMEOUT."""
+    if value is None:
+        return DEFAULT_AUTH0_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds <= MAX_AUTH0_TIMEOUT:  # also refuses nan
+        raise ConfigError(f"TVM_AUTH0_TIMEOUT must be seconds between 0 and {MAX_AUTH0_TIMEOUT:g}, not {value!r}")
+    return seconds
 
 
 def _auth0_base_url(value: str) -> str:

@@ -1,20 +1,26 @@
-"""Token Vault brokering (SPEC §4): exchange, granted-scope check, error mapping, reuse cache."""
+"""Token Vault brokering (SPEC §4): exchange, granted-scope check, error mapping, reuse cache.
+
+Retries and deadlines live in auth0_client; by the time an Auth0Error reaches here it is final.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from server.auth0_client import Auth0Client, Auth0Error, TokenSet
+from server.auth0_client import Auth0Client, Auth0Error, TokenSet, seconds
 from server.errors import AccountNotConnected, BrokerError, RateLimited, VaultDenied, VaultUnavailable
 from server.principal import SubjectToken
+from server.singleflight import SingleFlight
 
 REUSE_FOR = 60.0  # seconds an answer may be handed out again
 NOT_WITHIN = 30.0  # never reuse an answer this close to its expiry
+# Auth0's codes for "no usable connected account" (both unverified, seen in the wild); other wordings are
+# recognised by their description.
 NOT_CONNECTED_ERRORS = frozenset({"federated_connection_refresh_token_not_found", "tokenset_not_found"})
+_NOT_CONNECTED_TEXT = re.compile(r"federated connection|connected account|token ?set", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -31,13 +37,18 @@ CacheKey = tuple[str, str, frozenset[str], str | None]
 
 
 class TokenVault:
-    """Gets third-party tokens through Token Vault, reusing a fresh answer for the exact same ask."""
+    """Gets third-party tokens through Token Vault, reusing a fresh answer for the exact same ask.
+
+    An answer is reused only for the same account, connection, exact scope set and
+    `login_hint`, for at most REUSE_FOR seconds and never within NOT_WITHIN seconds of its
+    expiry. Concurrent asks with the same key share one exchange (single flight).
+    """
 
     def __init__(self, auth0: Auth0Client, clock: Callable[[], float] = time.time) -> None:
         self._auth0 = auth0
         self._clock = clock
         self._cache: dict[CacheKey, VaultToken] = {}
-        self._inflight: dict[CacheKey, asyncio.Future[VaultToken]] = {}
+        self._flights: SingleFlight[CacheKey, VaultToken] = SingleFlight()
 
     async def fetch(
         self, account: str, subject: SubjectToken, connection: str, scopes: list[str], login_hint: str | None
@@ -45,28 +56,21 @@ class TokenVault:
         """A token for `connection` covering `scopes`. Raises a BrokerError the tool can answer with."""
         key: CacheKey = (account, connection, frozenset(scopes), login_hint)
         cached = self._cache.get(key)
-        now = self._clock()
-        if cached is not None and now - cached.fetched_at <= REUSE_FOR and cached.expires_at - now > NOT_WITHIN:
+        if cached is not None and self._reusable(cached):
             return cached
         self._cache.pop(key, None)
-        pending = self._inflight.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[VaultToken] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
-        try:
+
+        async def exchange() -> VaultToken:
             token = await self._exchange(subject, connection, scopes, login_hint)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: waiters re-raise it themselves
-            raise
-        else:
-            future.set_result(token)
-            if token.expires_at - token.fetched_at > NOT_WITHIN:
+            if self._reusable(token):
                 self._cache[key] = token
             return token
-        finally:
-            del self._inflight[key]
+
+        return await self._flights.do(key, exchange)
+
+    def _reusable(self, token: VaultToken) -> bool:
+        now = self._clock()
+        return now - token.fetched_at <= REUSE_FOR and token.expires_at - now > NOT_WITHIN
 
     async def _exchange(
         self, subject: SubjectToken, connection: str, scopes: list[str], login_hint: str | None
@@ -102,19 +106,41 @@ def check_grant(answer: TokenSet, requested: list[str], now: float) -> VaultToke
 
 
 def map_exchange_error(exc: Auth0Error, connection: str) -> BrokerError:
-    """Auth0's answer to an exchange, as the SPEC's error code with an actionable sentence."""
-    if exc.unreachable or (exc.status is not None and exc.status >= 500) or exc.status == 200:
-        return VaultUnavailable("Token Vault is unavailable right now; your unit was refunded, try again shortly")
+    """Auth0's answer to an exchange, as the SPEC's error code with a sentence the user can act on.
+
+    5xx, no answer, or an unreadable 200 → vault_unavailable; 429 → rate_limited with the
+    seconds to wait; a missing, revoked or expired connected account (by `error` or
+    `error_description`, on 400/401/404) → account_not_connected; any other refusal →
+    vault_denied, worded for the cause: client authentication, a client not allowed to use
+    Token Vault, the subject token, or the scopes.
+    """
+    refunded = "your unit was refunded"
+    if exc.unreachable or (exc.status is not None and exc.status >= 500) or (exc.status or 0) < 400:
+        return VaultUnavailable(f"Token Vault is unavailable right now; {refunded}, try again shortly")
     if exc.status == 429:
-        wait = max(1, math.ceil(exc.retry_after)) if exc.retry_after is not None else 1
-        return RateLimited(f"Auth0 is rate limiting; your unit was refunded, retry in {wait} seconds", wait)
-    text = f"{exc.error or ''} {exc.description or ''}".lower()
-    if exc.status == 401 and (
-        exc.error in NOT_CONNECTED_ERRORS or "connect" in text or "federated" in text or "tokenset" in text
-    ):
+        wait = exc.wait_seconds
+        return RateLimited(f"Auth0 is rate limiting; {refunded}, retry in {seconds(wait)}", wait)
+    if exc.status in (400, 401, 404) and not_connected(exc):
         return AccountNotConnected(
-            f"your {connection} account is not connected to Auth0, or its connection expired; "
-            f"reconnect {connection} (sign in with it again) and retry; your unit was refunded"
+            f"your {connection} account is not connected to Auth0, or its connection was revoked or expired; "
+            f"reconnect {connection} (sign in with {connection} again) and retry; {refunded}"
         )
-    reason = exc.error or f"HTTP {exc.status}"
-    return VaultDenied(f"Token Vault refused the exchange for {connection} ({reason}); your unit was refunded")
+    error = exc.error or f"HTTP {exc.status}"
+    if exc.client_auth_failed:
+        reason = "Auth0 did not accept this broker's client authentication; its operator must fix its credentials"
+    elif exc.status == 403 and exc.error == "unauthorized_client":
+        reason = "this broker's Auth0 application is not allowed to use Token Vault"
+    elif exc.error == "invalid_grant":
+        reason = "Auth0 did not accept your login as the subject of the exchange; sign in again"
+    elif exc.status == 403 and exc.error == "access_denied":
+        reason = f"your {connection} account did not grant these scopes; reconnect it granting them"
+    else:
+        reason = "Token Vault refused the exchange"
+    return VaultDenied(f"{reason} ({error}, {connection}); {refunded}")
+
+
+def not_connected(exc: Auth0Error) -> bool:
+    """Whether Auth0's error says the user's connected account is missing, revoked or expired."""
+    if exc.error in NOT_CONNECTED_ERRORS:
+        return True
+    return bool(_NOT_CONNECTED_TEXT.search(exc.description or ""))

@@ -1,0 +1,103 @@
+"""The stdio identity: one refresh for a burst, renewal before expiry, the subject Token Vault gets,
+and what a refused or unreachable refresh means to the user."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from mcp import Client
+
+from server.app import Runtime, build_mcp
+from server.auth0_client import TOKEN_VAULT_GRANT
+from server.broker import Call
+from server.emulator import EmulatorState
+from server.errors import RateLimited, Unauthenticated, VaultUnavailable
+from server.identity import StdioIdentity
+from server.principal import Principal
+from server.token_verifier import JwtVerifier
+from tests.conftest import held, ok
+from tests.server.tenant import AUDIENCE, BROKER_ID, NATIVE_ID, SCOPES, USER, auth0_client, make_tenant, token_requests
+
+ASK = {"connection": "github", "scopes": ["repo:read"], "purpose": "burst"}
+
+
+async def test_a_burst_of_fifty_calls_on_a_cold_cache_makes_one_identity_request(runtime: Runtime) -> None:
+    assert runtime.tenant is not None
+    state = runtime.tenant.state
+    buyer = Principal(account=runtime.tenant.account, agent="setup", scopes=frozenset(SCOPES))
+    await runtime.broker.buy_quota(  # straight to the broker: the identity stays cold
+        Call("buy_quota", "buy:quota", "test"), buyer, listing_id="github-repo-read", units=50, max_unit_price=1000,
+        idempotency_key=None,
+    )
+    assert state.requests == []
+    async with held(Client(build_mcp(runtime, runtime.identity.for_request, "stdio"))) as client:
+        tokens = await asyncio.gather(*(ok(client, "request_token", ASK) for _ in range(50)))
+    assert len(token_requests(state, "refresh_token")) == 1
+    assert len(token_requests(state, TOKEN_VAULT_GRANT)) == 1  # and one exchange, reused by the other 49
+    assert len({t["access_token"] for t in tokens}) == 1
+    [holding] = await runtime.db.read(lambda tx: tx.holdings_of(buyer.account))
+    assert (holding.units_held, holding.units_reserved, holding.units_consumed) == (0, 0, 50)
+
+
+def identity_for(
+    state: EmulatorState, refresh_client: str, clock: Callable[[], float] = time.time, **client_kw: Any
+) -> StdioIdentity:
+    auth0 = auth0_client(state, **client_kw)
+    token = state.issue_refresh_token(USER, refresh_client, [*SCOPES, "offline_access"], AUDIENCE)
+    return StdioIdentity(auth0, JwtVerifier(auth0, AUDIENCE), token, refresh_client, clock=clock)
+
+
+async def test_the_identity_is_renewed_shortly_before_it_expires() -> None:
+    state = make_tenant()
+    state.access_token_expires_in = 3600
+    now = [time.time()]
+    identity = identity_for(state, BROKER_ID, clock=lambda: now[0])
+    first = await identity.principal()
+    now[0] += 3600 - 70
+    assert await identity.principal() is first
+    now[0] += 20  # inside the last minute
+    renewed = await identity.principal()
+    assert renewed is not first and renewed.account == USER
+    assert len(token_requests(state, "refresh_token")) == 2
+
+
+async def test_a_login_of_another_client_uses_the_access_token_as_subject() -> None:
+    state = make_tenant()
+    native = identity_for(state, NATIVE_ID)
+    own = identity_for(state, BROKER_ID)
+    assert not native.uses_refresh_subject and own.uses_refresh_subject
+    native_principal, own_principal = await native.principal(), await own.principal()
+    assert native_principal.subject is not None and native_principal.subject.kind == "access_token"
+    assert own_principal.subject is not None and own_principal.subject.kind == "refresh_token"
+    native_refresh, own_refresh = token_requests(state, "refresh_token")
+    assert (native_refresh.client_id, native_refresh.auth_method) == (NATIVE_ID, "none")
+    assert "client_secret" not in native_refresh.fields  # the server's secret never goes with a public client
+    assert (own_refresh.client_id, own_refresh.auth_method) == (BROKER_ID, "client_secret_post")
+
+
+@pytest.mark.parametrize(
+    ("fault", "expected", "words"),
+    [
+        ("wrong-secret", Unauthenticated, "client authentication"),
+        ("revoked-login", Unauthenticated, "token-vault-mcp login"),
+        ("outage", VaultUnavailable, "try again"),
+        ("rate-limit", RateLimited, "retry in 9 seconds"),
+    ],
+)
+async def test_refresh_failures_are_answers_a_user_can_act_on(fault: str, expected: type, words: str) -> None:
+    state = make_tenant()
+    identity = identity_for(state, BROKER_ID, secret="wrong" if fault == "wrong-secret" else "broker-secret-value")
+    if fault == "revoked-login":
+        state.refresh_tokens.clear()
+    elif fault == "outage":
+        state.faults.fail_next(503, count=10)
+    elif fault == "rate-limit":
+        state.faults.rate_limit_next(count=10, retry_after=9, reset_in=None)
+    results = await asyncio.gather(*(identity.principal() for _ in range(10)), return_exceptions=True)
+    assert all(isinstance(r, expected) and words in r.message for r in results), results
+    attempts = 3 if fault == "outage" else 1
+    assert len(state.requests) == attempts  # ten callers, one shared (failed) refresh
