@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 from mcp.server import MCPServer
@@ -17,6 +16,7 @@ from server.config import Config
 from server.emulator import DemoTenant
 from server.errors import ConfigError
 from server.identity import StdioIdentity
+from server.login import read_credentials
 from server.store import Database, Tx
 from server.token_verifier import JwtVerifier
 from server.vault import TokenVault
@@ -68,8 +68,11 @@ async def open_runtime(
         refresh = refresh or tenant.refresh_token
     if base_url is None or client_id is None or audience is None:  # pragma: no cover - load_config checks
         raise ConfigError("AUTH0_DOMAIN, AUTH0_CLIENT_ID and AUTH0_AUDIENCE are required")
+    refresh_client = None if config.demo else config.refresh_client_id
     if refresh is None:
-        refresh = read_stored_refresh_token(config.credentials_file)
+        stored = read_credentials(config.credentials_file)
+        if stored is not None:  # a stored login belongs to the client that made it
+            refresh, refresh_client = stored.refresh_token, stored.client_id or refresh_client
     key_pem = config.client_key_file.read_bytes() if config.client_key_file else None
     auth0 = Auth0Client(
         base_url, client_id, secret, auth_method=config.client_auth_method, private_key_pem=key_pem,
@@ -80,9 +83,7 @@ async def open_runtime(
         verifier = JwtVerifier(auth0, audience)
         vault = TokenVault(auth0)
         broker = Broker(db, vault, clock)
-        identity = StdioIdentity(
-            auth0, verifier, refresh, None if config.demo else config.refresh_client_id
-        )
+        identity = StdioIdentity(auth0, verifier, refresh, refresh_client)
         specs = demo.demo_listings() if config.demo else []
         if config.market_file is not None:
             try:
@@ -110,18 +111,6 @@ async def _fund_demo_wallet(broker: Broker, account: str) -> None:
     if await broker.db.read(funded):
         return
     await broker.credit(account, demo.DEMO_FUNDS, transport="demo", once_key=demo.DEMO_FUNDED_KEY)
-
-
-def read_stored_refresh_token(path: Path) -> str | None:
-    """The refresh token `token-vault-mcp login` stored, if any."""
-    import json
-
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    token = data.get("refresh_token") if isinstance(data, dict) else None
-    return token if isinstance(token, str) and token else None
 
 
 def build_mcp(runtime: Runtime, principals: PrincipalSource, transport: str, **kwargs: object) -> MCPServer:

@@ -64,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     _emulator_flags(emu)
     emu.set_defaults(handler=_emulator)
 
+    log_in = sub.add_parser("login", help="sign in with Auth0 (device flow) for stdio mode; --status shows who")
+    log_in.add_argument("--status", action="store_true", help="say who is logged in (exit 1 if nobody)")
+    log_in.set_defaults(handler=_login)
+    log_out = sub.add_parser("logout", help="revoke and remove the login stored by `login`")
+    log_out.set_defaults(handler=_logout)
+
     aud = sub.add_parser("audit", help="read and check the audit log").add_subparsers(dest="audit_command")
     lst = aud.add_parser("list", help="who got what, when, and why")
     _audit_filters(lst)
@@ -217,6 +223,32 @@ def _emulator(config: Config, args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"token-vault-mcp: emulator: {exc}", file=sys.stderr)
         return USAGE
+    return OK
+
+
+# ---- login and logout -----------------------------------------------------------------------
+
+def _login(config: Config, args: argparse.Namespace) -> int:
+    from server import login
+
+    if args.status:
+        logged_in, text = login.status(config)
+        print(escape_controls(text))
+        return OK if logged_in else NO
+    try:
+        stored = asyncio.run(login.login(config, out=sys.stderr))
+    except login.LoginError as exc:
+        print(f"token-vault-mcp: login failed: {exc}", file=sys.stderr)
+        return NO
+    print(f"logged in as {escape_controls(stored.account or '?')}; login stored in {config.credentials_file} "
+          "(only you can read it)", file=sys.stderr)
+    return OK
+
+
+def _logout(config: Config, args: argparse.Namespace) -> int:
+    from server import login
+
+    print(escape_controls(asyncio.run(login.logout(config))))
     return OK
 
 

@@ -6,20 +6,25 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from mcp import Client
 
-from server.app import Runtime, build_mcp
+from server.app import Runtime, build_mcp, open_runtime
 from server.auth0_client import TOKEN_VAULT_GRANT
 from server.broker import Call
-from server.emulator import EmulatorState
+from server.clock import ManualClock
+from server.config import load_config
+from server.emulator import EmulatorState, create_app
 from server.errors import RateLimited, Unauthenticated, VaultUnavailable
 from server.identity import StdioIdentity
+from server.login import StoredLogin, write_credentials
 from server.principal import Principal
 from server.token_verifier import JwtVerifier
-from tests.conftest import held, ok
+from tests.conftest import DEMO_NOW, held, ok
 from tests.server.tenant import AUDIENCE, BROKER_ID, NATIVE_ID, SCOPES, USER, auth0_client, make_tenant, token_requests
 
 ASK = {"connection": "github", "scopes": ["repo:read"], "purpose": "burst"}
@@ -101,3 +106,44 @@ async def test_refresh_failures_are_answers_a_user_can_act_on(fault: str, expect
     assert all(isinstance(r, expected) and words in r.message for r in results), results
     attempts = 3 if fault == "outage" else 1
     assert len(state.requests) == attempts  # ten callers, one shared (failed) refresh
+
+
+async def test_serve_with_a_login_stored_refresh_token_of_the_native_client_uses_the_access_token_subject(
+    tmp_path: Path,
+) -> None:
+    """SPEC §3/§4: the login client's refresh token cannot be a Token Vault subject of the broker's client."""
+    state = make_tenant()
+    refresh = state.issue_refresh_token(USER, NATIVE_ID, [*SCOPES, "offline_access"], AUDIENCE)
+    credentials = tmp_path / "cfg" / "credentials.json"
+    write_credentials(credentials, StoredLogin(refresh, client_id=NATIVE_ID, issuer=state.issuer, account=USER))
+    market = tmp_path / "market.toml"
+    market.write_text(
+        '[[listing]]\nid = "gh"\ntitle = "GitHub read"\nconnection = "github"\nscopes = ["repo:read"]\n'
+        'supply = 10\nstart_price = 10\nfloor_price = 5\nopens_at = 2026-01-01T00:00:00Z\n'
+        'closes_at = 2030-01-01T00:00:00Z\n'
+    )
+    config = load_config(
+        {
+            "AUTH0_DOMAIN": state.issuer, "AUTH0_CLIENT_ID": BROKER_ID, "AUTH0_CLIENT_SECRET": "broker-secret-value",
+            "AUTH0_AUDIENCE": AUDIENCE, "TVM_DATABASE": str(tmp_path / "v.db"), "TVM_MARKET_FILE": str(market),
+            "TVM_CREDENTIALS_FILE": str(credentials),  # no TVM_LOGIN_CLIENT_ID: the file says whose token it is
+        },
+        dotenv=False,
+    )
+    runtime = await open_runtime(
+        config, clock=ManualClock(DEMO_NOW), auth0_transport=httpx.ASGITransport(app=create_app(state))
+    )
+    try:
+        await runtime.broker.credit(USER, 100)
+        async with held(Client(build_mcp(runtime, runtime.identity.for_request, "stdio"))) as client:
+            await ok(client, "buy_quota", {"listing_id": "gh", "units": 1, "max_unit_price": 10})
+            token = await ok(client, "request_token", ASK)
+    finally:
+        await runtime.aclose()
+    [exchange] = token_requests(state, TOKEN_VAULT_GRANT)
+    assert exchange.fields["subject_token_type"] == "urn:ietf:params:oauth:token-type:access_token"
+    assert exchange.client_id == BROKER_ID
+    assert exchange.fields["subject_token"] != refresh
+    [refreshed] = token_requests(state, "refresh_token")
+    assert refreshed.client_id == NATIVE_ID
+    assert token["access_token"] == state.vault_issues[0].access_token
