@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,11 @@ class Reservation:
     created_at: str
 
 
-@dataclass(frozen=True)
-class AuditRecord:
-    """One audit row as stored (hashes as raw bytes)."""
+class AuditRecord(NamedTuple):
+    """One audit row as stored (hashes as raw bytes).
+
+    A named tuple rather than a dataclass: `audit verify` builds one per event, millions of them.
+    """
 
     id: int
     ts: str

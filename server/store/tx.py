@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache, partial
 from typing import Any
 
 from server.models import AuditRecord, Holding, Listing, Receipt, Reservation
@@ -30,14 +31,22 @@ _AUDIT_COLUMNS = (
 )
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
 def to_micros(moment: datetime) -> int:
-    delta = moment.astimezone(UTC) - datetime(1970, 1, 1, tzinfo=UTC)
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    return (moment.astimezone(UTC) - _EPOCH) // _MICROSECOND  # exact: timedelta arithmetic is integral
 
 
 def from_micros(value: int) -> datetime:
-    seconds, micros = divmod(value, 1_000_000)
-    return datetime.fromtimestamp(seconds, UTC).replace(microsecond=micros)
+    return _EPOCH + timedelta(microseconds=value)
+
+
+@lru_cache(maxsize=4096)
+def _scopes(stored: str) -> tuple[str, ...]:
+    # a listing's scopes are a few distinct JSON texts read over and over (every page, every holding)
+    return tuple(json.loads(stored))
 
 
 @dataclass(frozen=True)
@@ -262,7 +271,7 @@ class Tx:
             "FROM reservations r JOIN holdings h ON h.id = r.holding_id JOIN listings l ON l.id = h.listing_id "
             "WHERE r.status = 'pending' ORDER BY r.created_at"
         ).fetchall()
-        return [Reservation(r[0], r[1], r[2], r[3], r[4], tuple(json.loads(r[5])), r[6], r[7]) for r in rows]
+        return [Reservation(r[0], r[1], r[2], r[3], r[4], _scopes(r[5]), r[6], r[7]) for r in rows]
 
     # ---- audit ----------------------------------------------------------------------------
     def audit_head(self) -> tuple[int, bytes] | None:
@@ -302,8 +311,7 @@ class Tx:
             ).fetchall()
             if not rows:
                 return
-            for row in rows:
-                yield _audit(row)
+            yield from map(_audit, rows)
             last = rows[-1][0]
 
     def find_audit(self, where: AuditFilter, limit: int | None = None, newest_first: bool = False) -> list[AuditRecord]:
@@ -388,7 +396,7 @@ def _listing(row: Sequence[Any]) -> Listing:
         id=row[0],
         title=row[1],
         connection=row[2],
-        scopes=tuple(json.loads(row[3])),
+        scopes=_scopes(row[3]),
         supply=int(row[4]),
         sold=int(row[5]),
         start_price=int(row[6]),
@@ -404,7 +412,7 @@ def _holding(row: Sequence[Any]) -> Holding:
         account=row[1],
         listing_id=row[2],
         connection=row[3],
-        scopes=tuple(json.loads(row[4])),
+        scopes=_scopes(row[4]),
         units_bought=int(row[5]),
         units_held=int(row[6]),
         units_consumed=int(row[7]),
@@ -413,20 +421,6 @@ def _holding(row: Sequence[Any]) -> Holding:
     )
 
 
-def _audit(row: Sequence[Any]) -> AuditRecord:
-    return AuditRecord(
-        id=int(row[0]),
-        ts=row[1],
-        account=row[2],
-        agent=row[3],
-        tool=row[4],
-        transport=row[5],
-        scope=row[6],
-        outcome=row[7],
-        code=row[8],
-        args=row[9],
-        token_id=None if row[10] is None else bytes(row[10]),
-        latency_ms=row[11],
-        prev_hash=bytes(row[12]),
-        hash=bytes(row[13]),
-    )
+# A row in AuditRecord's column order, as the record itself (tuple.__new__ is the fast path of a named
+# tuple; `audit verify` builds one per event). SQLite hands INTEGER PRIMARY KEY back as int, BLOBs as bytes.
+_audit: Callable[[Sequence[Any]], AuditRecord] = partial(tuple.__new__, AuditRecord)  # type: ignore[assignment]
