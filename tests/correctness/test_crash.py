@@ -27,10 +27,10 @@ def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
                           timeout=60)
 
 
-async def load(serve: Serve, tenant: Tenant, stop: asyncio.Event, counts: dict[str, int]) -> None:
+async def load(serve: Serve, bearers: list[str], stop: asyncio.Event, counts: dict[str, int]) -> None:
     async def worker(n: int) -> None:
         async with httpx.AsyncClient(timeout=10) as http:
-            session = RawSession(http, serve.url, tenant.bearer(f"agent-{n}"))
+            session = RawSession(http, serve.url, bearers[n])
             try:
                 await session.start()
                 while not stop.is_set():
@@ -66,12 +66,18 @@ async def test_sigkill_under_load_loses_nothing(tmp_path: Path) -> None:
         assert cli(env, "market", "load", str(tmp_path / "market.toml")).returncode == 0
         assert cli(env, "wallet", "credit", tenant.info["account"], "100000").returncode == 0
         counts = {"tokens": 0, "refused": 0, "cut": 0}
+        bearers = [tenant.bearer(f"agent-{n}") for n in range(WORKERS)]
         killed_pending = 0
         for _ in range(ROUNDS):
             serve = Serve(env, tmp_path)
             stop = asyncio.Event()
-            loader = asyncio.create_task(load(serve, tenant, stop, counts))
-            await asyncio.sleep(random.uniform(0.4, 1.2))
+            issued = counts["tokens"]
+            loader = asyncio.create_task(load(serve, bearers, stop, counts))
+            for _ in range(200):  # under load, wait until tokens flow (at most 10 s), then kill at random
+                if counts["tokens"] > issued:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(random.uniform(0.0, 0.6))
             serve.kill()
             stop.set()
             await loader
@@ -81,7 +87,7 @@ async def test_sigkill_under_load_loses_nothing(tmp_path: Path) -> None:
             restarted.kill()
             verify = cli(env, "audit", "verify", "--ledger")
             assert verify.returncode == 0, verify.stdout + verify.stderr
-        assert counts["tokens"] > 0
+        assert counts["tokens"] > 0, counts
         assert killed_pending > 0, "no reservation was in flight at any kill; the test proved nothing"
         assert recovered_events(database) == killed_pending
     finally:
