@@ -53,6 +53,9 @@ class _Collector:
         self.rows.append(record)
         self.head = (record.id, record.hash)
 
+    def get_meta(self, key: str) -> str | None:
+        return self.head_text or None
+
     def set_meta(self, key: str, value: str) -> None:
         self.head_text = value
 

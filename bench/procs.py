@@ -111,6 +111,7 @@ def start(label: str, transport: str, workdir: Path, cmd: list[str], env: dict[s
     """Prepare a stdio server (its client launches it) or launch a network one and wait until it answers."""
     errlog = workdir / f"{label}-{transport}.stderr"
     errfile = errlog.open("a", encoding="utf-8")
+    offset = errlog.stat().st_size  # this start's lines only (a workdir may be reused)
     if transport == "stdio":
         return Server(label, transport, workdir, cmd, env, errlog=errlog, _errfile=errfile)
     port = free_port()
@@ -124,7 +125,7 @@ def start(label: str, transport: str, workdir: Path, cmd: list[str], env: dict[s
     try:
         _wait_until_listening(server, port)
         if label == "product":
-            server.token = _demo_bearer_token(errlog)
+            server.token = _demo_bearer_token(errlog, offset)
     except BaseException:
         server.stop()
         raise
@@ -144,11 +145,14 @@ def _wait_until_listening(server: Server, port: int, limit: float = 60.0) -> Non
     raise BenchError(f"{server.label} ({server.transport}) did not listen within {limit:.0f} s")
 
 
-def _demo_bearer_token(errlog: Path, limit: float = 30.0) -> str:
+def _demo_bearer_token(errlog: Path, offset: int, limit: float = 30.0) -> str:
     """The demo bearer token `serve --transport http|sse` prints on stderr (README: remote demo)."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
-        for line in errlog.read_text(encoding="utf-8", errors="replace").splitlines():
+        with errlog.open("rb") as log:
+            log.seek(offset)
+            text = log.read().decode("utf-8", errors="replace")
+        for line in text.splitlines():
             _, found, token = line.partition("Authorization: Bearer ")
             if found and token.strip():
                 return token.strip()

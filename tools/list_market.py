@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Annotated
 
 from mcp.types import ToolAnnotations
@@ -50,26 +51,33 @@ async def run(inv: Invocation, params: ListMarketInput) -> ListMarketOutput:
         limit=params.limit,
         cursor=params.cursor,
     )
-    return ListMarketOutput(
-        as_of=rfc3339(page.as_of),
-        listings=[_view(p.listing, p.unit_price) for p in page.listings],
-        next_cursor=page.next_cursor,
+    # one validation of the whole page (a page is up to 100 listings; this is most of the tool's own time)
+    return ListMarketOutput.model_validate(
+        {
+            "as_of": rfc3339(page.as_of),
+            "listings": [_view(p.listing, p.unit_price) for p in page.listings],
+            "next_cursor": page.next_cursor,
+        }
     )
 
 
-def _view(listing: Listing, unit_price: int) -> ListingView:
-    return ListingView(
-        listing_id=listing.id,
-        title=listing.title,
-        connection=listing.connection,
-        scopes=list(listing.scopes),
-        unit_price=unit_price,
-        start_price=listing.start_price,
-        floor_price=listing.floor_price,
-        opens_at=rfc3339(listing.opens_at),
-        closes_at=rfc3339(listing.closes_at),
-        supply_remaining=listing.supply_remaining,
-    )
+def _view(listing: Listing, unit_price: int) -> dict[str, object]:
+    return {
+        "listing_id": listing.id,
+        "title": listing.title,
+        "connection": listing.connection,
+        "scopes": list(listing.scopes),
+        "unit_price": unit_price,
+        "start_price": listing.start_price,
+        "floor_price": listing.floor_price,
+        "opens_at": _moment(listing.opens_at),
+        "closes_at": _moment(listing.closes_at),
+        "supply_remaining": listing.supply_remaining,
+    }
+
+
+# A listing's window is shown on every page: its text form is kept rather than formatted again.
+_moment = lru_cache(maxsize=4096)(rfc3339)
 
 
 SPEC = ToolSpec(

@@ -1,10 +1,12 @@
 """One SQLite file, opened through aiosqlite, with group commit.
 
-Every write is a *job*: a synchronous function of a `Tx` that runs on aiosqlite's
-worker thread. Jobs queued while a commit is under way are run together in one
-`BEGIN IMMEDIATE … COMMIT`, each inside its own savepoint, so one job's failure rolls
-back only that job, and N concurrent callers pay for one fsync instead of N. Durability
-is never traded away: WAL with `synchronous=FULL`.
+Every write is a *job*: a synchronous function of a `Tx`. Jobs queued while a commit is
+under way are run together in one `BEGIN IMMEDIATE … COMMIT`, each inside its own
+savepoint, so one job's failure rolls back only that job, and N concurrent callers pay for
+one fsync instead of N. A batch runs on aiosqlite's worker thread, so its fsync overlaps
+the event loop's other work; a lone job runs inline, sparing two thread hand-offs (jobs are
+short: a tool call's transaction). Durability is never traded away: WAL with
+`synchronous=FULL`.
 """
 
 from __future__ import annotations
@@ -90,8 +92,13 @@ class Database:
         while self._queue:
             batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
             try:
-                outcomes = await self._conn._execute(_run_batch, self._conn._conn, batch)
-            except BaseException as exc:  # the worker thread itself failed
+                if len(batch) == 1:
+                    # A lone job (one call at a time) runs right here: the two thread hand-offs would cost
+                    # more than its transaction. Only this task touches the connection, so never both at once.
+                    outcomes = _run_batch(self._conn._conn, batch)
+                else:
+                    outcomes = await self._conn._execute(_run_batch, self._conn._conn, batch)
+            except BaseException as exc:  # the batch itself failed (not one job of it)
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(StoreUnavailable(str(exc)))
