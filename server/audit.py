@@ -193,8 +193,7 @@ def append(tx: Tx, event: Event) -> int:
     then rolls back: fail closed).
     """
     try:
-        head = tx.audit_head()
-        prev_id, prev_hash = head if head is not None else (0, GENESIS)
+        prev_id, prev_hash = _chain_head(tx)
         new_id = prev_id + 1
         args = json.dumps(redact(event.args), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         latency = None if event.latency_ms is None else round(event.latency_ms, 3)
@@ -225,6 +224,30 @@ def append(tx: Tx, event: Event) -> int:
     except Exception as exc:
         raise AuditUnavailable("the audit log could not be written, so nothing was done; try again") from exc
     return new_id
+
+
+def _chain_head(tx: Tx) -> tuple[int, bytes]:
+    """Where the next event chains on: the recorded head, not merely the newest row left.
+
+    Chaining from the newest row would let one more call paper over deleted tail events.
+    Raises ValueError when the recorded head is unreadable (the caller fails closed).
+    """
+    recorded = tx.get_meta(HEAD_KEY)
+    if recorded is None:
+        newest = tx.audit_head()
+        return newest if newest is not None else (0, GENESIS)
+    parsed = _parse_head(recorded.decode() if isinstance(recorded, bytes) else recorded)
+    if parsed is None:
+        raise ValueError("the recorded audit head is unreadable")
+    return parsed
+
+
+def _parse_head(head: str) -> tuple[int, bytes] | None:
+    id_text, _, hash_hex = head.partition(":")
+    try:
+        return int(id_text), bytes.fromhex(hash_hex)
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -264,8 +287,15 @@ def verify(
         checked += 1
         if progress is not None and checked % 10_000 == 0:
             progress(checked)
-    if head is not None and head != f"{prev_id}:{prev_hash.hex()}":
-        head_id = int(head.split(":", 1)[0])
+    if head is None:
+        if checked:
+            return VerifyResult(False, checked, prev_id, "the recorded head of the chain is missing")
+        return VerifyResult(True, checked)
+    if head != f"{prev_id}:{prev_hash.hex()}":
+        parsed = _parse_head(head)
+        if parsed is None:
+            return VerifyResult(False, checked, prev_id, "the recorded head of the chain is unreadable")
+        head_id = parsed[0]
         if head_id > prev_id:
             return VerifyResult(False, checked, prev_id + 1, f"events {prev_id + 1}..{head_id} are missing")
         return VerifyResult(False, checked, head_id, "it does not match the recorded head of the chain")

@@ -19,6 +19,7 @@ from server.store import AuditFilter, Database, Tx
 from server.textsafe import escape_controls
 
 OK, NO, USAGE = 0, 1, 2
+MAX_CREDIT = 10**12  # per credit: balances stay far inside SQLite's 64-bit integers
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -123,6 +124,8 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value <= 0:
         raise argparse.ArgumentTypeError("must be a positive whole number")
+    if value > MAX_CREDIT:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_CREDIT:,} credits at a time")
     return value
 
 
@@ -135,7 +138,15 @@ def _time(text: str) -> str:
 
 # ---- helpers -----------------------------------------------------------------------------
 
-def _with_db(config: Config, work: Callable[[Database], Awaitable[int]]) -> int:
+def _with_db(config: Config, work: Callable[[Database], Awaitable[int]], *, create: bool = False) -> int:
+    """Run `work` on the configured database; only commands that record something may create it.
+
+    Reading a mistyped TVM_DATABASE must not answer "chain OK: 0 events" from a fresh, empty file.
+    Raises ConfigError when the database is missing and `create` is false.
+    """
+    if not create and not config.database.exists():
+        raise ConfigError(f"TVM_DATABASE: there is no database at {config.database}")
+
     async def run() -> int:
         db = await Database.open(config.database)
         try:
@@ -377,7 +388,7 @@ def _wallet_credit(config: Config, args: argparse.Namespace) -> int:
         print(f"credited {args.amount} to {escape_controls(args.account)}; balance {balance}")
         return OK
 
-    return _with_db(config, work)
+    return _with_db(config, work, create=True)
 
 
 def _wallet_show(config: Config, args: argparse.Namespace) -> int:
@@ -455,5 +466,5 @@ def _market_load(config: Config, args: argparse.Namespace) -> int:
         print(f"loaded {count} listing(s) from {args.file}")
         return OK
 
-    return _with_db(config, work)
+    return _with_db(config, work, create=True)
 

@@ -20,6 +20,9 @@ from server.store import Tx
 
 ListingId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9-]{1,64}$")]
 Scope = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^\S+$")]
+MAX_COUNT = 10**12  # units or credits per unit; price × units (≤ 10,000) stays far inside SQLite's 64-bit integers
+# strict: `supply = true` or `start_price = "100"` in a market file is a mistake, not a number
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT, strict=True)]
 
 
 class ListingSpec(BaseModel):
@@ -31,9 +34,9 @@ class ListingSpec(BaseModel):
     title: Annotated[str, StringConstraints(min_length=1, max_length=200)]
     connection: Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$")]
     scopes: Annotated[list[Scope], Field(min_length=1, max_length=50)]
-    supply: Annotated[int, Field(ge=0)]
-    start_price: Annotated[int, Field(ge=0)]
-    floor_price: Annotated[int, Field(ge=0)]
+    supply: Count
+    start_price: Count
+    floor_price: Count
     opens_at: datetime
     closes_at: datetime
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 
 def price_at(start: int, floor: int, opens_at: datetime, closes_at: datetime, now: datetime) -> int:
@@ -10,10 +10,10 @@ def price_at(start: int, floor: int, opens_at: datetime, closes_at: datetime, no
 
     Times are compared in whole microseconds so the result is exact integer arithmetic.
     """
-    window = _micros(closes_at) - _micros(opens_at)
+    window = _micros(closes_at - opens_at)
     if window <= 0:
         return floor
-    elapsed = min(max(_micros(now) - _micros(opens_at), 0), window)
+    elapsed = min(max(_micros(now - opens_at), 0), window)
     return start - ((start - floor) * elapsed) // window
 
 
@@ -22,7 +22,6 @@ def is_open(opens_at: datetime, closes_at: datetime, now: datetime) -> bool:
     return opens_at <= now <= closes_at
 
 
-def _micros(moment: datetime) -> int:
-    # timestamp() goes through a float; exact integer microseconds avoid rounding at the edges
-    delta = moment - datetime(1970, 1, 1, tzinfo=moment.tzinfo)
+def _micros(delta: timedelta) -> int:
+    # differences of aware datetimes are exact in any time zone; timestamp() would go through a float
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds

@@ -1,0 +1,344 @@
+"""The audit log is a hash chain that notices edits, gaps, cuts and reordering, and it fails closed."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import itertools
+import json
+import sqlite3
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from server import audit, ledger
+from server.audit import Event
+from server.broker import Broker
+from server.clock import rfc3339
+from server.errors import AuditUnavailable
+from server.store import Database, Tx
+
+NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+COLUMNS = "ts, account, agent, tool, transport, scope, outcome, code, args, token_id, latency_ms, prev_hash, hash"
+
+
+def event(n: int, **changes: object) -> Event:
+    fields: dict[str, object] = {
+        "ts": rfc3339(NOW.replace(minute=n)),
+        "transport": "stdio",
+        "outcome": "ok",
+        "account": f"auth0|user-{n % 2}",
+        "agent": "claude",
+        "tool": "list_market",
+        "scope": "read:market",
+        "args": {"limit": n, "purpose": f"call {n}"},
+        "latency_ms": 1.25 * n,
+    }
+    fields.update(changes)
+    return Event(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "audit.db"
+
+
+@pytest.fixture
+async def db(path: Path) -> AsyncIterator[Database]:
+    database = await Database.open(path)
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+async def append(db: Database, ev: Event) -> int:
+    return await db.write(lambda tx: audit.append(tx, ev))
+
+
+async def five(db: Database) -> list[int]:
+    return [await append(db, event(n, token_id=b"\x01" * 32 if n == 3 else None)) for n in range(1, 6)]
+
+
+def check(tx: Tx) -> audit.VerifyResult:
+    """What `audit verify` runs: the rows against the recorded head."""
+    head = tx.get_meta(audit.HEAD_KEY)
+    return audit.verify(tx.iter_audit(), head.decode() if isinstance(head, bytes) else head)
+
+
+def tamper(path: Path, *statements: str) -> None:
+    """Change the database behind the broker's back, as someone with the file could."""
+    side = sqlite3.connect(path)
+    try:
+        with side:
+            for statement in statements:
+                side.execute(statement)
+    finally:
+        side.close()
+
+
+# ---- the chain -------------------------------------------------------------------------------------
+
+async def test_appended_events_get_consecutive_ids_and_the_chain_verifies(db: Database) -> None:
+    assert await five(db) == [1, 2, 3, 4, 5]
+    result = await db.read(check)
+    assert (result.ok, result.checked, result.bad_id) == (True, 5, None)
+    records = await db.read(lambda tx: list(tx.iter_audit()))
+    assert records[0].prev_hash == audit.GENESIS
+    assert all(later.prev_hash == earlier.hash for earlier, later in itertools.pairwise(records))
+
+
+async def test_an_empty_log_verifies(db: Database) -> None:
+    assert (await db.read(check)).ok
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        "UPDATE audit SET args = '{\"limit\":3,\"purpose\":\"nothing to see\"}' WHERE id = 3",
+        "UPDATE audit SET outcome = 'denied' WHERE id = 3",
+        "UPDATE audit SET account = 'auth0|someone-else' WHERE id = 3",
+        "UPDATE audit SET latency_ms = 0.5 WHERE id = 3",
+        "UPDATE audit SET token_id = NULL WHERE id = 3",
+        "UPDATE audit SET token_id = zeroblob(32) WHERE id = 3",
+    ],
+    ids=["args", "outcome", "account", "latency", "token-id-cleared", "token-id-set"],
+)
+async def test_editing_a_row_breaks_the_chain_at_that_event(db: Database, path: Path, edit: str) -> None:
+    await five(db)
+    tamper(path, edit)
+    result = await db.read(check)
+    assert (result.ok, result.bad_id, result.checked) == (False, 3, 2)
+    assert "edited" in (result.reason or "")
+
+
+async def test_an_edited_row_with_a_recomputed_hash_breaks_the_chain_at_the_next_event(
+    db: Database, path: Path
+) -> None:
+    await five(db)
+    third = (await db.read(lambda tx: list(tx.iter_audit())))[2]
+    forged_args = '{"limit":3,"purpose":"nothing to see"}'
+    forged = audit.chain_hash(third.prev_hash, audit._hash_input(
+        third.id, third.ts, third.account, third.agent, third.tool, third.transport, third.scope, third.outcome,
+        third.code, forged_args, third.token_id, third.latency_ms,
+    ))
+    side = sqlite3.connect(path)
+    try:
+        with side:
+            side.execute("UPDATE audit SET args = ?, hash = ? WHERE id = 3", (forged_args, forged))
+    finally:
+        side.close()
+    result = await db.read(check)
+    assert (result.ok, result.bad_id, result.checked) == (False, 4, 3)  # event 3 itself is consistent now
+    assert "prev_hash" in (result.reason or "")
+
+
+async def test_deleting_a_middle_event_is_named(db: Database, path: Path) -> None:
+    await five(db)
+    tamper(path, "DELETE FROM audit WHERE id = 3")
+    result = await db.read(check)
+    assert not result.ok
+    assert "event 3 is missing" in (result.reason or "")
+
+
+async def test_deleting_the_newest_event_is_noticed(db: Database, path: Path) -> None:
+    await five(db)
+    tamper(path, "DELETE FROM audit WHERE id = 5")
+    result = await db.read(check)
+    assert (result.ok, result.bad_id, result.checked) == (False, 5, 4)
+    assert "5" in (result.reason or "")
+
+
+async def test_a_cut_tail_stays_noticed_after_further_events(db: Database, path: Path) -> None:
+    await five(db)
+    tamper(path, "DELETE FROM audit WHERE id >= 4")
+    assert await append(db, event(6)) == 6  # the next event continues the recorded chain, over the gap
+    result = await db.read(check)
+    assert not result.ok
+    assert "event 4 is missing" in (result.reason or "")
+
+
+async def test_deleting_the_recorded_head_is_noticed(db: Database, path: Path) -> None:
+    await five(db)
+    tamper(path, f"DELETE FROM meta WHERE key = '{audit.HEAD_KEY}'", "DELETE FROM audit WHERE id = 5")
+    result = await db.read(check)
+    assert (result.ok, result.bad_id) == (False, 4)
+    assert "head" in (result.reason or "")
+
+
+async def test_an_unreadable_recorded_head_is_reported_not_raised(db: Database, path: Path) -> None:
+    await five(db)
+    tamper(path, f"UPDATE meta SET value = 'garbage' WHERE key = '{audit.HEAD_KEY}'")
+    result = await db.read(check)
+    assert not result.ok
+    assert "unreadable" in (result.reason or "")
+    with pytest.raises(AuditUnavailable):  # nothing more is chained onto a head nobody can read
+        await append(db, event(6))
+
+
+async def test_swapping_two_events_contents_breaks_the_chain(db: Database, path: Path) -> None:
+    await five(db)
+    tamper(
+        path,
+        f"CREATE TEMP TABLE keep AS SELECT id, {COLUMNS} FROM audit WHERE id IN (2, 3)",
+        "UPDATE audit SET " + ", ".join(f"{c} = (SELECT {c} FROM keep WHERE keep.id = 5 - audit.id)"
+                                        for c in COLUMNS.split(", ")) + " WHERE id IN (2, 3)",
+    )
+    swapped = await db.read(lambda tx: [r.args for r in tx.iter_audit()])
+    assert json.loads(swapped[1])["purpose"] == "call 3"  # the swap really happened
+    result = await db.read(check)
+    assert (result.ok, result.bad_id) == (False, 2)
+
+
+async def test_verify_reports_progress_every_ten_thousand_events(db: Database) -> None:
+    seen: list[int] = []
+
+    def many(tx: Tx) -> None:
+        for n in range(20_001):
+            audit.append(tx, event(n % 60))
+
+    await db.write(many)
+
+    def check_with_progress(tx: Tx) -> audit.VerifyResult:
+        head = tx.get_meta(audit.HEAD_KEY)
+        return audit.verify(tx.iter_audit(), head.decode() if isinstance(head, bytes) else head, seen.append)
+
+    result = await db.read(check_with_progress)
+    assert result.ok and result.checked == 20_001
+    assert seen == [10_000, 20_000]
+
+
+# ---- what an event holds -------------------------------------------------------------------------------
+
+async def test_token_id_is_an_hmac_under_the_databases_own_key(tmp_path: Path, db: Database, path: Path) -> None:
+    token = "gho_live_token_abc123"
+    mine = audit.token_fingerprint(db.hmac_key, token)
+    assert mine == hmac.new(db.hmac_key, token.encode(), hashlib.sha256).digest()
+    assert mine != hashlib.sha256(token.encode()).digest()
+    assert audit.token_fingerprint(db.hmac_key, token + "x") != mine
+    other = await Database.open(tmp_path / "other.db")
+    try:
+        assert other.hmac_key != db.hmac_key
+        assert audit.token_fingerprint(other.hmac_key, token) != mine
+    finally:
+        await other.close()
+    await append(db, event(1, token_id=mine))
+    await db.close()
+    again = await Database.open(path)
+    try:
+        assert audit.token_fingerprint(again.hmac_key, token) == mine  # stable: the key lives in the database
+    finally:
+        await again.close()
+    stored = b"".join(f.read_bytes() for f in path.parent.iterdir() if f.name.startswith(path.name))
+    assert mine in stored
+    assert token.encode() not in stored
+
+
+def test_redact_keeps_known_fields_and_purpose_and_hides_the_rest() -> None:
+    clean = audit.redact(
+        {
+            "connection": "github",
+            "scopes": ["repo:read", "repo:write"],
+            "purpose": "list open issues",
+            "units": 3,
+            "include_closed": False,
+            "cursor": None,
+            "login_hint": "alice@example.com",
+            "access_token": "gho_secret",
+            "client_secret": "shh",
+        }
+    )
+    assert clean == {
+        "connection": "github",
+        "scopes": ["repo:read", "repo:write"],
+        "purpose": "list open issues",
+        "units": 3,
+        "include_closed": False,
+        "cursor": None,
+        "login_hint": audit.REDACTED,
+        "access_token": audit.REDACTED,
+        "client_secret": audit.REDACTED,
+    }
+
+
+def test_redact_cuts_long_strings_and_hides_nested_objects() -> None:
+    clean = audit.redact(
+        {
+            "purpose": "p" * 5_000,
+            "scopes": ["s" * 600, {"token": "x"}] + ["a"] * 50,
+            "connection": {"nested": "secret"},
+            "k" * 100: "v",
+        }
+    )
+    assert clean["purpose"] == "p" * audit.MAX_TEXT + "…"
+    assert clean["scopes"][0] == "s" * audit.MAX_TEXT + "…"
+    assert clean["scopes"][1] == audit.REDACTED
+    assert len(clean["scopes"]) == 32
+    assert clean["connection"] == audit.REDACTED
+    assert "secret" not in json.dumps(clean)
+    assert all(len(key) <= 65 for key in clean)
+
+
+async def test_stored_args_are_the_redacted_ones(db: Database) -> None:
+    await append(db, event(1, args={"purpose": "why", "login_hint": "bob@example.com"}))
+    (record,) = await db.read(lambda tx: list(tx.iter_audit()))
+    assert json.loads(record.args) == {"purpose": "why", "login_hint": audit.REDACTED}
+    assert "bob@example.com" not in json.dumps(audit.export_line(record))
+
+
+async def test_export_line_has_exactly_the_documented_keys(db: Database) -> None:
+    await append(db, event(1, token_id=b"\xab" * 32))
+    (record,) = await db.read(lambda tx: list(tx.iter_audit()))
+    line = audit.export_line(record)
+    assert list(line) == ["id", "ts", "account", "agent", "tool", "transport", "scope", "outcome", "code", "args",
+                          "token_id", "latency_ms", "prev_hash", "hash"]
+    assert line["token_id"] == "ab" * 32
+    assert line["prev_hash"] == "00" * 32
+    assert line["args"] == {"limit": 1, "purpose": "call 1"}
+
+
+# ---- fail closed ---------------------------------------------------------------------------------------
+
+def break_audit_table(path: Path) -> None:
+    tamper(path, "CREATE TRIGGER t BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+
+
+async def test_append_raises_audit_unavailable_when_the_row_cannot_be_written(db: Database, path: Path) -> None:
+    await append(db, event(1))
+    break_audit_table(path)
+    with pytest.raises(AuditUnavailable):
+        await append(db, event(2))
+    assert (await db.read(check)).ok  # nothing half-written: head and rows still agree
+
+
+def transfers(path: Path) -> int:
+    side = sqlite3.connect(path)
+    try:
+        return int(side.execute("SELECT count(*) FROM transfers").fetchone()[0])
+    finally:
+        side.close()
+
+
+async def test_a_job_whose_event_cannot_be_written_leaves_no_transfer(db: Database, path: Path) -> None:
+    break_audit_table(path)
+
+    def credit_and_record(tx: Tx) -> int:
+        ledger.credit(tx, "auth0|alice", 500, NOW)
+        return audit.append(tx, event(1, tool="wallet_credit", args={"account": "auth0|alice", "amount": 500}))
+
+    with pytest.raises(AuditUnavailable):
+        await db.write(credit_and_record)
+    assert transfers(path) == 0
+    assert await db.read(lambda tx: tx.balance("auth0|alice")) is None
+
+
+async def test_an_operator_credit_fails_closed_when_the_audit_log_is_down(db: Database, path: Path) -> None:
+    broker = Broker(db)
+    assert await broker.credit("auth0|alice", 100) == 100
+    break_audit_table(path)
+    with pytest.raises(AuditUnavailable):
+        await broker.credit("auth0|alice", 500)
+    assert transfers(path) == 1
+    assert await db.read(lambda tx: tx.balance("auth0|alice")) == 100

@@ -1,0 +1,377 @@
+"""The real `python -m server` command: exit codes, tables and JSON, and the audit tools (SPEC §7)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+
+from server import audit
+from server.audit import Event
+from server.broker import Broker
+from server.clock import rfc3339
+from server.store import Database
+
+EXPORT_KEYS = ["id", "ts", "account", "agent", "tool", "transport", "scope", "outcome", "code", "args", "token_id",
+               "latency_ms", "prev_hash", "hash"]
+RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+
+
+@dataclass(frozen=True)
+class Done:
+    code: int
+    out: str
+    err: str
+    raw: bytes
+
+
+def environment(tmp_path: Path, extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTH0_", "TVM_"))}
+    env["TVM_DATABASE"] = str(tmp_path / "vault.db")
+    env.update(extra)
+    return env
+
+
+def start(tmp_path: Path, args: Sequence[str], env: dict[str, str] | None, stdin: bool) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "server", *args],
+        cwd=tmp_path,  # no stray .env is read
+        env=environment(tmp_path, env or {}),
+        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def finish(proc: subprocess.Popen[bytes], stdin: str | None = None) -> Done:
+    out, err = proc.communicate(None if stdin is None else stdin.encode(), timeout=60)
+    return Done(proc.returncode, out.decode(), err.decode(), out)
+
+
+def run(tmp_path: Path, *args: str, env: dict[str, str] | None = None, stdin: str | None = None) -> Done:
+    return finish(start(tmp_path, args, env, stdin is not None), stdin)
+
+
+def run_all(tmp_path: Path, *commands: Sequence[str]) -> list[Done]:
+    """Run read-only commands side by side (each process costs about half a second to start)."""
+    procs = [start(tmp_path, command, None, False) for command in commands]
+    return [finish(p) for p in procs]
+
+
+def table(text: str, columns: Sequence[str]) -> list[list[str]]:
+    """Cut an aligned table into cells by the header's column positions."""
+    header, *rows = text.rstrip("\n").split("\n")
+    starts, at = [], 0
+    for name in columns:
+        at = header.index(name, at)
+        starts.append(at)
+        at += len(name)
+    ends = [*starts[1:], None]
+    cells = [[row[a:b].strip() for a, b in zip(starts, ends, strict=True)] for row in rows]
+    for row in rows:  # a column begins right after a gap, so values line up under their header
+        assert all(s == 0 or row[s - 2 : s] in ("  ", "") for s in starts), (header, row)
+    return cells
+
+
+def seed(db_path: Path, *events: Event, credit: tuple[str, int] | None = None) -> bytes:
+    """Write events (and an operator credit) through the Python API; return the database's HMAC key."""
+
+    async def go() -> bytes:
+        db = await Database.open(db_path)
+        try:
+            if credit is not None:
+                await Broker(db).credit(*credit)
+            for ev in events:
+                await db.write(partial(audit.append, event=ev))
+            return db.hmac_key
+        finally:
+            await db.close()
+
+    return asyncio.run(go())
+
+
+def at(minute: int) -> str:
+    return rfc3339(datetime(2026, 12, 1, 12, minute, tzinfo=UTC))
+
+
+def tool_event(minute: int, **fields: object) -> Event:
+    base: dict[str, object] = {"ts": at(minute), "transport": "stdio", "outcome": "ok", "account": "auth0|alice",
+                               "agent": "claude", "tool": "request_token", "scope": "request:token"}
+    base.update(fields)
+    return Event(**base)  # type: ignore[arg-type]
+
+
+# ---- market ---------------------------------------------------------------------------------------
+
+MARKET_FILE = """
+[[listing]]
+id = "flat"
+title = "Flat price"
+connection = "github"
+scopes = ["repo:read"]
+supply = 10
+start_price = 50
+floor_price = 50
+opens_at = 2000-01-01T00:00:00Z
+closes_at = 2100-01-01T00:00:00Z
+
+[[listing]]
+id = "decaying"
+title = "Decaying price"
+connection = "stripe"
+scopes = ["read_only", "charges:write"]
+supply = 5
+start_price = 100
+floor_price = 20
+opens_at = 2000-01-01T00:00:00Z
+closes_at = 2100-01-01T00:00:00Z
+
+[[listing]]
+id = "closed"
+title = "Already closed"
+connection = "github"
+scopes = ["repo:write"]
+supply = 3
+start_price = 30
+floor_price = 10
+opens_at = 2000-01-01T00:00:00Z
+closes_at = 2001-01-01T00:00:00Z
+
+[[listing]]
+id = "upcoming"
+title = "Not open yet"
+connection = "google-oauth2"
+scopes = ["calendar"]
+supply = 7
+start_price = 70
+floor_price = 7
+opens_at = 2099-01-01T00:00:00+02:00
+closes_at = 2100-01-01T00:00:00Z
+"""
+
+
+def test_market_load_then_list_as_a_table_and_as_json(tmp_path: Path) -> None:
+    (tmp_path / "market.toml").write_text(MARKET_FILE, encoding="utf-8")
+    loaded = run(tmp_path, "market", "load", "market.toml")
+    assert (loaded.code, loaded.err) == (0, "")
+    assert "loaded 4 listing(s)" in loaded.out
+
+    shown, as_json = run_all(tmp_path, ["market", "list"], ["market", "list", "--json"])
+    assert shown.code == 0
+    rows = table(shown.out, ["id", "connection", "scopes", "price", "start", "floor", "remaining", "status", "closes"])
+    by_id = {row[0]: row for row in rows}
+    assert list(by_id) == ["closed", "decaying", "flat", "upcoming"]
+    assert by_id["flat"][1:8] == ["github", "repo:read", "50", "50", "50", "10", "open"]
+    assert by_id["decaying"][2] == "charges:write read_only"
+    assert 20 <= int(by_id["decaying"][3]) <= 100
+    assert by_id["closed"][3:8] == ["10", "30", "10", "3", "closed"]
+    assert by_id["upcoming"][3:8] == ["70", "70", "7", "7", "upcoming"]
+    assert by_id["closed"][8] == "2001-01-01T00:00:00"
+
+    assert as_json.code == 0
+    items = {item["listing_id"]: item for item in map(json.loads, as_json.out.splitlines())}
+    assert list(items) == ["closed", "decaying", "flat", "upcoming"]
+    assert items["flat"] == {
+        "listing_id": "flat", "title": "Flat price", "connection": "github", "scopes": ["repo:read"],
+        "unit_price": 50, "start_price": 50, "floor_price": 50, "opens_at": "2000-01-01T00:00:00.000000Z",
+        "closes_at": "2100-01-01T00:00:00.000000Z", "supply": 10, "supply_remaining": 10, "status": "open",
+    }
+    assert items["upcoming"]["opens_at"] == "2098-12-31T22:00:00.000000Z"
+    assert (items["closed"]["unit_price"], items["closed"]["status"]) == (10, "closed")
+
+
+def test_market_load_of_an_invalid_file_exits_2_naming_the_listing_and_field(tmp_path: Path) -> None:
+    bad = MARKET_FILE.replace("floor_price = 10\n", "floor_price = 31\n")
+    (tmp_path / "market.toml").write_text(bad, encoding="utf-8")
+    done = run(tmp_path, "market", "load", "market.toml")
+    assert done.code == 2
+    (line,) = done.err.strip().splitlines()
+    assert "listing closed" in line and "floor_price" in line
+    assert done.out == ""
+
+
+# ---- wallet ---------------------------------------------------------------------------------------
+
+def test_wallet_credit_shows_the_balance_and_writes_an_audit_event(tmp_path: Path) -> None:
+    credited = run(tmp_path, "wallet", "credit", "auth0|alice", "500")
+    assert credited.code == 0, credited.err
+    assert "balance 500" in credited.out
+
+    shown, as_json, exported, nobody = run_all(
+        tmp_path,
+        ["wallet", "show", "auth0|alice"],
+        ["wallet", "show", "auth0|alice", "--json"],
+        ["audit", "export"],
+        ["wallet", "show", "nobody"],
+    )
+    assert shown.code == 0
+    assert "auth0|alice: balance 500 credits" in shown.out
+    assert as_json.code == 0
+    assert json.loads(as_json.out) == {"account": "auth0|alice", "balance": 500, "holdings": []}
+
+    assert exported.code == 0
+    (line,) = exported.out.splitlines()
+    ev = json.loads(line)
+    assert list(ev) == EXPORT_KEYS
+    assert RFC3339_UTC.match(ev["ts"])
+    assert (ev["id"], ev["account"], ev["agent"], ev["tool"], ev["transport"]) == (
+        1, "auth0|alice", "operator", "wallet_credit", "cli"
+    )
+    assert (ev["outcome"], ev["code"], ev["token_id"]) == ("ok", None, None)
+    assert ev["args"] == {"account": "auth0|alice", "amount": 500}
+    assert ev["prev_hash"] == "00" * 32
+    assert re.fullmatch(r"[0-9a-f]{64}", ev["hash"])
+
+    assert nobody.code == 1
+    assert nobody.out == ""
+    assert "nobody" in nobody.err
+
+
+def test_wallet_credit_of_anything_but_a_sane_positive_whole_number_is_bad_usage(tmp_path: Path) -> None:
+    amounts = ["-5", "abc", "0", "10000000000001"]
+    for amount, done in zip(amounts, run_all(tmp_path, *(["wallet", "credit", "auth0|alice", a] for a in amounts)),
+                            strict=True):
+        assert done.code == 2, amount
+        assert "amount" in done.err, amount
+        assert "Traceback" not in done.err, amount
+    assert not (tmp_path / "vault.db").exists()
+
+
+def test_reading_commands_refuse_a_missing_database_instead_of_creating_an_empty_one(tmp_path: Path) -> None:
+    commands = [["audit", "verify"], ["audit", "list"], ["wallet", "show", "auth0|alice"], ["market", "list"]]
+    for command, done in zip(commands, run_all(tmp_path, *commands), strict=True):
+        assert done.code == 2, command
+        (line,) = done.err.strip().splitlines()
+        assert "TVM_DATABASE" in line and "vault.db" in line
+        assert done.out == ""
+    assert not (tmp_path / "vault.db").exists()
+
+
+# ---- audit verify -----------------------------------------------------------------------------------
+
+def test_audit_verify_passes_then_names_the_edited_event(tmp_path: Path) -> None:
+    db_path = tmp_path / "vault.db"
+    seed(db_path, tool_event(1), tool_event(2), tool_event(3), credit=("auth0|alice", 250))
+    verified, with_ledger = run_all(tmp_path, ["audit", "verify"], ["audit", "verify", "--ledger"])
+    assert (verified.code, verified.out.strip()) == (0, "audit chain OK: 4 events")
+    assert with_ledger.code == 0, with_ledger.out
+    assert "ledger invariants OK" in with_ledger.out
+
+    with sqlite3.connect(db_path) as side:
+        side.execute("UPDATE audit SET args = '{\"purpose\":\"innocent\"}' WHERE id = 3")
+    broken = run(tmp_path, "audit", "verify")
+    assert broken.code == 1
+    assert "BROKEN at event 3" in broken.out
+
+
+# ---- audit list ------------------------------------------------------------------------------------
+
+LIST_COLUMNS = ["time", "account", "agent", "tool", "outcome", "code", "purpose / arguments"]
+
+
+def test_audit_list_filters_by_account_tool_outcome_agent_and_time(tmp_path: Path) -> None:
+    seed(
+        tmp_path / "vault.db",
+        tool_event(1, tool="buy_quota", scope="buy:quota", args={"listing_id": "flat", "units": 2}),
+        tool_event(2, account="auth0|bob", agent="cursor", outcome="denied", code="no_quota",
+                   args={"connection": "github", "scopes": ["repo:read"], "purpose": "deploy"}),
+        tool_event(3, args={"connection": "github", "scopes": ["repo:read"], "purpose": "read issues"}),
+        tool_event(4, account=None, agent=None, tool=None, scope=None, transport="http", outcome="denied",
+                   code="unauthenticated"),
+    )
+    alice, tool, denied, window = run_all(
+        tmp_path,
+        ["audit", "list", "--account", "auth0|alice"],
+        ["audit", "list", "--tool", "request_token"],
+        ["audit", "list", "--outcome", "denied", "--json"],
+        ["audit", "list", "--agent", "claude", "--since", at(2), "--until", at(3), "--json"],
+    )
+    assert all(d.code == 0 for d in (alice, tool, denied, window))
+    assert table(alice.out, LIST_COLUMNS) == [
+        ["2026-12-01T12:01:00Z", "auth0|alice", "claude", "buy_quota", "ok", "", "listing_id=flat units=2"],
+        ["2026-12-01T12:03:00Z", "auth0|alice", "claude", "request_token", "ok", "", "github [repo:read] read issues"],
+    ]
+    assert [(row[1], row[4], row[5], row[6]) for row in table(tool.out, LIST_COLUMNS)] == [
+        ("auth0|bob", "denied", "no_quota", "github [repo:read] deploy"),
+        ("auth0|alice", "ok", "", "github [repo:read] read issues"),
+    ]
+    lines = [json.loads(line) for line in denied.out.splitlines()]
+    assert [(ev["id"], ev["code"]) for ev in lines] == [(2, "no_quota"), (4, "unauthenticated")]
+    assert all(list(ev) == EXPORT_KEYS for ev in lines)
+    assert [ev["id"] for ev in map(json.loads, window.out.splitlines())] == [3]
+
+
+def test_audit_list_escapes_control_characters_an_agent_supplied(tmp_path: Path) -> None:
+    seed(
+        tmp_path / "vault.db",
+        tool_event(1, account="auth0|mallory\x9b2J", agent="agent\u202eevil",
+                   args={"connection": "github", "scopes": ["repo:read\r"], "purpose": "\x1b[31mEVIL\x07"}),
+    )
+    shown, as_json = run_all(tmp_path, ["audit", "list"], ["audit", "list", "--json"])
+    assert shown.code == 0 and as_json.code == 0
+    for raw in (shown.raw, as_json.raw):
+        for forbidden in ("\x1b", "\x07", "\x9b", "\u202e", "\r"):
+            assert forbidden.encode() not in raw, forbidden
+    assert "\\x1b[31mEVIL\\x07" in shown.out
+    assert "auth0|mallory\\x9b2J" in shown.out
+    assert "agent\\u202eevil" in shown.out
+    assert json.loads(as_json.out)["args"]["purpose"] == "\x1b[31mEVIL\x07"  # kept exactly, only escaped
+
+
+# ---- audit lookup ----------------------------------------------------------------------------------
+
+def test_audit_lookup_finds_a_tokens_events_without_printing_the_token(tmp_path: Path) -> None:
+    db_path = tmp_path / "vault.db"
+    key = seed(db_path)
+    canary = audit.token_fingerprint(key, "tok_canary")
+    seed(
+        db_path,
+        tool_event(1, token_id=canary, args={"purpose": "first use"}),
+        tool_event(2, token_id=audit.token_fingerprint(key, "tok_other"), args={"purpose": "someone else"}),
+        tool_event(3, token_id=canary, account="auth0|bob", args={"purpose": "second use"}),
+    )
+    procs = [
+        start(tmp_path, ["audit", "lookup", "--token-stdin"], None, True),
+        start(tmp_path, ["audit", "lookup", "--token-stdin"], None, True),
+        start(tmp_path, ["audit", "lookup", "--token-stdin", "--json"], None, True),
+    ]
+    unknown, known, as_json = (finish(p, token) for p, token in zip(
+        procs, ["tok_unknown\n", "tok_canary\n", "tok_canary\n"], strict=True
+    ))
+    assert unknown.code == 1
+    assert "no events" in unknown.out
+
+    assert known.code == 0, known.err
+    assert canary.hex() in known.out
+    rows = table(known.out.split("\n", 1)[1], ["id", "time", "account", "agent", "tool", "outcome",
+                                                "purpose / arguments"])
+    assert [(row[0], row[2], row[6]) for row in rows] == [
+        ("1", "auth0|alice", "[] first use"), ("3", "auth0|bob", "[] second use"),
+    ]
+    assert as_json.code == 0
+    assert [ev["id"] for ev in map(json.loads, as_json.out.splitlines())] == [1, 3]
+    for done in (unknown, known, as_json):
+        assert "tok_canary" not in done.out + done.err
+        assert "tok_unknown" not in done.out + done.err
+
+
+# ---- configuration ---------------------------------------------------------------------------------
+
+def test_a_bad_configuration_value_exits_2_with_one_line_naming_it(tmp_path: Path) -> None:
+    bad = [("TVM_LOG_LEVEL", "LOUD"), ("AUTH0_DOMAIN", "http://example.com"), ("AUTH0_DOMAIN", "example.com/path")]
+    procs = [start(tmp_path, ["wallet", "show", "auth0|alice"], {name: value}, False) for name, value in bad]
+    for (name, value), done in zip(bad, map(finish, procs), strict=True):
+        assert done.code == 2, value
+        (line,) = done.err.strip().splitlines()
+        assert name in line
+        assert done.out == ""
+    assert not (tmp_path / "vault.db").exists()
