@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from server import audit, ledger, market
 from server.audit import Event
 from server.clock import Clock, SystemClock, rfc3339
-from server.errors import AuditUnavailable, BrokerError, InternalError, Unauthenticated
+from server.errors import AuditUnavailable, BrokerError, InternalError, Unauthenticated, describe_failure
 from server.models import Holding, Receipt
 from server.principal import Principal
 from server.store import Database, StoreUnavailable, Tx
@@ -144,8 +144,8 @@ class Broker:
             raise AuditUnavailable("the audit log could not be written, so nothing was done; try again") from None
         except BrokerError:
             raise
-        except Exception:
-            log.exception("unexpected failure in %s", call.tool)
+        except Exception as exc:
+            log.error("unexpected failure in %s: %s", call.tool, describe_failure(exc))
             await self.record(call, principal, InternalError())
             raise InternalError() from None
         if isinstance(outcome, _Failed):

@@ -11,15 +11,14 @@ from datetime import datetime
 from typing import Any
 
 from server import audit, market
-from server.broker import Broker
 from server.clock import SystemClock, parse_rfc3339, rfc3339
 from server.config import Config, configure_logging, is_loopback_host, load_config
 from server.errors import BrokerError, ConfigError
+from server.ledger import MAX_CREDIT
 from server.store import AuditFilter, Database, Tx
 from server.textsafe import escape_controls
 
 OK, NO, USAGE = 0, 1, 2
-MAX_CREDIT = 10**12  # per credit: balances stay far inside SQLite's 64-bit integers
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -383,6 +382,8 @@ def _audit_lookup(config: Config, args: argparse.Namespace) -> int:
 
 def _wallet_credit(config: Config, args: argparse.Namespace) -> int:
     async def work(db: Database) -> int:
+        from server.broker import Broker  # imported here: the other commands start faster without it
+
         broker = Broker(db)  # crediting never calls Auth0
         balance = await broker.credit(args.account, args.amount)
         print(f"credited {args.amount} to {escape_controls(args.account)}; balance {balance}")

@@ -135,3 +135,13 @@ class InternalError(BrokerError):
 
 class ConfigError(Exception):
     """A configuration value is wrong; the message names the variable."""
+
+
+def describe_failure(exc: BaseException) -> str:
+    """`Type at file:line` of where an unexpected exception was raised: enough to find the bug,
+    with no message, argument or traceback that could carry a token or an agent's data."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f" at {tb.tb_frame.f_code.co_filename.rsplit('/', 2)[-1]}:{tb.tb_lineno}" if tb is not None else ""
+    return f"{type(exc).__name__}{where}"

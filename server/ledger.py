@@ -30,6 +30,8 @@ from server.store import Tx
 
 MARKET = "market"
 MINT = "mint"
+MAX_CREDIT = 10**12  # per credit; keeps every balance far inside SQLite's 64-bit integers
+MAX_BALANCE = 10**15
 
 
 def wallet_balance(tx: Tx, account: str) -> int:
@@ -38,11 +40,13 @@ def wallet_balance(tx: Tx, account: str) -> int:
 
 def credit(tx: Tx, account: str, amount: int, now: datetime, reason: str = "operator credit") -> int:
     """Mint `amount` credits into `account`'s wallet; return the new balance."""
-    if amount <= 0:
-        raise InvalidArgument("the amount must be a positive whole number of credits")
+    if amount <= 0 or amount > MAX_CREDIT:
+        raise InvalidArgument(f"the amount must be a whole number of credits from 1 to {MAX_CREDIT:,}")
     if tx.account_kind(account) not in (None, "wallet"):
         raise InvalidArgument(f"{account} is a system account, not a wallet")
     tx.ensure_wallet(account)
+    if wallet_balance(tx, account) + amount > MAX_BALANCE:
+        raise InvalidArgument(f"a wallet may hold at most {MAX_BALANCE:,} credits")
     tx.transfer(MINT, account, amount, reason, None, rfc3339(now))
     return wallet_balance(tx, account)
 

@@ -18,7 +18,7 @@ from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from server.broker import Broker, Call
-from server.errors import BrokerError, InternalError, InvalidArgument
+from server.errors import BrokerError, InternalError, InvalidArgument, describe_failure
 from server.principal import Principal, require_scope
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,8 @@ class ToolSpec(Generic[In, Out]):
             return await self.run(Invocation(broker, principal, call), params)
         except BrokerError as error:
             return error_result(error)
-        except Exception:
-            log.exception("tool %s failed unexpectedly", self.name)
+        except Exception as exc:
+            log.error("tool %s failed unexpectedly: %s", self.name, describe_failure(exc))
             return error_result(InternalError())
 
     def to_mcp(self, broker: Broker, principals: PrincipalSource, transport: str) -> Tool:

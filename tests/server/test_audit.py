@@ -342,3 +342,4 @@ async def test_an_operator_credit_fails_closed_when_the_audit_log_is_down(db: Da
         await broker.credit("auth0|alice", 500)
     assert transfers(path) == 1
     assert await db.read(lambda tx: tx.balance("auth0|alice")) == 100
+

@@ -92,7 +92,7 @@ async def test_a_refused_login_is_unauthenticated_for_every_tool(tmp_path: Path)
 
 
 async def test_unexpected_failure_is_internal_without_details(
-    client: Client, runtime: Any, monkeypatch: pytest.MonkeyPatch
+    client: Client, runtime: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def explode(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("secret-detail-do-not-leak /etc/passwd")
@@ -101,6 +101,9 @@ async def test_unexpected_failure_is_internal_without_details(
     text = await refused(client, "check_balance", {})
     assert text.startswith("[internal] ")
     assert "secret-detail" not in text and "Traceback" not in text
+    logged = [r for r in caplog.records if "unexpectedly" in r.getMessage()]
+    assert logged and "RuntimeError at test_registry.py:" in logged[0].getMessage()
+    assert all(r.exc_info is None and "secret-detail" not in r.getMessage() for r in caplog.records)
 
 
 async def test_every_call_is_chained_into_the_audit_log(client: Client, runtime: Any) -> None:
