@@ -6,6 +6,7 @@ Used for the stdio identity and, wrapped as the SDK's `TokenVerifier`, for remot
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import time
@@ -22,6 +23,10 @@ log = logging.getLogger(__name__)
 
 LEEWAY = 60
 JWKS_REFRESH_INTERVAL = 30.0  # an unknown kid refetches the JWKS at most this often
+# A token whose signature verified is remembered this long (by its SHA-256, never the token itself), so
+# an agent's every request does not pay the RSA check again; its claims are still checked every time.
+VERIFIED_FOR = 300.0
+VERIFIED_MAX = 4096
 
 
 class InvalidToken(Exception):
@@ -49,9 +54,26 @@ class JwtVerifier:
         self._leeway = leeway
         self._keys: KeySet | None = None
         self._last_refresh = float("-inf")  # the last refetch an unknown kid caused
+        self._verified: dict[bytes, tuple[float, dict[str, Any]]] = {}  # sha256(token) → (verified at, claims)
 
     async def verify(self, token: str) -> dict[str, Any]:
         """Return the verified claims. Raises InvalidToken."""
+        digest = hashlib.sha256(token.encode()).digest()
+        known = self._verified.get(digest)
+        if known is not None and self._clock() - known[0] < VERIFIED_FOR:
+            claims = known[1]
+            try:
+                self._check_claims(claims)  # expiry moves on; the signature does not
+            except InvalidToken as exc:
+                raise InvalidToken(str(exc), claims) from None
+            return dict(claims)
+        claims = await self._verify_signed(token)
+        if len(self._verified) >= VERIFIED_MAX:
+            self._verified.clear()
+        self._verified[digest] = (self._clock(), claims)
+        return dict(claims)
+
+    async def _verify_signed(self, token: str) -> dict[str, Any]:
         header = _header(token)
         if header.get("alg") != "RS256":
             raise InvalidToken(f"signing algorithm {header.get('alg')!r} is not accepted (RS256 only)")

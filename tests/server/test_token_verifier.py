@@ -104,3 +104,34 @@ async def test_unknown_kids_refetch_at_most_once_per_interval(
     with pytest.raises(InvalidToken):
         await verifier.verify(state.mint_access_token("auth0|u1", audience=AUDIENCE, scopes=[], kid="nope-x"))
     assert jwks_fetches() == 3
+
+
+async def test_a_verified_token_is_not_checked_again_but_still_expires(
+    state: EmulatorState, auth0: Auth0Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [time.time()]
+    verifier = JwtVerifier(auth0, AUDIENCE, clock=lambda: clock[0])
+    token = state.mint_access_token(
+        "auth0|u1", audience=AUDIENCE, scopes=["read:market"], extra_claims={"exp": int(clock[0]) + 100}
+    )
+    assert (await verifier.verify(token))["sub"] == "auth0|u1"
+
+    def no_second_rsa_check(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the signature was checked again")
+
+    monkeypatch.setattr("server.token_verifier.jwt.decode", no_second_rsa_check)
+    assert (await verifier.verify(token))["sub"] == "auth0|u1"
+    clock[0] += 100 + 61
+    with pytest.raises(InvalidToken, match="expired") as refused:
+        await verifier.verify(token)
+    assert refused.value.claims is not None and refused.value.claims["sub"] == "auth0|u1"
+
+
+async def test_a_forged_copy_of_a_verified_token_is_still_refused(state: EmulatorState, auth0: Auth0Client) -> None:
+    verifier = JwtVerifier(auth0, AUDIENCE)
+    token = state.mint_access_token("auth0|u1", audience=AUDIENCE, scopes=["read:market"])
+    await verifier.verify(token)
+    head, body, signature = token.split(".")
+    forged = ".".join([head, body, ("A" if signature[0] != "A" else "B") + signature[1:]])
+    with pytest.raises(InvalidToken, match="signature"):
+        await verifier.verify(forged)
