@@ -1,6 +1,6 @@
 """`python -m bench`: run every benchmark and write `docs/benchmarks.md`.
 
-    python -m bench                 # the full run (about 15 minutes on 2 cores)
+    python -m bench                 # the full run (about 10 minutes on 2 cores)
     python -m bench --smoke         # tiny sizes, seconds: keeps the bench working (CI)
     python -m bench --only latency,coldstart --transports stdio --out /tmp/b.md
 """
@@ -21,7 +21,7 @@ from bench.procs import ROOT, child_env, floor_cmd, product_cmd, product_env, st
 
 PHASES = ("latency", "throughput", "coldstart", "growth")
 FULL = {
-    "calls": 1000, "batch": 50, "warmup": 30, "levels": "1,8,32,64", "seconds": 3.0, "rounds": 4,
+    "calls": 600, "batch": 5, "warmup": 30, "levels": "1,8,32,64", "seconds": 3.0, "rounds": 3,
     "coldstarts": 10, "events": "10000,1000000", "repeat": 300,
 }
 SMOKE = {

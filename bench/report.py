@@ -111,7 +111,8 @@ def render(results: Results, notes: str) -> str:
         "built on the product's own pydantic input and output models, that returns the product's real "
         "answer (captured once at the start of the run) with nothing behind it: what the SDK alone costs "
         "for that exact answer on that transport. Over HTTP and SSE the floor has no authentication (the "
-        "SDK's floor); the product verifies a bearer JWT (RS256) on every request. The product runs "
+        "SDK's floor); the product checks a bearer JWT on every request (its RS256 signature once per token, "
+        "remembered 5 minutes; its claims every time). The product runs "
         "`token-vault-mcp serve` in demo mode (the Auth0 emulator in process), durable as always (WAL, "
         "`synchronous=FULL`), every call audited. Servers and the measuring client are separate processes.",
         "",
