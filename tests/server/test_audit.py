@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from server import audit, ledger
 from server.audit import Event
@@ -343,3 +345,26 @@ async def test_an_operator_credit_fails_closed_when_the_audit_log_is_down(db: Da
     assert transfers(path) == 1
     assert await db.read(lambda tx: tx.balance("auth0|alice")) == 100
 
+
+
+_TEXT = st.one_of(st.none(), st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    id_=st.one_of(st.integers(min_value=-(10**20), max_value=10**20), st.booleans()),
+    texts=st.lists(_TEXT, min_size=9, max_size=9),
+    token_id=st.one_of(st.none(), st.binary(min_size=32, max_size=32)),
+    latency=st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True), st.integers(0, 10**6)),
+)
+def test_the_fast_event_encoding_is_byte_for_byte_the_canonical_json(
+    id_: int, texts: list[str | None], token_id: bytes | None, latency: float | None
+) -> None:
+    ts, account, agent, tool, transport, scope, outcome, code, args = texts
+    fields = (id_, ts, account, agent, tool, transport, scope, outcome, code, args, token_id, latency)
+    expected = audit.canonical(
+        {"id": id_, "ts": ts, "account": account, "agent": agent, "tool": tool, "transport": transport,
+         "scope": scope, "outcome": outcome, "code": code, "args": args,
+         "token_id": None if token_id is None else token_id.hex(), "latency_ms": latency}
+    )
+    assert audit._hash_input(*fields) == expected  # type: ignore[arg-type]
