@@ -226,17 +226,28 @@ def append(tx: Tx, event: Event) -> int:
     return new_id
 
 
+def recorded_head(tx: Tx) -> str | None:
+    """The stored `id:hash` of the newest event, as text (None before the first event)."""
+    recorded = tx.get_meta(HEAD_KEY)
+    return recorded.decode() if isinstance(recorded, bytes) else recorded
+
+
+def verify_log(tx: Tx, progress: Callable[[int], None] | None = None) -> VerifyResult:
+    """Verify the whole stored chain against its recorded head."""
+    return verify(tx.iter_audit(), recorded_head(tx), progress)
+
+
 def _chain_head(tx: Tx) -> tuple[int, bytes]:
     """Where the next event chains on: the recorded head, not merely the newest row left.
 
     Chaining from the newest row would let one more call paper over deleted tail events.
     Raises ValueError when the recorded head is unreadable (the caller fails closed).
     """
-    recorded = tx.get_meta(HEAD_KEY)
+    recorded = recorded_head(tx)
     if recorded is None:
         newest = tx.audit_head()
         return newest if newest is not None else (0, GENESIS)
-    parsed = _parse_head(recorded.decode() if isinstance(recorded, bytes) else recorded)
+    parsed = _parse_head(recorded)
     if parsed is None:
         raise ValueError("the recorded audit head is unreadable")
     return parsed

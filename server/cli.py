@@ -304,9 +304,7 @@ def _audit_verify(config: Config, args: argparse.Namespace) -> int:
                 print(f"\rverified {n} events…", end="", file=sys.stderr, flush=True)
 
         def check(tx: Tx) -> audit.VerifyResult:
-            head = tx.get_meta(audit.HEAD_KEY)
-            head_text = head.decode() if isinstance(head, bytes) else head
-            return audit.verify(tx.iter_audit(), head_text, progress)
+            return audit.verify_log(tx, progress)
 
         result = await db.read(check)
         if show_progress:

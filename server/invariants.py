@@ -30,8 +30,7 @@ def check_invariants(tx: Tx) -> list[str]:
     ]
     problems += [f"an ok request_token event names reservation {rid}, which is not committed"
                  for rid in sorted(set(events) - committed)]
-    head = tx.get_meta(audit.HEAD_KEY)
-    result = audit.verify(tx.iter_audit(), head.decode() if isinstance(head, bytes) else head)
+    result = audit.verify_log(tx)
     if not result.ok:
         problems.append(f"audit chain broken at event {result.bad_id}: {result.reason}")
     return problems
