@@ -64,6 +64,11 @@ def account_name(n: int) -> str:
     return f"auth0|bench-user-{n:04d}"
 
 
+def agent_of(account: int) -> str:
+    """An agent as Auth0 names it: the 32-character client id of the agent's application (azp)."""
+    return f"bEnCh{account % 7:02d}" + "Kx9q2LmZ0vT4rW8yB1cN6dJ"[:25]
+
+
 def token_of(account: int, serial: int) -> str:
     return f"gho_bench_{account}_{serial}"
 
@@ -81,6 +86,7 @@ async def seed(path: Path, events: int) -> dict[str, Any]:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA synchronous = OFF")  # seeding only; the product's own connection is durable
     collector = _Collector()
+    names: dict[str, int] = {}
     chain: Any = collector
     transfers: list[tuple[Any, ...]] = []
     purchases: list[tuple[Any, ...]] = []
@@ -96,7 +102,7 @@ async def seed(path: Path, events: int) -> dict[str, Any]:
         audit.append(
             chain,
             Event(ts=clock.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), transport=transport, outcome="ok",
-                  account=account_name(n), agent=f"agent-{n % 7}", tool=tool, scope=scope, args=args,
+                  account=account_name(n), agent=agent_of(n), tool=tool, scope=scope, args=args,
                   token_id=token_id, latency_ms=1.234),
         )
 
@@ -133,7 +139,7 @@ async def seed(path: Path, events: int) -> dict[str, Any]:
             reservation_id = f"res_{serial:024x}"
             token = token_of(n, serial)
             looked_up = looked_up or token
-            reservations.append((reservation_id, n + 1, "committed", "seed:1:1", ts, ts))
+            reservations.append((reservation_id, n + 1, "committed", "", ts, ts))  # settled: owner cleared
             args = {"connection": "github", "scopes": ["repo:read"], "purpose": PURPOSE,
                     "reservation_id": reservation_id}
             emit(n, tool, "request:token", args, token_id=audit.token_fingerprint(key, token))
@@ -143,9 +149,9 @@ async def seed(path: Path, events: int) -> dict[str, Any]:
             emit(n, tool, "read:market", {"include_closed": False, "limit": 25})
         made += 1
         if len(collector.rows) >= 50_000:
-            _flush(conn, collector.rows)
+            _flush(conn, collector.rows, names)
             collector.rows = []
-    _flush(conn, collector.rows)
+    _flush(conn, collector.rows, names)
     conn.execute("BEGIN")
     conn.executemany(
         "INSERT INTO transfers(ts, debit, credit, amount, reason, reference) VALUES (?, ?, ?, ?, ?, ?)", transfers
@@ -178,15 +184,14 @@ async def seed(path: Path, events: int) -> dict[str, Any]:
     return {"events": made, "token": looked_up, "account": account_name(ACCOUNTS // 2)}
 
 
-def _flush(conn: sqlite3.Connection, rows: list[AuditRecord]) -> None:
+def _flush(conn: sqlite3.Connection, rows: list[AuditRecord], names: dict[str, int]) -> None:
+    """Store the chained rows as the product stores them (`Tx.insert_audit`), in one transaction."""
     conn.execute("BEGIN")
-    conn.executemany(
-        "INSERT INTO audit(id, ts, account, agent, tool, transport, scope, outcome, code, args, token_id, "
-        "latency_ms, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [(r.id, r.ts, r.account, r.agent, r.tool, r.transport, r.scope, r.outcome, r.code, r.args, r.token_id,
-          r.latency_ms, r.prev_hash, r.hash) for r in rows],
-    )
+    tx = Tx(conn, names)
+    for record in rows:
+        tx.insert_audit(record)
     conn.execute("COMMIT")
+    tx.names_committed()
 
 
 @dataclass(frozen=True)
@@ -246,12 +251,8 @@ async def measure(path: Path, seeded: dict[str, Any], repeat: int) -> tuple[floa
         lookup_s = await _timed(repeat, lookup)
         balance_s = await _timed(repeat, balance)
 
-        def check(tx: Tx) -> audit.VerifyResult:  # what `audit verify` runs
-            head = tx.get_meta(audit.HEAD_KEY)
-            return audit.verify(tx.iter_audit(), head.decode() if isinstance(head, bytes) else head)
-
         began = time.perf_counter()
-        result = await db.read(check)
+        result = await db.read(audit.verify_log)  # what `audit verify` runs
         verify_s = time.perf_counter() - began
         return list_s, lookup_s, balance_s, verify_s, result.checked, result.ok
     finally:

@@ -59,7 +59,8 @@ async def _load(clients: list[Client], key: str, seconds: float) -> tuple[int, i
 
 def ok_events(database: Path, tool: str) -> int:
     with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as conn:
-        return int(conn.execute("SELECT count(*) FROM audit WHERE tool = ? AND outcome = 'ok'", (tool,)).fetchone()[0])
+        query = "SELECT count(*) FROM audit_events WHERE tool = ? AND outcome = 'ok'"
+        return int(conn.execute(query, (tool,)).fetchone()[0])
 
 
 async def concurrent(

@@ -12,10 +12,10 @@ import hashlib
 import hmac
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring as _json_string  # the C encoder json.dumps uses
-from typing import Any
+from typing import Any, cast
 
 from server.errors import AuditUnavailable
 from server.models import AuditRecord
@@ -153,7 +153,8 @@ def _hash_input_fast(
         token = '"' + token_id.hex() + '"'
     else:
         raise _NotPlain
-    s, known = _json_string, _KNOWN_STRINGS  # _json_string raises TypeError for anything but a str
+    # _json_string raises TypeError for anything but a str
+    s, known = cast(Callable[[object], str], _json_string), _KNOWN_STRINGS
     try:
         return (
             f'{{"account":{known.get(account) or _known(account)},"agent":{known.get(agent) or _known(agent)},'
@@ -234,7 +235,7 @@ def recorded_head(tx: Tx) -> str | None:
 
 def verify_log(tx: Tx, progress: Callable[[int], None] | None = None) -> VerifyResult:
     """Verify the whole stored chain against its recorded head."""
-    return verify(tx.iter_audit(), recorded_head(tx), progress)
+    return verify(tx.iter_audit_rows(), tx.audit_names(), recorded_head(tx), progress)
 
 
 def _chain_head(tx: Tx) -> tuple[int, bytes]:
@@ -270,30 +271,48 @@ class VerifyResult:
 
 
 def verify(
-    records: Iterable[AuditRecord], head: str | None, progress: Callable[[int], None] | None = None
+    rows: Iterable[Sequence[Any]],
+    names: Mapping[int, str],
+    head: str | None,
+    progress: Callable[[int], None] | None = None,
 ) -> VerifyResult:
-    """Walk the chain; report the first event whose link, hash or position is wrong.
+    """Walk the chain; report the first event whose position, names or hash are wrong.
 
-    `head` is the stored `id:hash` of the newest event, which catches a cut-off tail.
+    `rows` are stored rows in id order (`Tx.iter_audit_rows`: names as ids into `names`); `head`
+    is the stored `id:hash` of the newest event, which catches a cut-off tail. Each event must hash,
+    from the previous event's hash, to its own: an edit, an insertion, a deletion or a reordering
+    breaks the chain at the first event it touches.
     """
     prev_id, prev_hash = 0, GENESIS
     checked = 0
-    sha256 = hashlib.sha256
-    for rec in records:
+    sha256, s = hashlib.sha256, _json_string
+    # each name's JSON, by id: events refer to a few names over and over
+    known: dict[Any, str] = {i: s(n) for i, n in names.items() if type(n) is str}
+    known[None] = "null"
+    for row in rows:
         # unpacked once: this loop runs for every event of the log
-        id_, ts, account, agent, tool, transport, scope, outcome, code, args, token_id, latency, linked, hash_ = rec
+        id_, ts, account, agent, tool, transport, scope, outcome, code, args, token_id, latency, hash_ = row
         if id_ != prev_id + 1:
             return VerifyResult(False, checked, id_, f"event {prev_id + 1} is missing (next is {id_})")
-        if linked != prev_hash:
-            return VerifyResult(False, checked, id_, "its prev_hash does not match the event before it")
         try:
-            body = _hash_input_fast(
-                id_, ts, account, agent, tool, transport, scope, outcome, code, args, token_id, latency
+            if latency is None:
+                lat = "null"
+            elif type(latency) is float and math.isfinite(latency):
+                lat = float.__repr__(latency)
+            else:
+                raise _NotPlain
+            body = (
+                f'{{"account":{known[account]},"agent":{known[agent]},"args":{s(args)},"code":{known[code]},'
+                f'"id":{int.__repr__(id_)},"latency_ms":{lat},"outcome":{known[outcome]},"scope":{known[scope]},'
+                f'"token_id":{"null" if token_id is None else chr(34) + token_id.hex() + chr(34)},'
+                f'"tool":{known[tool]},"transport":{known[transport]},"ts":{s(ts)}}}'
+            ).encode()
+        except (KeyError, TypeError, AttributeError, _NotPlain):
+            return VerifyResult(False, checked, id_, "it is unreadable: a field was edited")
+        if type(hash_) is not bytes or sha256(prev_hash + body).digest() != hash_:  # chain_hash, inlined
+            return VerifyResult(
+                False, checked, id_, "its hash does not match its content and the event before it (edited)"
             )
-        except _NotPlain:
-            body = _hash_input(id_, ts, account, agent, tool, transport, scope, outcome, code, args, token_id, latency)
-        if sha256(linked + body).digest() != hash_:  # chain_hash, inlined
-            return VerifyResult(False, checked, id_, "its content does not match its hash (edited)")
         prev_id, prev_hash = id_, hash_
         checked += 1
         if progress is not None and checked % 10_000 == 0:
@@ -328,6 +347,6 @@ def export_line(rec: AuditRecord) -> dict[str, Any]:
         "args": json.loads(rec.args),
         "token_id": None if rec.token_id is None else rec.token_id.hex(),
         "latency_ms": rec.latency_ms,
-        "prev_hash": rec.prev_hash.hex(),
+        "prev_hash": None if rec.prev_hash is None else rec.prev_hash.hex(),
         "hash": rec.hash.hex(),
     }

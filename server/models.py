@@ -64,9 +64,10 @@ class Reservation:
 
 
 class AuditRecord(NamedTuple):
-    """One audit row as stored (hashes as raw bytes).
+    """One audit event as read back (names resolved, hashes as raw bytes).
 
-    A named tuple rather than a dataclass: `audit verify` builds one per event, millions of them.
+    `prev_hash` is the previous event's hash (32 zero bytes for the first event; None when the
+    previous event is missing from the store).
     """
 
     id: int
@@ -81,5 +82,5 @@ class AuditRecord(NamedTuple):
     args: str
     token_id: bytes | None
     latency_ms: float | None
-    prev_hash: bytes
+    prev_hash: bytes | None
     hash: bytes

@@ -46,6 +46,7 @@ class Database:
         self._queue: list[tuple[Job[Any], asyncio.Future[Any]]] = []
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
+        self._names: dict[str, int] = {}  # audit name → id, as committed (see Tx.name_id)
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str]) -> Database:
@@ -95,9 +96,9 @@ class Database:
                 if len(batch) == 1:
                     # A lone job (one call at a time) runs right here: the two thread hand-offs would cost
                     # more than its transaction. Only this task touches the connection, so never both at once.
-                    outcomes = _run_batch(self._conn._conn, batch)
+                    outcomes = _run_batch(self._conn._conn, batch, self._names)
                 else:
-                    outcomes = await self._conn._execute(_run_batch, self._conn._conn, batch)
+                    outcomes = await self._conn._execute(_run_batch, self._conn._conn, batch, self._names)
             except BaseException as exc:  # the batch itself failed (not one job of it)
                 for _, future in batch:
                     if not future.done():
@@ -151,20 +152,24 @@ def _statements(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
 
 
-def _run_batch(conn: sqlite3.Connection, batch: list[tuple[Job[Any], Any]]) -> list[tuple[bool, Any]]:
+def _run_batch(
+    conn: sqlite3.Connection, batch: list[tuple[Job[Any], Any]], names: dict[str, int]
+) -> list[tuple[bool, Any]]:
     outcomes: list[tuple[bool, Any]] = []
     try:
         conn.execute("BEGIN IMMEDIATE")
     except sqlite3.Error as exc:
         return [(False, StoreUnavailable(str(exc)))] * len(batch)
-    tx = Tx(conn)
+    tx = Tx(conn, names)
     for job, _ in batch:
         conn.execute("SAVEPOINT job")
+        mark = tx.names_mark()
         try:
             value = job(tx)
         except BaseException as exc:
             conn.execute("ROLLBACK TO job")
             conn.execute("RELEASE job")
+            tx.names_undo(mark)
             outcomes.append((False, exc))
         else:
             conn.execute("RELEASE job")
@@ -178,4 +183,5 @@ def _run_batch(conn: sqlite3.Connection, batch: list[tuple[Job[Any], Any]]) -> l
         except sqlite3.Error:  # pragma: no cover - the transaction is already gone
             pass
         return [(False, StoreUnavailable(str(exc)))] * len(batch)
+    tx.names_committed()
     return outcomes

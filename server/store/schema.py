@@ -104,6 +104,64 @@ MIGRATIONS: list[str] = [
     CREATE INDEX audit_account ON audit(account, id);
     CREATE INDEX audit_token ON audit(token_id) WHERE token_id IS NOT NULL;
     """,
+    # 2: a smaller audit log. Each name an event repeats (account, agent, tool, transport, scope,
+    # outcome, code) is stored once in audit_names and referred to by its id; prev_hash is not
+    # stored (it is the previous event's hash). Hashes are unchanged: they cover the names, not the ids.
+    """
+    CREATE TABLE audit_names (
+        id   INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE
+    );
+    INSERT INTO audit_names(name)
+        SELECT v FROM (
+            SELECT account AS v FROM audit UNION SELECT agent FROM audit UNION SELECT tool FROM audit
+            UNION SELECT transport FROM audit UNION SELECT scope FROM audit UNION SELECT outcome FROM audit
+            UNION SELECT code FROM audit
+        ) WHERE v IS NOT NULL ORDER BY v;
+    CREATE TABLE audit_v2 (
+        id         INTEGER PRIMARY KEY,
+        ts         TEXT NOT NULL,
+        account    INTEGER,
+        agent      INTEGER,
+        tool       INTEGER,
+        transport  INTEGER NOT NULL,
+        scope      INTEGER,
+        outcome    INTEGER NOT NULL,
+        code       INTEGER,
+        args       TEXT NOT NULL,
+        token_id   BLOB,
+        latency_ms REAL,
+        hash       BLOB NOT NULL
+    );
+    INSERT INTO audit_v2(id, ts, account, agent, tool, transport, scope, outcome, code, args, token_id,
+                         latency_ms, hash)
+        SELECT a.id, a.ts,
+               (SELECT n.id FROM audit_names n WHERE n.name = a.account),
+               (SELECT n.id FROM audit_names n WHERE n.name = a.agent),
+               (SELECT n.id FROM audit_names n WHERE n.name = a.tool),
+               (SELECT n.id FROM audit_names n WHERE n.name = a.transport),
+               (SELECT n.id FROM audit_names n WHERE n.name = a.scope),
+               (SELECT n.id FROM audit_names n WHERE n.name = a.outcome),
+               (SELECT n.id FROM audit_names n WHERE n.name = a.code),
+               a.args, a.token_id, a.latency_ms, a.hash
+        FROM audit a ORDER BY a.id;
+    DROP TABLE audit;
+    ALTER TABLE audit_v2 RENAME TO audit;
+    CREATE INDEX audit_account ON audit(account, id);
+    CREATE INDEX audit_token ON audit(token_id) WHERE token_id IS NOT NULL;
+    CREATE VIEW audit_events AS
+        SELECT a.id, a.ts, account.name AS account, agent.name AS agent, tool.name AS tool,
+               transport.name AS transport, scope.name AS scope, outcome.name AS outcome, code.name AS code,
+               a.args, a.token_id, a.latency_ms, a.hash
+        FROM audit a
+        LEFT JOIN audit_names account ON account.id = a.account
+        LEFT JOIN audit_names agent ON agent.id = a.agent
+        LEFT JOIN audit_names tool ON tool.id = a.tool
+        LEFT JOIN audit_names transport ON transport.id = a.transport
+        LEFT JOIN audit_names scope ON scope.id = a.scope
+        LEFT JOIN audit_names outcome ON outcome.id = a.outcome
+        LEFT JOIN audit_names code ON code.id = a.code;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

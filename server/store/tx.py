@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from functools import lru_cache, partial
+from functools import lru_cache
 from typing import Any
 
 from server.models import AuditRecord, Holding, Listing, Receipt, Reservation
@@ -25,10 +25,7 @@ _HOLDING_SELECT = """
            h.units_consumed, h.units_reserved, h.created_at
     FROM holdings h JOIN listings l ON l.id = h.listing_id
 """
-_AUDIT_COLUMNS = (
-    "id, ts, account, agent, tool, transport, scope, outcome, code, args, token_id, latency_ms, "
-    "prev_hash, hash"
-)
+_GENESIS = bytes(32)  # the first event chains from this (server.audit.GENESIS)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -76,18 +73,24 @@ class LedgerTotals:
 class Tx:
     """A transaction in progress on one SQLite connection."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, names: dict[str, int] | None = None) -> None:
         self._c = conn
+        # ids of audit names committed before this transaction (shared by the database's transactions),
+        # and the ones this transaction found or added, which count only once it commits
+        self._names: dict[str, int] = {} if names is None else names
+        self._new_names: dict[str, int] = {}
 
     @contextmanager
     def atomic(self) -> Iterator[None]:
         """A nested savepoint: everything inside is undone if it raises."""
         self._c.execute("SAVEPOINT atomic")
+        mark = self.names_mark()
         try:
             yield
         except BaseException:
             self._c.execute("ROLLBACK TO atomic")
             self._c.execute("RELEASE atomic")
+            self.names_undo(mark)
             raise
         self._c.execute("RELEASE atomic")
 
@@ -247,9 +250,12 @@ class Tx:
         return True
 
     def settle_reservation(self, reservation_id: str, status: str, ts: str) -> bool:
-        """Mark a pending reservation committed or refunded and move its unit; False if not pending."""
+        """Mark a pending reservation committed or refunded and move its unit; False if not pending.
+
+        The owner (host:pid:start of the process holding it) only matters while it is pending: cleared.
+        """
         cur = self._c.execute(
-            "UPDATE reservations SET status = ?, settled_at = ? WHERE id = ? AND status = 'pending'",
+            "UPDATE reservations SET status = ?, settled_at = ?, owner = '' WHERE id = ? AND status = 'pending'",
             (status, ts, reservation_id),
         )
         if cur.rowcount != 1:
@@ -274,27 +280,61 @@ class Tx:
         return [Reservation(r[0], r[1], r[2], r[3], r[4], _scopes(r[5]), r[6], r[7]) for r in rows]
 
     # ---- audit ----------------------------------------------------------------------------
+    def name_id(self, name: str | None) -> int | None:
+        """The audit_names id of `name`, added if new (None stays None)."""
+        if name is None:
+            return None
+        found = self._names.get(name)
+        if found is None:
+            found = self._new_names.get(name)
+            if found is None:
+                row = self._c.execute("SELECT id FROM audit_names WHERE name = ?", (name,)).fetchone()
+                found = int(row[0]) if row else self._c.execute(
+                    "INSERT INTO audit_names(name) VALUES (?)", (name,)
+                ).lastrowid
+                assert found is not None
+                self._new_names[name] = found
+        return found
+
+    def names_mark(self) -> dict[str, int]:
+        """Where the names seen in this transaction stand; `names_undo(mark)` after a rollback to here."""
+        return dict(self._new_names) if self._new_names else {}
+
+    def names_undo(self, mark: dict[str, int]) -> None:
+        self._new_names = mark
+
+    def names_committed(self) -> None:
+        """The transaction committed: its names' ids hold for good (names are never removed)."""
+        if self._new_names:
+            self._names.update(self._new_names)
+            self._new_names = {}
+
+    def audit_names(self) -> dict[int, str]:
+        return {int(r[0]): r[1] for r in self._c.execute("SELECT id, name FROM audit_names")}
+
     def audit_head(self) -> tuple[int, bytes] | None:
         row = self._c.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
         return None if row is None else (int(row[0]), bytes(row[1]))
 
     def insert_audit(self, record: AuditRecord) -> None:
+        """Store an event (its names by id; its prev_hash is the previous row's hash, not stored)."""
+        name = self.name_id
         self._c.execute(
-            f"INSERT INTO audit({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO audit(id, ts, account, agent, tool, transport, scope, outcome, code, args, token_id, "
+            "latency_ms, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 record.id,
                 record.ts,
-                record.account,
-                record.agent,
-                record.tool,
-                record.transport,
-                record.scope,
-                record.outcome,
-                record.code,
+                name(record.account),
+                name(record.agent),
+                name(record.tool),
+                name(record.transport),
+                name(record.scope),
+                name(record.outcome),
+                name(record.code),
                 record.args,
                 record.token_id,
                 record.latency_ms,
-                record.prev_hash,
                 record.hash,
             ),
         )
@@ -302,17 +342,33 @@ class Tx:
     def audit_count(self) -> int:
         return int(self._c.execute("SELECT count(*) FROM audit").fetchone()[0])
 
-    def iter_audit(self, after_id: int = 0, chunk: int = 5000) -> Iterator[AuditRecord]:
-        """All audit rows in id order, fetched in chunks."""
-        last = after_id
+    def iter_audit_rows(self, chunk: int = 20_000) -> Iterator[tuple[Any, ...]]:
+        """Every stored row in id order, names as ids: (id, ts, account, agent, tool, transport, scope,
+        outcome, code, args, token_id, latency_ms, hash). What `audit verify` walks."""
+        last = 0
+        execute = self._c.execute
         while True:
-            rows = self._c.execute(
-                f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE id > ? ORDER BY id LIMIT ?", (last, chunk)
+            rows = execute(
+                "SELECT id, ts, account, agent, tool, transport, scope, outcome, code, args, token_id, latency_ms, "
+                "hash FROM audit WHERE id > ? ORDER BY id LIMIT ?",
+                (last, chunk),
             ).fetchall()
             if not rows:
                 return
-            yield from map(_audit, rows)
+            yield from rows
             last = rows[-1][0]
+
+    def iter_audit(self) -> Iterator[AuditRecord]:
+        """All events in id order, names resolved, each with its predecessor's hash."""
+        names = self.audit_names()
+        prev: bytes | None = _GENESIS
+        expected = 1
+        for row in self.iter_audit_rows():
+            id_ = row[0]
+            if id_ != expected:
+                prev = None
+            yield _audit_record(row, names, prev)
+            prev, expected = row[12], id_ + 1
 
     def find_audit(self, where: AuditFilter, limit: int | None = None, newest_first: bool = False) -> list[AuditRecord]:
         clauses, params = ["1"], []  # type: list[str], list[Any]
@@ -321,23 +377,47 @@ class Tx:
             ("agent", where.agent),
             ("tool", where.tool),
             ("outcome", where.outcome),
-            ("token_id", where.token_id),
         ):
             if value is not None:
-                clauses.append(f"{column} = ?")
+                clauses.append(f"a.{column} = (SELECT id FROM audit_names WHERE name = ?)")
                 params.append(value)
+        if where.token_id is not None:
+            clauses.append("a.token_id = ?")
+            params.append(where.token_id)
         if where.since is not None:
-            clauses.append("ts >= ?")
+            clauses.append("a.ts >= ?")
             params.append(where.since)
         if where.until is not None:
-            clauses.append("ts <= ?")
+            clauses.append("a.ts <= ?")
             params.append(where.until)
         order = "DESC" if newest_first else "ASC"
-        sql = f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE {' AND '.join(clauses)} ORDER BY id {order}"
+        sql = (
+            "SELECT a.id, a.ts, a.account, a.agent, a.tool, a.transport, a.scope, a.outcome, a.code, a.args, "
+            "a.token_id, a.latency_ms, a.hash, "
+            "CASE WHEN a.id = 1 THEN zeroblob(32) ELSE (SELECT p.hash FROM audit p WHERE p.id = a.id - 1) END "
+            f"FROM audit a WHERE {' AND '.join(clauses)} ORDER BY a.id {order}"
+        )
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)
-        return [_audit(r) for r in self._c.execute(sql, params).fetchall()]
+        rows = self._c.execute(sql, params).fetchall()
+        if not rows:
+            return []
+        ids = {v for r in rows for v in r[2:9] if v is not None}
+        names = self._names_of(ids)
+        return [_audit_record(r, names, r[13]) for r in rows]
+
+    def _names_of(self, ids: set[Any]) -> dict[int, str]:
+        wanted = sorted(i for i in ids if isinstance(i, int))
+        found: dict[int, str] = {}
+        for start in range(0, len(wanted), 500):
+            part = wanted[start : start + 500]
+            marks = ", ".join("?" * len(part))
+            found.update(
+                (int(r[0]), r[1])
+                for r in self._c.execute(f"SELECT id, name FROM audit_names WHERE id IN ({marks})", part)
+            )
+        return found
 
     # ---- invariants -----------------------------------------------------------------------
     def ledger_totals(self) -> LedgerTotals:
@@ -385,7 +465,8 @@ class Tx:
             str(r[0]): int(r[1])
             for r in self._c.execute(
                 "SELECT json_extract(args, '$.reservation_id'), count(*) FROM audit "
-                "WHERE tool = 'request_token' AND outcome = 'ok' AND token_id IS NOT NULL GROUP BY 1"
+                "WHERE tool = (SELECT id FROM audit_names WHERE name = 'request_token') "
+                "AND outcome = (SELECT id FROM audit_names WHERE name = 'ok') AND token_id IS NOT NULL GROUP BY 1"
             )
         }
         return committed, counts
@@ -421,6 +502,24 @@ def _holding(row: Sequence[Any]) -> Holding:
     )
 
 
-# A row in AuditRecord's column order, as the record itself (tuple.__new__ is the fast path of a named
-# tuple; `audit verify` builds one per event). SQLite hands INTEGER PRIMARY KEY back as int, BLOBs as bytes.
-_audit: Callable[[Sequence[Any]], AuditRecord] = partial(tuple.__new__, AuditRecord)  # type: ignore[assignment]
+def _audit_record(row: Sequence[Any], names: dict[int, str], prev_hash: bytes | None) -> AuditRecord:
+    def name(value: Any) -> Any:
+        # an id missing from audit_names (a tampered row) is shown as it is stored; `audit verify` names it
+        return None if value is None else names.get(value, value)
+
+    return AuditRecord(
+        id=row[0],
+        ts=row[1],
+        account=name(row[2]),
+        agent=name(row[3]),
+        tool=name(row[4]),
+        transport=name(row[5]),
+        scope=name(row[6]),
+        outcome=name(row[7]),
+        code=name(row[8]),
+        args=row[9],
+        token_id=row[10],
+        latency_ms=row[11],
+        prev_hash=prev_hash,
+        hash=row[12],
+    )

@@ -54,7 +54,7 @@ def pending(database: Path) -> int:
 
 def recovered_events(database: Path) -> int:
     with sqlite3.connect(database) as db:
-        rows = db.execute("SELECT args FROM audit WHERE tool = 'request_token' AND outcome = 'error'").fetchall()
+        rows = db.execute("SELECT args FROM audit_events WHERE tool = 'request_token' AND outcome = 'error'").fetchall()
     return sum(1 for (args,) in rows if json.loads(args).get("reason") == "owner process died")
 
 

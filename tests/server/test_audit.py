@@ -23,7 +23,7 @@ from server.errors import AuditUnavailable
 from server.store import Database, Tx
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
-COLUMNS = "ts, account, agent, tool, transport, scope, outcome, code, args, token_id, latency_ms, prev_hash, hash"
+COLUMNS = "ts, account, agent, tool, transport, scope, outcome, code, args, token_id, latency_ms, hash"
 
 
 def event(n: int, **changes: object) -> Event:
@@ -66,8 +66,7 @@ async def five(db: Database) -> list[int]:
 
 def check(tx: Tx) -> audit.VerifyResult:
     """What `audit verify` runs: the rows against the recorded head."""
-    head = tx.get_meta(audit.HEAD_KEY)
-    return audit.verify(tx.iter_audit(), head.decode() if isinstance(head, bytes) else head)
+    return audit.verify_log(tx)
 
 
 def tamper(path: Path, *statements: str) -> None:
@@ -105,8 +104,14 @@ async def test_an_empty_log_verifies(db: Database) -> None:
         "UPDATE audit SET latency_ms = 0.5 WHERE id = 3",
         "UPDATE audit SET token_id = NULL WHERE id = 3",
         "UPDATE audit SET token_id = zeroblob(32) WHERE id = 3",
+        "UPDATE audit SET account = (SELECT account FROM audit WHERE id = 2) WHERE id = 3",
+        "UPDATE audit SET scope = NULL WHERE id = 3",
+        "UPDATE audit SET code = (SELECT outcome FROM audit WHERE id = 1) WHERE id = 3",
+        "UPDATE audit SET ts = 12 WHERE id = 3",
+        "UPDATE audit SET hash = 'abc' WHERE id = 3",
     ],
-    ids=["args", "outcome", "account", "latency", "token-id-cleared", "token-id-set"],
+    ids=["args", "outcome-text", "account-text", "latency", "token-id-cleared", "token-id-set", "account-id",
+         "scope-null", "code-set", "ts-number", "hash-text"],
 )
 async def test_editing_a_row_breaks_the_chain_at_that_event(db: Database, path: Path, edit: str) -> None:
     await five(db)
@@ -134,7 +139,22 @@ async def test_an_edited_row_with_a_recomputed_hash_breaks_the_chain_at_the_next
         side.close()
     result = await db.read(check)
     assert (result.ok, result.bad_id, result.checked) == (False, 4, 3)  # event 3 itself is consistent now
-    assert "prev_hash" in (result.reason or "")
+    assert "the event before it" in (result.reason or "")
+
+
+async def test_renaming_a_stored_name_breaks_the_chain_at_its_first_event(db: Database, path: Path) -> None:
+    await five(db)  # events 1, 3, 5 are auth0|user-1's
+    tamper(path, "UPDATE audit_names SET name = 'auth0|someone-else' WHERE name = 'auth0|user-1'")
+    result = await db.read(check)
+    assert (result.ok, result.bad_id, result.checked) == (False, 1, 0)
+
+
+async def test_deleting_a_stored_name_breaks_the_chain_at_its_first_event(db: Database, path: Path) -> None:
+    await five(db)
+    tamper(path, "DELETE FROM audit_names WHERE name = 'auth0|user-0'")  # events 2 and 4
+    result = await db.read(check)
+    assert (result.ok, result.bad_id, result.checked) == (False, 2, 1)
+    assert "edited" in (result.reason or "")
 
 
 async def test_deleting_a_middle_event_is_named(db: Database, path: Path) -> None:
@@ -204,8 +224,7 @@ async def test_verify_reports_progress_every_ten_thousand_events(db: Database) -
     await db.write(many)
 
     def check_with_progress(tx: Tx) -> audit.VerifyResult:
-        head = tx.get_meta(audit.HEAD_KEY)
-        return audit.verify(tx.iter_audit(), head.decode() if isinstance(head, bytes) else head, seen.append)
+        return audit.verify_log(tx, seen.append)
 
     result = await db.read(check_with_progress)
     assert result.ok and result.checked == 20_001

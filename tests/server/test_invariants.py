@@ -30,8 +30,12 @@ async def history(client: Client) -> None:
         (lambda db: db.execute("UPDATE listings SET sold = sold + 1 WHERE id = 'github-repo-read'"),
          "sold count differs"),
         (lambda db: db.execute("UPDATE reservations SET status = 'refunded'"), "reserved/consumed units differ"),
-        (lambda db: db.execute("DELETE FROM audit WHERE tool = 'request_token'"), "ok request_token events, not 1"),
-        (lambda db: db.execute("UPDATE audit SET args = '{}' WHERE tool = 'buy_quota'"), "audit chain broken"),
+        (lambda db: db.execute(
+            "DELETE FROM audit WHERE id IN (SELECT id FROM audit_events WHERE tool = 'request_token')"
+        ), "ok request_token events, not 1"),
+        (lambda db: db.execute(
+            "UPDATE audit SET args = '{}' WHERE id IN (SELECT id FROM audit_events WHERE tool = 'buy_quota')"
+        ), "audit chain broken"),
     ],
     ids=["money-from-nowhere", "purchase-erased", "phantom-sale", "consumed-unit-unrecorded", "token-event-erased",
          "audit-edited"],

@@ -1,0 +1,75 @@
+"""Group commit: jobs batch into one transaction, each in its own savepoint; audit name ids stay true."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from server import audit
+from server.audit import Event
+from server.store import Database, Tx
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[Database]:
+    database = await Database.open(tmp_path / "t.db")
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+def event(account: str) -> Event:
+    return Event(ts="2026-11-01T00:00:00.000000Z", transport="stdio", outcome="ok", account=account, tool="t")
+
+
+def append_then_fail(account: str):  # type: ignore[no-untyped-def]
+    def job(tx: Tx) -> None:
+        audit.append(tx, event(account))
+        raise RuntimeError("the job's own failure")
+
+    return job
+
+
+async def test_a_failed_jobs_new_name_is_not_remembered(db: Database) -> None:
+    with pytest.raises(RuntimeError):
+        await db.write(append_then_fail("auth0|ghost"))
+    # the name's row was rolled back; a later, different name may take its id
+    await db.write(lambda tx: audit.append(tx, event("auth0|real")))
+    await db.write(lambda tx: audit.append(tx, event("auth0|ghost")))
+    result = await db.read(audit.verify_log)
+    assert (result.ok, result.checked) == (True, 2)
+    accounts = await db.read(lambda tx: [r.account for r in tx.iter_audit()])
+    assert accounts == ["auth0|real", "auth0|ghost"]
+
+
+async def test_concurrent_jobs_share_one_transaction_and_fail_alone(db: Database) -> None:
+    jobs = [append_then_fail(f"auth0|bad-{n}") if n % 3 == 0 else
+            (lambda tx, n=n: audit.append(tx, event(f"auth0|good-{n % 4}"))) for n in range(30)]
+    outcomes = await asyncio.gather(*(db.write(job) for job in jobs), return_exceptions=True)
+    assert sum(isinstance(o, RuntimeError) for o in outcomes) == 10
+    assert sorted(o for o in outcomes if isinstance(o, int)) == list(range(1, 21))
+    result = await db.read(audit.verify_log)
+    assert (result.ok, result.checked) == (True, 20)
+    names = await db.read(lambda tx: sorted(tx.audit_names().values()))
+    assert names == ["auth0|good-0", "auth0|good-1", "auth0|good-2", "auth0|good-3", "ok", "stdio", "t"]
+
+
+async def test_names_added_by_another_process_are_found(db: Database, tmp_path: Path) -> None:
+    await db.write(lambda tx: audit.append(tx, event("auth0|one")))
+    other = await Database.open(tmp_path / "t.db")  # e.g. a CLI command next to the server
+    try:
+        await other.write(lambda tx: audit.append(tx, event("auth0|two")))
+    finally:
+        await other.close()
+    await db.write(lambda tx: audit.append(tx, event("auth0|two")))
+    await db.write(lambda tx: audit.append(tx, event("auth0|three")))
+    conn = sqlite3.connect(tmp_path / "t.db")
+    rows = conn.execute("SELECT account FROM audit_events ORDER BY id").fetchall()
+    conn.close()
+    assert rows == [("auth0|one",), ("auth0|two",), ("auth0|two",), ("auth0|three",)]
+    assert (await db.read(audit.verify_log)).ok

@@ -1,0 +1,81 @@
+"""Migrations keep every event and its hash: a version-1 log still verifies (and still shows edits) at version 2."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from server import audit
+from server.store import AuditFilter, Database
+from server.store.schema import MIGRATIONS, SCHEMA_VERSION
+
+V1_COLUMNS = (
+    "id, ts, account, agent, tool, transport, scope, outcome, code, args, token_id, latency_ms, prev_hash, hash"
+)
+
+
+def make_v1(path: Path, events: int) -> list[tuple[object, ...]]:
+    """A database as version 1 wrote it: names as text, prev_hash stored, hashes over the canonical JSON."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(MIGRATIONS[0])
+    conn.execute("PRAGMA user_version = 1")
+    prev, rows = audit.GENESIS, []
+    for n in range(1, events + 1):
+        ts = f"2026-11-01T00:00:{n % 60:02d}.000000Z"
+        fields = (ts, f"auth0|user-{n % 3}", "agent-é" if n % 2 else None, "request_token" if n % 4 else None,
+                  "http", "request:token", "ok" if n % 5 else "denied", None if n % 5 else "insufficient_scope",
+                  f'{{"purpose":"n{n}"}}', bytes([n % 256]) * 32 if n % 4 == 1 else None, 0.5 * n)
+        hash_ = audit.chain_hash(prev, audit._hash_input(n, *fields))  # type: ignore[arg-type]
+        rows.append((n, *fields, prev, hash_))
+        prev = hash_
+    conn.executemany(f"INSERT INTO audit({V1_COLUMNS}) VALUES ({', '.join('?' * 14)})", rows)
+    conn.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (audit.HEAD_KEY, f"{events}:{prev.hex()}"))
+    conn.close()
+    return rows
+
+
+async def test_a_version_1_log_migrates_whole_and_verifies(tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    rows = make_v1(path, 40)
+    db = await Database.open(path)
+    try:
+        result = await db.read(audit.verify_log)
+        records = await db.read(lambda tx: list(tx.iter_audit()))
+        found = await db.read(lambda tx: tx.find_audit(AuditFilter(account="auth0|user-1"), newest_first=True))
+    finally:
+        await db.close()
+    assert (result.ok, result.checked) == (True, 40)
+    assert [tuple(r) for r in records] == rows  # every field as it was, prev_hash included
+    assert [r.id for r in found] == [n for n in range(40, 0, -1) if n % 3 == 1]
+    assert all(r.prev_hash == rows[r.id - 2][13] if r.id > 1 else r.prev_hash == audit.GENESIS for r in found)
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert conn.execute("SELECT count(*) FROM audit_names").fetchone()[0] == 10  # each distinct name once
+    conn.close()
+
+
+async def test_an_edit_made_before_the_migration_is_still_found_after_it(tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    make_v1(path, 10)
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("UPDATE audit SET account = 'auth0|mallory' WHERE id = 7")
+    conn.close()
+    db = await Database.open(path)
+    try:
+        result = await db.read(audit.verify_log)
+    finally:
+        await db.close()
+    assert (result.ok, result.bad_id) == (False, 7)
+
+
+async def test_the_audit_events_view_shows_names(tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    make_v1(path, 5)
+    db = await Database.open(path)
+    await db.close()
+    conn = sqlite3.connect(path)
+    shown = conn.execute("SELECT account, tool, outcome, code FROM audit_events WHERE id = 5").fetchone()
+    conn.close()
+    assert shown == ("auth0|user-2", "request_token", "denied", "insufficient_scope")
+
