@@ -196,7 +196,11 @@ def append(tx: Tx, event: Event) -> int:
     try:
         prev_id, prev_hash = _chain_head(tx)
         new_id = prev_id + 1
-        args = json.dumps(redact(event.args), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        args = (
+            json.dumps(redact(event.args), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+            if event.args
+            else "{}"
+        )
         latency = None if event.latency_ms is None else round(event.latency_ms, 3)
         body = _hash_input(
             new_id, event.ts, event.account, event.agent, event.tool, event.transport, event.scope,

@@ -124,12 +124,19 @@ class Broker:
         *,
         audit_ok: bool = True,
         ok_extra: Callable[[R], dict[str, Any]] | None = None,
+        reads_only: bool = False,
     ) -> R:
+        """Run `op` and append the call's event in one transaction; a refusal by `op` undoes its
+        writes but keeps its event. `reads_only` ops write nothing, so they need no savepoint."""
+
         def job(tx: Tx) -> R | _Failed:
             now = self.clock.now()
             try:
-                with tx.atomic():
+                if reads_only:
                     result = op(tx, now)
+                else:
+                    with tx.atomic():
+                        result = op(tx, now)
             except BrokerError as error:
                 audit.append(tx, call.event(now, principal, error))
                 return _Failed(error)
@@ -174,6 +181,7 @@ class Broker:
             lambda tx, now: market.page(
                 tx, now=now, connection=connection, include_closed=include_closed, limit=limit, cursor=cursor
             ),
+            reads_only=True,
         )
 
     async def check_balance(self, call: Call, principal: Principal) -> Balance:
@@ -182,7 +190,7 @@ class Broker:
                 principal.account, ledger.wallet_balance(tx, principal.account), tx.holdings_of(principal.account), now
             )
 
-        return await self._run(call, principal, op)
+        return await self._run(call, principal, op, reads_only=True)
 
     async def buy_quota(
         self, call: Call, principal: Principal, *, listing_id: str, units: int, max_unit_price: int,

@@ -32,8 +32,14 @@ class ManualClock:
 
 
 def rfc3339(moment: datetime) -> str:
-    """UTC, microseconds, `Z`: fixed width, so text order is time order."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """UTC, microseconds, `Z`: fixed width, so text order is time order.
+
+    `isoformat` rather than `strftime("%Y-%m-%dT%H:%M:%S.%fZ")`: the same text, in a fraction of the time
+    (every tool call formats one or two).
+    """
+    if moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)
+    return moment.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def parse_rfc3339(text: str) -> datetime:

@@ -155,12 +155,14 @@ def _statements(script: str) -> list[str]:
 def _run_batch(
     conn: sqlite3.Connection, batch: list[tuple[Job[Any], Any]], names: dict[str, int]
 ) -> list[tuple[bool, Any]]:
-    outcomes: list[tuple[bool, Any]] = []
     try:
         conn.execute("BEGIN IMMEDIATE")
     except sqlite3.Error as exc:
         return [(False, StoreUnavailable(str(exc)))] * len(batch)
     tx = Tx(conn, names)
+    if len(batch) == 1:
+        return _run_alone(conn, tx, batch[0][0])
+    outcomes: list[tuple[bool, Any]] = []
     for job, _ in batch:
         conn.execute("SAVEPOINT job")
         mark = tx.names_mark()
@@ -185,3 +187,23 @@ def _run_batch(
         return [(False, StoreUnavailable(str(exc)))] * len(batch)
     tx.names_committed()
     return outcomes
+
+
+def _run_alone(conn: sqlite3.Connection, tx: Tx, job: Job[Any]) -> list[tuple[bool, Any]]:
+    """A batch of one needs no savepoint: its failure rolls the whole transaction back."""
+    try:
+        value = job(tx)
+    except BaseException as exc:
+        conn.execute("ROLLBACK")
+        return [(False, exc)]
+    try:
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        log.error("commit failed: %s", exc)
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:  # pragma: no cover - the transaction is already gone
+            pass
+        return [(False, StoreUnavailable(str(exc)))]
+    tx.names_committed()
+    return [(True, value)]
