@@ -21,7 +21,7 @@ from server.errors import AuditUnavailable, BrokerError, InternalError, Unauthen
 from server.models import Holding, Receipt
 from server.principal import Principal
 from server.store import Database, StoreUnavailable, Tx
-from server.vault import TokenVault
+from server.vault import TokenVault, VaultToken
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -76,6 +76,27 @@ class IssuedToken:
 @dataclass(frozen=True)
 class _Failed:
     error: BrokerError
+
+
+def _token_event(token_id: bytes, reservation_id: str, token: VaultToken) -> dict[str, Any]:
+    """What an ok request_token event adds: the token's fingerprint, its reservation, its scope flags."""
+    return {
+        "token_id": token_id,
+        "args": {"reservation_id": reservation_id, **({"flags": list(token.flags)} if token.flags else {})},
+    }
+
+
+def _issued(token: VaultToken, token_id: bytes, connection: str, remaining: int) -> IssuedToken:
+    return IssuedToken(
+        access_token=token.access_token,
+        token_type=token.token_type,
+        expires_at=datetime.fromtimestamp(token.expires_at, UTC).replace(microsecond=0),
+        expires_in=max(0, int(token.expires_at - time.time())),
+        connection=connection,
+        scopes=token.scopes,
+        token_id=token_id.hex(),
+        units_remaining=remaining,
+    )
 
 
 def process_owner() -> str:
@@ -205,7 +226,11 @@ class Broker:
     async def request_token(
         self, call: Call, principal: Principal, *, connection: str, scopes: list[str], login_hint: str | None
     ) -> IssuedToken:
-        """Reserve a unit, exchange through Token Vault, then commit it (or refund it on failure)."""
+        """Reserve a unit, exchange through Token Vault, then commit it (or refund it on failure).
+
+        With an answer that may be reused (SPEC §4) there is no exchange to wait for: the unit is spent and
+        the event written in one transaction.
+        """
         if self.vault is None:  # pragma: no cover - only the CLI builds a broker without a vault
             raise InternalError()
         vault = self.vault
@@ -213,6 +238,9 @@ class Broker:
             error = Unauthenticated("this session has no Auth0 token to exchange; sign in again")
             await self.record(call, principal, error)
             raise error
+        reused = vault.reusable(principal.account, connection, scopes, login_hint)
+        if reused is not None:
+            return await self._spend_on(call, principal, connection, scopes, reused)
         reservation_id, holding = await self._run(
             call,
             principal,
@@ -235,28 +263,28 @@ class Broker:
 
         try:
             remaining = await self._run(
-                call,
-                principal,
-                commit,
-                ok_extra=lambda _: {
-                    "token_id": token_id,
-                    "args": {"reservation_id": reservation_id, **({"flags": list(token.flags)} if token.flags else {})},
-                },
+                call, principal, commit, ok_extra=lambda _: _token_event(token_id, reservation_id, token)
             )
         except BrokerError as error:
             await self._refund(call, principal, reservation_id, error)
             raise
-        expires_at = datetime.fromtimestamp(token.expires_at, UTC).replace(microsecond=0)
-        return IssuedToken(
-            access_token=token.access_token,
-            token_type=token.token_type,
-            expires_at=expires_at,
-            expires_in=max(0, int(token.expires_at - time.time())),
-            connection=connection,
-            scopes=token.scopes,
-            token_id=token_id.hex(),
-            units_remaining=remaining,
+        return _issued(token, token_id, connection, remaining)
+
+    async def _spend_on(
+        self, call: Call, principal: Principal, connection: str, scopes: list[str], token: VaultToken
+    ) -> IssuedToken:
+        """A reused answer: the unit is spent and the event written in one transaction (one commit, not two).
+
+        Nothing waits between reserving and committing, so there is nothing to refund either.
+        """
+        token_id = audit.token_fingerprint(self.db.hmac_key, token.access_token)
+        _, remaining = await self._run(
+            call,
+            principal,
+            lambda tx, now: ledger.spend(tx, principal.account, connection, scopes, now),
+            ok_extra=lambda spent: _token_event(token_id, spent[0], token),
         )
+        return _issued(token, token_id, connection, remaining)
 
     async def _refund(self, call: Call, principal: Principal, reservation_id: str, error: BrokerError) -> None:
         """Give the reserved unit back with the failure's event; without the event if the log is down."""

@@ -24,8 +24,8 @@ OK, NO, USAGE = 0, 1, 2
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "handler", None):
-        parser.print_help(sys.stderr)
+    if not getattr(args, "handler", None):  # no command, or a group (audit, wallet, market) without one
+        (getattr(args, "group", None) or parser).print_help(sys.stderr)
         return USAGE
     try:
         config = load_config()
@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     log_out = sub.add_parser("logout", help="revoke and remove the login stored by `login`")
     log_out.set_defaults(handler=_logout)
 
-    aud = sub.add_parser("audit", help="read and check the audit log").add_subparsers(dest="audit_command")
+    aud = _group(sub, "audit", "read and check the audit log")
     lst = aud.add_parser("list", help="who got what, when, and why")
     _audit_filters(lst)
     lst.add_argument("--limit", type=int, default=50, help="newest N events (default 50; 0 = all)")
@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     look.add_argument("--json", action="store_true")
     look.set_defaults(handler=_audit_lookup)
 
-    wal = sub.add_parser("wallet", help="fund and inspect wallets").add_subparsers(dest="wallet_command")
+    wal = _group(sub, "wallet", "fund and inspect wallets")
     cred = wal.add_parser("credit", help="add credits to an account's wallet (from mint, audited)")
     cred.add_argument("account")
     cred.add_argument("amount", type=_positive_int)
@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
     show.set_defaults(handler=_wallet_show)
 
-    mkt = sub.add_parser("market", help="listings").add_subparsers(dest="market_command")
+    mkt = _group(sub, "market", "listings")
     ml = mkt.add_parser("list", help="all listings with today's price")
     ml.add_argument("--json", action="store_true")
     ml.set_defaults(handler=_market_list)
@@ -105,6 +105,13 @@ def _parser() -> argparse.ArgumentParser:
     mload.add_argument("file")
     mload.set_defaults(handler=_market_load)
     return p
+
+
+def _group(sub: Any, name: str, text: str) -> Any:
+    """A command with subcommands; given alone, it prints its own help."""
+    group = sub.add_parser(name, help=text, description=text)
+    group.set_defaults(group=group)
+    return group.add_subparsers(dest=f"{name}_command", metavar="COMMAND")
 
 
 def _audit_filters(p: argparse.ArgumentParser) -> None:

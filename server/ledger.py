@@ -161,6 +161,17 @@ def reserve(
     return reservation_id, holding
 
 
+def spend(tx: Tx, account: str, connection: str, scopes: Sequence[str], now: datetime) -> tuple[str, int]:
+    """Spend one unit from the right holding at once, as a committed reservation (the token is already
+    in hand). Return the reservation id and the units left in that holding."""
+    holding = choose_holding(tx.holdings_of(account, connection), connection, scopes)
+    reservation_id = "res_" + secrets.token_hex(12)
+    ts = rfc3339(now)
+    if not tx.spend_unit(holding.id, reservation_id, ts):  # pragma: no cover - same tx
+        raise NoQuota(f"no units left for {connection}")
+    return reservation_id, holding.units_held - 1
+
+
 def settle(tx: Tx, reservation_id: str, committed: bool, now: datetime) -> bool:
     """Commit (spend) or refund a pending reservation; False when it was already settled."""
     return tx.settle_reservation(reservation_id, "committed" if committed else "refunded", rfc3339(now))

@@ -81,6 +81,11 @@ def read_market_file(path: str | Path) -> list[ListingSpec]:
 
 
 def parse_listings(data: dict[str, object], source: str = "market") -> list[ListingSpec]:
+    unknown = sorted(set(data) - {"listing"})
+    if unknown:  # e.g. [[listings]]: refused, not read as an empty market
+        raise MarketFileError(
+            f"{source}: unknown table or key {', '.join(repr(k) for k in unknown)}; listings are [[listing]] tables"
+        )
     tables = data.get("listing", [])
     if not isinstance(tables, list):
         raise MarketFileError(f"{source}: expected [[listing]] tables")

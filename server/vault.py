@@ -68,6 +68,11 @@ class TokenVault:
 
         return await self._flights.do(key, exchange)
 
+    def reusable(self, account: str, connection: str, scopes: list[str], login_hint: str | None) -> VaultToken | None:
+        """The answer `fetch` would reuse for this ask right now, if any (no network)."""
+        cached = self._cache.get((account, connection, frozenset(scopes), login_hint))
+        return cached if cached is not None and self._reusable(cached) else None
+
     def _reusable(self, token: VaultToken) -> bool:
         now = self._clock()
         return now - token.fetched_at <= REUSE_FOR and token.expires_at - now > NOT_WITHIN

@@ -249,6 +249,22 @@ class Tx:
         )
         return True
 
+    def spend_unit(self, holding_id: int, reservation_id: str, ts: str) -> bool:
+        """Reserve and commit one unit at once (a reused Token Vault answer: nothing to wait for)."""
+        cur = self._c.execute(
+            "UPDATE holdings SET units_held = units_held - 1, units_consumed = units_consumed + 1 "
+            "WHERE id = ? AND units_held > 0",
+            (holding_id,),
+        )
+        if cur.rowcount != 1:
+            return False
+        self._c.execute(
+            "INSERT INTO reservations(id, holding_id, status, owner, created_at, settled_at) "
+            "VALUES (?, ?, 'committed', '', ?, ?)",
+            (reservation_id, holding_id, ts, ts),
+        )
+        return True
+
     def settle_reservation(self, reservation_id: str, status: str, ts: str) -> bool:
         """Mark a pending reservation committed or refunded and move its unit; False if not pending.
 

@@ -375,3 +375,11 @@ def test_a_bad_configuration_value_exits_2_with_one_line_naming_it(tmp_path: Pat
         assert name in line
         assert done.out == ""
     assert not (tmp_path / "vault.db").exists()
+
+
+def test_a_command_group_without_its_subcommand_prints_its_own_help(tmp_path: Path) -> None:
+    done = run_all(tmp_path, ["audit"], ["wallet"], ["market"], [])
+    for group, result in zip(["audit", "wallet", "market"], done, strict=False):
+        assert result.code == 2 and result.out == ""
+        assert f"usage: token-vault-mcp {group} [-h] COMMAND" in result.err
+    assert "usage: token-vault-mcp [-h]" in done[3].err and done[3].code == 2

@@ -162,6 +162,19 @@ def test_unreadable_or_malformed_files_are_market_file_errors(tmp_path: Path) ->
         read_market_file(not_tables)
 
 
+def test_a_misspelt_table_is_refused_not_read_as_an_empty_market(tmp_path: Path) -> None:
+    typo = tmp_path / "typo.toml"
+    typo.write_text('[[listings]]\nid = "a"\n', encoding="utf-8")
+    with pytest.raises(MarketFileError, match=r"unknown table or key 'listings'; listings are \[\[listing\]\] tables"):
+        read_market_file(typo)
+    assert read_market_file(_write(tmp_path / "empty.toml", "")) == []  # an empty market stays allowed
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
 # ---- loading ---------------------------------------------------------------------------------------
 
 async def sell(db: Database, listing_id: str, units: int) -> None:

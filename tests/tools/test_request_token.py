@@ -184,3 +184,47 @@ async def test_fail_closed_when_the_audit_log_cannot_be_written(
     assert await units(client) == {"github-repo-read": 1}
     assert (await ok(client, "check_balance", {}))["balance"] == receipt["balance_after"]
     assert await runtime.db.read(check_invariants) == []
+
+
+async def test_a_reused_answer_spends_its_unit_in_one_transaction(client: Client, runtime: Runtime) -> None:
+    await ok(client, "buy_quota", {"listing_id": "github-repo-read", "units": 2, "max_unit_price": 100})
+    first = await ok(client, "request_token", ASK)
+    writes: list[object] = []
+    real_write = runtime.db.write
+
+    async def counted(job: Any) -> Any:
+        writes.append(job)
+        return await real_write(job)
+
+    runtime.db.write = counted  # type: ignore[method-assign]
+    try:
+        second = await ok(client, "request_token", ASK)
+    finally:
+        runtime.db.write = real_write  # type: ignore[method-assign]
+    assert second["access_token"] == first["access_token"] and second["units_remaining"] == 0
+    assert len(writes) == 1  # reserve and commit together: one durable commit, not two
+    [_, reused] = await events(runtime, tool="request_token")
+    assert reused["outcome"] == "ok" and reused["token_id"] == second["token_id"]
+    assert reused["args"]["reservation_id"].startswith("res_")
+    assert await runtime.db.read(lambda tx: tx.pending_reservations()) == []
+    assert await runtime.db.read(check_invariants) == []
+    # with the holding empty, the reusable answer is still not handed out
+    assert (await refused(client, "request_token", ASK)).startswith("[no_quota] ")
+    assert len(exchanges(runtime)) == 1
+    assert await runtime.db.read(check_invariants) == []
+
+
+async def test_a_reused_answer_is_withheld_when_its_event_cannot_be_written(
+    client: Client, runtime: Runtime, db_path: Path
+) -> None:
+    await ok(client, "buy_quota", {"listing_id": "github-repo-read", "units": 2, "max_unit_price": 100})
+    await ok(client, "request_token", ASK)
+    with sqlite3.connect(db_path) as side:
+        side.execute("CREATE TRIGGER audit_down BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    result = await client.call_tool("request_token", ASK)
+    assert result.is_error and result.structured_content is None
+    assert "".join(getattr(b, "text", "") for b in result.content).startswith("[audit_unavailable] ")
+    with sqlite3.connect(db_path) as side:
+        side.execute("DROP TRIGGER audit_down")
+    assert await units(client) == {"github-repo-read": 1}  # the unit was not spent
+    assert await runtime.db.read(check_invariants) == []
