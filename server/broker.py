@@ -152,15 +152,17 @@ class Broker:
 
         def job(tx: Tx) -> R | _Failed:
             now = self.clock.now()
+            mark = None if reads_only else tx.savepoint()  # (a plain call: this runs for every tool call)
             try:
-                if reads_only:
-                    result = op(tx, now)
-                else:
-                    with tx.atomic():
-                        result = op(tx, now)
+                result = op(tx, now)
             except BrokerError as error:
+                if mark is not None:
+                    tx.rollback_savepoint(mark)
                 audit.append(tx, call.event(now, principal, error))
                 return _Failed(error)
+            # any other exception fails the whole job: the store rolls all of it back
+            if mark is not None:
+                tx.release_savepoint()
             if audit_ok:
                 audit.append(tx, call.event(now, principal, None, **(ok_extra(result) if ok_extra else {})))
             return result

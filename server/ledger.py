@@ -70,7 +70,8 @@ def buy(
     Raises IdempotencyKeyReused, UnknownListing, ListingClosed, PriceAboveLimit,
     SoldOut or InsufficientFunds; nothing is changed when it raises.
     """
-    request = fingerprint(listing_id, units, max_unit_price)
+    # what a retry with the same key must repeat exactly (only kept when there is a key to retry with)
+    request = fingerprint(listing_id, units, max_unit_price) if idempotency_key is not None else ""
     if idempotency_key is not None:
         earlier = tx.find_purchase(account, idempotency_key)
         if earlier is not None:

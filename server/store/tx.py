@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -80,18 +79,17 @@ class Tx:
         self._names: dict[str, int] = {} if names is None else names
         self._new_names: dict[str, int] = {}
 
-    @contextmanager
-    def atomic(self) -> Iterator[None]:
-        """A nested savepoint: everything inside is undone if it raises."""
+    def savepoint(self) -> dict[str, int]:
+        """Open a nested savepoint; undo it with `rollback_savepoint(mark)` or keep it with `release_savepoint`."""
         self._c.execute("SAVEPOINT atomic")
-        mark = self.names_mark()
-        try:
-            yield
-        except BaseException:
-            self._c.execute("ROLLBACK TO atomic")
-            self._c.execute("RELEASE atomic")
-            self.names_undo(mark)
-            raise
+        return self.names_mark()
+
+    def rollback_savepoint(self, mark: dict[str, int]) -> None:
+        self._c.execute("ROLLBACK TO atomic")
+        self._c.execute("RELEASE atomic")
+        self.names_undo(mark)
+
+    def release_savepoint(self) -> None:
         self._c.execute("RELEASE atomic")
 
     # ---- meta -----------------------------------------------------------------------------
