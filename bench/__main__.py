@@ -22,7 +22,7 @@ from bench.procs import ROOT, child_env, floor_cmd, product_cmd, product_env, st
 PHASES = ("latency", "throughput", "coldstart", "growth")
 FULL = {
     "calls": 600, "batch": 5, "warmup": 30, "levels": "1,8,32,64", "seconds": 3.0, "rounds": 3,
-    "coldstarts": 10, "events": "10000,1000000", "repeat": 300,
+    "coldstarts": 20, "events": "10000,1000000", "repeat": 300,
 }
 SMOKE = {
     "calls": 6, "batch": 3, "warmup": 1, "levels": "2", "seconds": 0.2, "rounds": 2,

@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 
 from server.emulator import DemoTenant, create_app, demo_tenant
+from server.emulator.keys import signing_key_in_background
 from server.market import ListingSpec, parse_listings
 
 DEMO_ISSUER = "https://demo-tenant.token-vault-mcp.invalid/"
@@ -34,7 +35,7 @@ def demo_listings() -> list[ListingSpec]:
 
 def start_demo_tenant() -> tuple[DemoTenant, httpx.AsyncBaseTransport]:
     """The in-process emulator tenant and the transport the Auth0 client uses to reach it."""
-    tenant = demo_tenant(DEMO_ISSUER)
+    tenant = demo_tenant(DEMO_ISSUER, signing_key=signing_key_in_background())
     return tenant, httpx.ASGITransport(app=create_app(tenant.state, admin=False))
 
 

@@ -18,7 +18,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from server.emulator.admin import admin_routes
 from server.emulator.client_auth import AuthenticatedClient, authenticate_client
 from server.emulator.device import start_device_authorization
 from server.emulator.errors import NO_STORE, OAuthError, error_response, invalid_request
@@ -43,6 +42,8 @@ def create_app(state: EmulatorState, *, admin: bool = True) -> Starlette:
         Route("/oauth/revoke", endpoints.revoke, methods=["POST"]),
     ]
     if admin:
+        from server.emulator.admin import admin_routes  # the test API; the in-process demo tenant has none
+
         routes += admin_routes(state)
     return Starlette(routes=routes)
 

@@ -7,8 +7,11 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+from joserfc.jwk import RSAKey
 
 from server.emulator.state import OFFLINE_ACCESS, EmulatorState
 
@@ -42,9 +45,11 @@ class DemoTenant:
     login_client_id: str  # a native client for the device flow (`login`)
 
 
-def demo_tenant(issuer: str, *, clock: Callable[[], float] = time.time) -> DemoTenant:
-    """A fresh demo tenant at `issuer` (a new signing key and client secret each call)."""
-    state = EmulatorState(issuer, clock=clock)
+def demo_tenant(
+    issuer: str, *, clock: Callable[[], float] = time.time, signing_key: RSAKey | Future[RSAKey] | None = None
+) -> DemoTenant:
+    """A fresh demo tenant at `issuer` (a new signing key, unless given, and client secret each call)."""
+    state = EmulatorState(issuer, clock=clock, signing_key=signing_key)
     state.add_api(DEMO_AUDIENCE, DEMO_SCOPES)
     client_secret = secrets.token_urlsafe(32)
     state.add_client(DEMO_CLIENT_ID, client_secret)

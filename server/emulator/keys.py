@@ -6,7 +6,9 @@ import base64
 import binascii
 import json
 import secrets
+import threading
 from collections.abc import Collection
+from concurrent.futures import Future
 from typing import Any
 
 from joserfc import jwt
@@ -29,11 +31,41 @@ def generate_signing_key(kid: str | None = None) -> RSAKey:
     return RSAKey.generate_key(2048, parameters=parameters, private=True)  # type: ignore[arg-type]
 
 
+def signing_key_in_background() -> Future[RSAKey]:
+    """A signing key being generated on another thread (RSA key generation releases the GIL).
+
+    The demo tenant starts with one, so the ~0.1 s of key generation overlaps the server's start-up
+    instead of adding to it; the key is awaited when first used.
+    """
+    future: Future[RSAKey] = Future()
+
+    def make() -> None:
+        try:
+            future.set_result(generate_signing_key())
+        except BaseException as exc:  # pragma: no cover - surfaced when the key is first used
+            future.set_exception(exc)
+
+    threading.Thread(target=make, name="signing-key", daemon=True).start()
+    return future
+
+
 class SigningKeys:
     """The tenant's keys: the newest signs, all are published (Auth0 keeps old keys in its JWKS)."""
 
-    def __init__(self, first: RSAKey | None = None) -> None:
-        self._keys: list[RSAKey] = [first or generate_signing_key()]
+    def __init__(self, first: RSAKey | Future[RSAKey] | None = None) -> None:
+        self._first: Future[RSAKey] | None = None
+        self._later: list[RSAKey] = []
+        if isinstance(first, Future):
+            self._first = first
+        else:
+            self._later.append(first or generate_signing_key())
+
+    @property
+    def _keys(self) -> list[RSAKey]:
+        if self._first is not None:  # the first key, generated in the background, is needed now
+            self._later.insert(0, self._first.result())
+            self._first = None
+        return self._later
 
     @property
     def current_kid(self) -> str:
@@ -42,7 +74,7 @@ class SigningKeys:
 
     def rotate(self, key: RSAKey | None = None) -> str:
         """Make a new key (or `key`) the signing key, keep the old ones published; return the new kid."""
-        self._keys.append(key or generate_signing_key())
+        self._keys.append(key or generate_signing_key())  # (resolves a pending first key before)
         return self.current_kid
 
     def sign(self, claims: dict[str, Any], *, kid: str | None = None) -> str:

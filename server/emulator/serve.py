@@ -9,8 +9,6 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-import uvicorn
-
 from server.emulator.app import create_app
 from server.emulator.demo import DemoTenant, demo_tenant
 from server.emulator.faults import FaultSettings
@@ -55,6 +53,8 @@ def serve(
     if faults is not None or revoke:
         print(f"# injecting faults: {describe(demo)}", file=sys.stderr, flush=True)
     print_settings(demo, sys.stderr)
+    import uvicorn  # only the standalone emulator needs it (not the in-process demo tenant)
+
     # A hanging fault holds its request until the client leaves; do not let it hold shutdown too.
     config = uvicorn.Config(
         create_app(demo.state), host=bare_host, port=bound_port, log_level="warning", timeout_graceful_shutdown=2

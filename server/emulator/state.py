@@ -7,6 +7,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -110,7 +111,7 @@ class EmulatorState:
         issuer: str,
         *,
         clock: Callable[[], float] = time.time,
-        signing_key: RSAKey | None = None,
+        signing_key: RSAKey | Future[RSAKey] | None = None,
     ) -> None:
         self.issuer = issuer if issuer.endswith("/") else issuer + "/"
         self.clock = clock

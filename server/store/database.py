@@ -194,7 +194,8 @@ def _run_alone(conn: sqlite3.Connection, tx: Tx, job: Job[Any]) -> list[tuple[bo
     try:
         value = job(tx)
     except BaseException as exc:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:  # SQLite may have rolled back already (e.g. SQLITE_FULL)
+            conn.execute("ROLLBACK")
         return [(False, exc)]
     try:
         conn.execute("COMMIT")

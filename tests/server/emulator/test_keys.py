@@ -118,3 +118,23 @@ async def test_token_from_another_tenant_does_not_verify(http: httpx.AsyncClient
 
 def test_issuer_gets_its_trailing_slash(clock: FakeClock, signing_key: RSAKey) -> None:
     assert EmulatorState("https://tenant.example", clock=clock, signing_key=signing_key).issuer == ISSUER
+
+
+def test_a_key_made_in_the_background_signs_first_and_stays_published_after_rotation() -> None:
+    from concurrent.futures import Future
+
+    from server.emulator.keys import SigningKeys, generate_signing_key, signing_key_in_background
+
+    pending = signing_key_in_background()
+    keys = SigningKeys(pending)
+    first_kid = keys.current_kid  # waits for the key
+    assert first_kid == pending.result().kid
+    second = keys.rotate()
+    assert [k["kid"] for k in keys.public_jwks()["keys"]] == [first_kid, second]
+
+    later: Future[RSAKey] = Future()
+    rotated_first = SigningKeys(later)
+    later.set_result(generate_signing_key("one"))
+    rotated_first.rotate(generate_signing_key("two"))  # the pending key is put first, before the new one
+    assert [k["kid"] for k in rotated_first.public_jwks()["keys"]] == ["one", "two"]
+    assert rotated_first.current_kid == "two"
