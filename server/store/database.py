@@ -176,17 +176,8 @@ def _run_batch(
         else:
             conn.execute("RELEASE job")
             outcomes.append((True, value))
-    try:
-        conn.execute("COMMIT")
-    except sqlite3.Error as exc:
-        log.error("commit failed: %s", exc)
-        try:
-            conn.execute("ROLLBACK")
-        except sqlite3.Error:  # pragma: no cover - the transaction is already gone
-            pass
-        return [(False, StoreUnavailable(str(exc)))] * len(batch)
-    tx.names_committed()
-    return outcomes
+    failed = _commit(conn, tx)
+    return outcomes if failed is None else [(False, failed)] * len(batch)
 
 
 def _run_alone(conn: sqlite3.Connection, tx: Tx, job: Job[Any]) -> list[tuple[bool, Any]]:
@@ -197,6 +188,12 @@ def _run_alone(conn: sqlite3.Connection, tx: Tx, job: Job[Any]) -> list[tuple[bo
         if conn.in_transaction:  # SQLite may have rolled back already (e.g. SQLITE_FULL)
             conn.execute("ROLLBACK")
         return [(False, exc)]
+    failed = _commit(conn, tx)
+    return [(True, value)] if failed is None else [(False, failed)]
+
+
+def _commit(conn: sqlite3.Connection, tx: Tx) -> StoreUnavailable | None:
+    """COMMIT (the durable fsync); on failure roll back and say why (nothing of the batch was kept)."""
     try:
         conn.execute("COMMIT")
     except sqlite3.Error as exc:
@@ -205,6 +202,6 @@ def _run_alone(conn: sqlite3.Connection, tx: Tx, job: Job[Any]) -> list[tuple[bo
             conn.execute("ROLLBACK")
         except sqlite3.Error:  # pragma: no cover - the transaction is already gone
             pass
-        return [(False, StoreUnavailable(str(exc)))]
+        return StoreUnavailable(str(exc))
     tx.names_committed()
-    return [(True, value)]
+    return None
