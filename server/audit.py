@@ -141,31 +141,50 @@ def _hash_input_fast(
     """
     if type(id_) is not int:
         raise _NotPlain
-    if latency_ms is None:
-        latency = "null"
-    elif type(latency_ms) is float and math.isfinite(latency_ms):
-        latency = float.__repr__(latency_ms)
-    else:
-        raise _NotPlain
-    if token_id is None:
-        token = "null"
-    elif type(token_id) is bytes:
-        token = '"' + token_id.hex() + '"'
-    else:
-        raise _NotPlain
+    latency, token = _latency_json(latency_ms), _token_json(token_id)
     # _json_string raises TypeError for anything but a str
     s, known = cast(Callable[[object], str], _json_string), _KNOWN_STRINGS
     try:
-        return (
-            f'{{"account":{known.get(account) or _known(account)},"agent":{known.get(agent) or _known(agent)},'
-            f'"args":{s(args)},"code":{known.get(code) or _known(code)},"id":{int.__repr__(id_)},'
-            f'"latency_ms":{latency},"outcome":{known.get(outcome) or _known(outcome)},'
-            f'"scope":{known.get(scope) or _known(scope)},"token_id":{token},'
-            f'"tool":{known.get(tool) or _known(tool)},"transport":{known.get(transport) or _known(transport)},'
-            f'"ts":{s(ev_ts)}}}'
-        ).encode()
+        return _body(
+            known.get(account) or _known(account), known.get(agent) or _known(agent), s(args),
+            known.get(code) or _known(code), int.__repr__(id_), latency, known.get(outcome) or _known(outcome),
+            known.get(scope) or _known(scope), token, known.get(tool) or _known(tool),
+            known.get(transport) or _known(transport), s(ev_ts),
+        )
     except TypeError:
         raise _NotPlain from None
+
+
+def _body(
+    account: str, agent: str, args: str, code: str, id_: str, latency_ms: str, outcome: str, scope: str,
+    token_id: str, tool: str, transport: str, ts: str,
+) -> bytes:
+    """An event's canonical JSON from its fields, each given as JSON text: the keys in sorted order, as
+    `json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=False)` writes them. What both
+    `append` and `verify` hash."""
+    return (
+        f'{{"account":{account},"agent":{agent},"args":{args},"code":{code},"id":{id_},'
+        f'"latency_ms":{latency_ms},"outcome":{outcome},"scope":{scope},"token_id":{token_id},'
+        f'"tool":{tool},"transport":{transport},"ts":{ts}}}'
+    ).encode()
+
+
+def _latency_json(latency_ms: object) -> str:
+    """`latency_ms` as JSON; raises _NotPlain for anything but None or a finite float."""
+    if latency_ms is None:
+        return "null"
+    if type(latency_ms) is float and math.isfinite(latency_ms):
+        return float.__repr__(latency_ms)
+    raise _NotPlain
+
+
+def _token_json(token_id: object) -> str:
+    """`token_id` as JSON (hex text); raises _NotPlain for anything but None or bytes."""
+    if token_id is None:
+        return "null"
+    if type(token_id) is bytes:
+        return '"' + token_id.hex() + '"'
+    raise _NotPlain
 
 
 # Accounts, agents, tools, scopes, outcomes and codes repeat from event to event: their JSON is kept.
@@ -299,19 +318,11 @@ def verify(
         if id_ != prev_id + 1:
             return VerifyResult(False, checked, id_, f"event {prev_id + 1} is missing (next is {id_})")
         try:
-            if latency is None:
-                lat = "null"
-            elif type(latency) is float and math.isfinite(latency):
-                lat = float.__repr__(latency)
-            else:
-                raise _NotPlain
-            body = (
-                f'{{"account":{known[account]},"agent":{known[agent]},"args":{s(args)},"code":{known[code]},'
-                f'"id":{int.__repr__(id_)},"latency_ms":{lat},"outcome":{known[outcome]},"scope":{known[scope]},'
-                f'"token_id":{"null" if token_id is None else chr(34) + token_id.hex() + chr(34)},'
-                f'"tool":{known[tool]},"transport":{known[transport]},"ts":{s(ts)}}}'
-            ).encode()
-        except (KeyError, TypeError, AttributeError, _NotPlain):
+            body = _body(
+                known[account], known[agent], s(args), known[code], int.__repr__(id_), _latency_json(latency),
+                known[outcome], known[scope], _token_json(token_id), known[tool], known[transport], s(ts),
+            )
+        except (KeyError, TypeError, _NotPlain):
             return VerifyResult(False, checked, id_, "it is unreadable: a field was edited")
         if type(hash_) is not bytes or sha256(prev_hash + body).digest() != hash_:  # chain_hash, inlined
             return VerifyResult(
