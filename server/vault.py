@@ -55,8 +55,8 @@ class TokenVault:
     ) -> VaultToken:
         """A token for `connection` covering `scopes`. Raises a BrokerError the tool can answer with."""
         key: CacheKey = (account, connection, frozenset(scopes), login_hint)
-        cached = self._cache.get(key)
-        if cached is not None and self._reusable(cached):
+        cached = self._reused(key)
+        if cached is not None:
             return cached
         self._cache.pop(key, None)
 
@@ -70,7 +70,10 @@ class TokenVault:
 
     def reusable(self, account: str, connection: str, scopes: list[str], login_hint: str | None) -> VaultToken | None:
         """The answer `fetch` would reuse for this ask right now, if any (no network)."""
-        cached = self._cache.get((account, connection, frozenset(scopes), login_hint))
+        return self._reused((account, connection, frozenset(scopes), login_hint))
+
+    def _reused(self, key: CacheKey) -> VaultToken | None:
+        cached = self._cache.get(key)
         return cached if cached is not None and self._reusable(cached) else None
 
     def _reusable(self, token: VaultToken) -> bool:

@@ -25,6 +25,8 @@ _HOLDING_SELECT = """
     FROM holdings h JOIN listings l ON l.id = h.listing_id
 """
 _GENESIS = bytes(32)  # the first event chains from this (server.audit.GENESIS)
+# An audit row as stored, names as ids into audit_names (what `audit verify` walks)
+_AUDIT_ROW = "id, ts, account, agent, tool, transport, scope, outcome, code, args, token_id, latency_ms, hash"
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -334,8 +336,7 @@ class Tx:
         """Store an event (its names by id; its prev_hash is the previous row's hash, not stored)."""
         name = self.name_id
         self._c.execute(
-            "INSERT INTO audit(id, ts, account, agent, tool, transport, scope, outcome, code, args, token_id, "
-            "latency_ms, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO audit({_AUDIT_ROW}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 record.id,
                 record.ts,
@@ -363,9 +364,7 @@ class Tx:
         execute = self._c.execute
         while True:
             rows = execute(
-                "SELECT id, ts, account, agent, tool, transport, scope, outcome, code, args, token_id, latency_ms, "
-                "hash FROM audit WHERE id > ? ORDER BY id LIMIT ?",
-                (last, chunk),
+                f"SELECT {_AUDIT_ROW} FROM audit WHERE id > ? ORDER BY id LIMIT ?", (last, chunk)
             ).fetchall()
             if not rows:
                 return
@@ -405,9 +404,8 @@ class Tx:
             clauses.append("a.ts <= ?")
             params.append(where.until)
         order = "DESC" if newest_first else "ASC"
-        sql = (
-            "SELECT a.id, a.ts, a.account, a.agent, a.tool, a.transport, a.scope, a.outcome, a.code, a.args, "
-            "a.token_id, a.latency_ms, a.hash, "
+        sql = (  # the row, then its predecessor's hash
+            f"SELECT {_AUDIT_ROW}, "
             "CASE WHEN a.id = 1 THEN zeroblob(32) ELSE (SELECT p.hash FROM audit p WHERE p.id = a.id - 1) END "
             f"FROM audit a WHERE {' AND '.join(clauses)} ORDER BY a.id {order}"
         )
