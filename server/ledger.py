@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from server.clock import rfc3339
@@ -155,22 +155,29 @@ def reserve(
     tx: Tx, account: str, connection: str, scopes: Sequence[str], owner: str, now: datetime
 ) -> tuple[str, Holding]:
     """Reserve one unit from the right holding; return the reservation id and the holding."""
-    holding = choose_holding(tx.holdings_of(account, connection), connection, scopes)
-    reservation_id = "res_" + secrets.token_hex(12)
-    if not tx.reserve_unit(holding.id, reservation_id, owner, rfc3339(now)):  # pragma: no cover - same tx
-        raise NoQuota(f"no units left for {connection}")
-    return reservation_id, holding
+    return _take_unit(
+        tx, account, connection, scopes, lambda holding, rid: tx.reserve_unit(holding, rid, owner, rfc3339(now))
+    )
 
 
 def spend(tx: Tx, account: str, connection: str, scopes: Sequence[str], now: datetime) -> tuple[str, int]:
     """Spend one unit from the right holding at once, as a committed reservation (the token is already
     in hand). Return the reservation id and the units left in that holding."""
+    reservation_id, holding = _take_unit(
+        tx, account, connection, scopes, lambda holding, rid: tx.spend_unit(holding, rid, rfc3339(now))
+    )
+    return reservation_id, holding.units_held - 1
+
+
+def _take_unit(
+    tx: Tx, account: str, connection: str, scopes: Sequence[str], take: Callable[[int, str], bool]
+) -> tuple[str, Holding]:
+    """Pick the holding to spend (least privilege) and `take(holding_id, reservation_id)` one unit of it."""
     holding = choose_holding(tx.holdings_of(account, connection), connection, scopes)
     reservation_id = "res_" + secrets.token_hex(12)
-    ts = rfc3339(now)
-    if not tx.spend_unit(holding.id, reservation_id, ts):  # pragma: no cover - same tx
+    if not take(holding.id, reservation_id):  # pragma: no cover - chosen in the same transaction
         raise NoQuota(f"no units left for {connection}")
-    return reservation_id, holding.units_held - 1
+    return reservation_id, holding
 
 
 def settle(tx: Tx, reservation_id: str, committed: bool, now: datetime) -> bool:
