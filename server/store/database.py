@@ -1,12 +1,12 @@
 """One SQLite file, opened through aiosqlite, with group commit.
 
-Every write is a *job*: a synchronous function of a `Tx`. Jobs queued while a commit is
-under way are run together in one `BEGIN IMMEDIATE … COMMIT`, each inside its own
-savepoint, so one job's failure rolls back only that job, and N concurrent callers pay for
-one fsync instead of N. A batch runs on aiosqlite's worker thread, so its fsync overlaps
-the event loop's other work; a lone job runs inline, sparing two thread hand-offs (jobs are
-short: a tool call's transaction). Durability is never traded away: WAL with
-`synchronous=FULL`.
+Every write is a *job*: a synchronous function of a `Tx`. Jobs that arrive together (in
+the same turn of the event loop, or while a commit is under way) run in one
+`BEGIN IMMEDIATE … COMMIT`, each inside its own savepoint, so one job's failure rolls back
+only that job, and N concurrent callers pay for one fsync instead of N. A batch runs on
+aiosqlite's worker thread, so its fsync overlaps the event loop's other work; a lone job
+runs inline in its caller, sparing thread hand-offs, a task and a future (jobs are short: a
+tool call's transaction). Durability is never traded away: WAL with `synchronous=FULL`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import secrets
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import aiosqlite
 
@@ -45,6 +45,7 @@ class Database:
         self.hmac_key = hmac_key
         self._queue: list[tuple[Job[Any], asyncio.Future[Any]]] = []
         self._writer: asyncio.Task[None] | None = None
+        self._leading = False  # a call is collecting the jobs ready to join its commit
         self._closed = False
         self._names: dict[str, int] = {}  # audit name → id, as committed (see Tx.name_id)
 
@@ -73,11 +74,43 @@ class Database:
         """
         if self._closed:
             raise StoreUnavailable("the database is closed")
+        if self._leading or not (self._writer is None or self._writer.done()):
+            return await self._enqueue(job)
+        # Nothing under way: this call leads. Calls ready to run in this turn of the loop join it
+        # (they queue behind it); if none did (one call at a time), its transaction runs right
+        # here, sparing a writer task, a future and a turn of the loop.
+        self._leading = True
+        try:
+            await asyncio.sleep(0)
+        except BaseException:  # cancelled before its job ran: the calls that joined go on without it
+            self._leading = False
+            self._start_writer()
+            raise
+        self._leading = False
+        if self._queue:
+            return await self._enqueue(job, first=True)
+        try:  # no await from here to the end of the transaction: nothing can interleave
+            ((ok, value),) = _run_batch(self._conn._conn, [(job, None)], self._names)
+        except Exception as exc:  # the transaction itself failed (not the job)
+            raise StoreUnavailable(str(exc)) from None
+        if ok:
+            return cast(T, value)
+        raise value
+
+    def _enqueue(self, job: Job[T], *, first: bool = False) -> asyncio.Future[T]:
+        """Queue `job` for the writer's next group commit."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.append((job, future))
-        if self._writer is None or self._writer.done():
+        if first:
+            self._queue.insert(0, (job, future))
+        else:
+            self._queue.append((job, future))
+        if not self._leading:
+            self._start_writer()
+        return future
+
+    def _start_writer(self) -> None:
+        if self._queue and (self._writer is None or self._writer.done()):
             self._writer = asyncio.create_task(self._drain())
-        return await future
 
     async def read(self, job: Job[T]) -> T:
         """Run a read-only `job` (serialized with the writer; it sees committed data)."""

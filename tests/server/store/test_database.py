@@ -6,12 +6,13 @@ import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from server import audit
 from server.audit import Event
-from server.store import Database, Tx
+from server.store import Database, StoreUnavailable, Tx
 
 
 @pytest.fixture
@@ -73,3 +74,65 @@ async def test_names_added_by_another_process_are_found(db: Database, tmp_path: 
     conn.close()
     assert rows == [("auth0|one",), ("auth0|two",), ("auth0|two",), ("auth0|three",)]
     assert (await db.read(audit.verify_log)).ok
+
+
+async def test_one_job_at_a_time_runs_inline_and_still_fails_alone(db: Database) -> None:
+    assert await db.write(lambda tx: audit.append(tx, event("auth0|one"))) == 1
+    assert db._writer is None  # no writer task, no future: run in the caller's own turn
+    with pytest.raises(RuntimeError, match="own failure"):
+        await db.write(append_then_fail("auth0|ghost"))
+    assert await db.write(lambda tx: audit.append(tx, event("auth0|two"))) == 2
+    assert (await db.read(audit.verify_log)).ok
+    names = await db.read(lambda tx: sorted(tx.audit_names().values()))
+    assert "auth0|ghost" not in names
+
+
+async def test_a_job_waits_for_a_group_commit_under_way(db: Database) -> None:
+    batch = [asyncio.ensure_future(db.write(lambda tx, n=n: audit.append(tx, event(f"auth0|{n}")))) for n in range(5)]
+    await asyncio.sleep(0)  # the writer has taken the batch to its thread
+    late = await db.write(lambda tx: audit.append(tx, event("auth0|late")))
+    assert sorted(await asyncio.gather(*batch)) == [1, 2, 3, 4, 5] and late == 6
+    result = await db.read(audit.verify_log)
+    assert (result.ok, result.checked) == (True, 6)
+
+
+async def test_a_job_that_cannot_begin_keeps_nothing(db: Database, tmp_path: Path) -> None:
+    side = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
+    side.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    db._conn._conn.execute("PRAGMA busy_timeout = 50")
+    try:
+        with pytest.raises(StoreUnavailable, match="locked"):
+            await db.write(lambda tx: audit.append(tx, event("auth0|one")))
+    finally:
+        side.execute("ROLLBACK")
+        side.close()
+    assert await db.write(lambda tx: audit.append(tx, event("auth0|one"))) == 1
+
+
+async def test_jobs_ready_together_share_the_leaders_commit(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    import server.store.database as database
+
+    batches: list[int] = []
+    real_batch = database._run_batch
+
+    def counted(conn: sqlite3.Connection, batch: list[Any], names: dict[str, int]) -> list[tuple[bool, Any]]:
+        batches.append(len(batch))
+        return real_batch(conn, batch, names)
+
+    monkeypatch.setattr(database, "_run_batch", counted)
+    ids = await asyncio.gather(*(db.write(lambda tx, n=n: audit.append(tx, event(f"auth0|{n}"))) for n in range(12)))
+    assert sorted(ids) == list(range(1, 13)) and batches == [12]
+    assert ids[0] == 1  # the leader's job comes first in its batch
+
+
+async def test_a_leader_cancelled_before_its_job_ran_leaves_the_others_to_commit(db: Database) -> None:
+    leader = asyncio.ensure_future(db.write(lambda tx: audit.append(tx, event("auth0|gone"))))
+    follower = asyncio.ensure_future(db.write(lambda tx: audit.append(tx, event("auth0|stays"))))
+    await asyncio.sleep(0)  # the leader waits one turn for company; the follower has joined it
+    leader.cancel()
+    assert await asyncio.wait_for(follower, 10) == 1
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+    accounts = await db.read(lambda tx: [r.account for r in tx.iter_audit()])
+    assert accounts == ["auth0|stays"]
+    assert await db.write(lambda tx: audit.append(tx, event("auth0|next"))) == 2  # nothing is left stuck
