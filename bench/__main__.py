@@ -21,7 +21,7 @@ from bench.procs import ROOT, child_env, floor_cmd, product_cmd, product_env, st
 
 PHASES = ("latency", "throughput", "coldstart", "growth")
 FULL = {
-    "calls": 600, "batch": 5, "warmup": 30, "levels": "1,8,32,64", "seconds": 3.0, "rounds": 3,
+    "calls": 600, "batch": 5, "warmup": 30, "levels": "1,8,32,64", "seconds": 1.5, "rounds": 6,
     "coldstarts": 20, "events": "10000,1000000", "repeat": 300,
 }
 SMOKE = {

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 from server import demo
 from server.app import build_mcp, open_runtime
 from server.config import Config
 
 log = logging.getLogger(__name__)
+
+# How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). The
+# group-commit thread needs it back the moment its fsync returns; with 5 ms, an event loop busy
+# with other requests keeps every caller of that batch waiting. 0.5 ms: buy_quota at 32 clients
+# from 78–84 % to 91–93 % of the floor's calls/s (bench throughput, interleaved A/B).
+GIL_SWITCH_INTERVAL = 0.0005
 
 
 async def serve_stdio(config: Config) -> None:
@@ -32,6 +39,7 @@ async def serve_remote(config: Config, transport: str, host: str, port: int) -> 
 
     from server.remote import build_remote_app, remote_settings
 
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)  # many concurrent clients: see above
     runtime = await open_runtime(config)
     try:
         await runtime.broker.recover_reservations()
