@@ -13,6 +13,7 @@ import pytest
 from server import audit
 from server.audit import Event
 from server.store import Database, StoreUnavailable, Tx
+from server.store.database import SOLO_CALLS
 
 
 @pytest.fixture
@@ -136,3 +137,38 @@ async def test_a_leader_cancelled_before_its_job_ran_leaves_the_others_to_commit
     accounts = await db.read(lambda tx: [r.account for r in tx.iter_audit()])
     assert accounts == ["auth0|stays"]
     assert await db.write(lambda tx: audit.append(tx, event("auth0|next"))) == 2  # nothing is left stuck
+
+
+async def test_after_a_run_of_lone_calls_leaders_stop_waiting_but_still_probe(db: Database) -> None:
+    waited: list[bool] = []
+    for _ in range(3 * SOLO_CALLS):
+        turned: list[int] = []
+        asyncio.get_running_loop().call_soon(turned.append, 1)  # runs if the leader yields a turn
+        await db.write(lambda tx, turned=turned: waited.append(bool(turned)))
+    probe = [True] + [False] * (SOLO_CALLS - 1)
+    assert waited == [True] * SOLO_CALLS + probe + probe
+
+
+async def test_overlapping_calls_after_a_lone_run_share_commits_again(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import server.store.database as database
+
+    for n in range(3 * SOLO_CALLS + 1):  # a long run of lone calls: leaders no longer wait
+        await db.write(lambda tx, n=n: audit.append(tx, event(f"auth0|lone-{n}")))
+    batches: list[int] = []
+    real_batch = database._run_batch
+
+    def counted(conn: sqlite3.Connection, batch: list[Any], names: dict[str, int]) -> list[tuple[bool, Any]]:
+        batches.append(len(batch))
+        return real_batch(conn, batch, names)
+
+    monkeypatch.setattr(database, "_run_batch", counted)
+    await asyncio.gather(*(db.write(lambda tx, n=n: audit.append(tx, event(f"auth0|{n}"))) for n in range(40)))
+    assert sum(batches) == 40
+    assert batches.count(1) < SOLO_CALLS and max(batches) > 1  # the next probe found company
+    batches.clear()
+    await asyncio.gather(*(db.write(lambda tx, n=n: audit.append(tx, event(f"auth0|{n}"))) for n in range(10)))
+    assert batches == [10]  # and leaders wait for company again
+    result = await db.read(audit.verify_log)
+    assert (result.ok, result.checked) == (True, 3 * SOLO_CALLS + 1 + 50)
