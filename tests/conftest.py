@@ -48,6 +48,22 @@ async def client(runtime: Runtime) -> AsyncIterator[Client]:
         yield c
 
 
+@pytest.fixture
+def batch_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of jobs in each transaction the store runs from now on (group commit at work)."""
+    import server.store.database as database
+
+    sizes: list[int] = []
+    real_batch = database._run_batch
+
+    def counted(conn: Any, batch: list[Any], names: dict[str, int]) -> list[tuple[bool, Any]]:
+        sizes.append(len(batch))
+        return real_batch(conn, batch, names)
+
+    monkeypatch.setattr(database, "_run_batch", counted)
+    return sizes
+
+
 @asynccontextmanager
 async def held(context: AbstractAsyncContextManager[T]) -> AsyncIterator[T]:
     """Enter and exit `context` in one task of its own.

@@ -119,25 +119,15 @@ async def test_every_call_is_chained_into_the_audit_log(client: Client, runtime:
 
 
 async def test_one_call_at_a_time_commits_inline_and_concurrent_calls_share_commits(
-    client: Client, runtime: Any, monkeypatch: pytest.MonkeyPatch
+    client: Client, runtime: Any, batch_sizes: list[int]
 ) -> None:
-    import server.store.database as database
-
-    batches: list[int] = []
-    real_batch = database._run_batch
-
-    def counted(conn: Any, batch: list[Any], names: Any) -> Any:
-        batches.append(len(batch))
-        return real_batch(conn, batch, names)
-
-    monkeypatch.setattr(database, "_run_batch", counted)
     runtime.db._writer = None
     for _ in range(3):
         assert not (await client.call_tool("check_balance", {})).is_error
-    assert batches == [1, 1, 1] and runtime.db._writer is None  # inline: no writer task was needed
-    batches.clear()
+    assert batch_sizes == [1, 1, 1] and runtime.db._writer is None  # inline: no writer task was needed
+    batch_sizes.clear()
     results = await asyncio.gather(*(client.call_tool("check_balance", {}) for _ in range(12)))
     assert not any(r.is_error for r in results)
-    assert sum(batches) == 12 and max(batches) > 1  # calls arriving together still share a group commit
+    assert sum(batch_sizes) == 12 and max(batch_sizes) > 1  # calls arriving together still share a group commit
     events = await runtime.db.read(lambda tx: tx.find_audit(AuditFilter(tool="check_balance"), limit=100))
     assert len(events) == 15

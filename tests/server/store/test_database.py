@@ -6,7 +6,6 @@ import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -110,19 +109,9 @@ async def test_a_job_that_cannot_begin_keeps_nothing(db: Database, tmp_path: Pat
     assert await db.write(lambda tx: audit.append(tx, event("auth0|one"))) == 1
 
 
-async def test_jobs_ready_together_share_the_leaders_commit(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
-    import server.store.database as database
-
-    batches: list[int] = []
-    real_batch = database._run_batch
-
-    def counted(conn: sqlite3.Connection, batch: list[Any], names: dict[str, int]) -> list[tuple[bool, Any]]:
-        batches.append(len(batch))
-        return real_batch(conn, batch, names)
-
-    monkeypatch.setattr(database, "_run_batch", counted)
+async def test_jobs_ready_together_share_the_leaders_commit(db: Database, batch_sizes: list[int]) -> None:
     ids = await asyncio.gather(*(db.write(lambda tx, n=n: audit.append(tx, event(f"auth0|{n}"))) for n in range(12)))
-    assert sorted(ids) == list(range(1, 13)) and batches == [12]
+    assert sorted(ids) == list(range(1, 13)) and batch_sizes == [12]
     assert ids[0] == 1  # the leader's job comes first in its batch
 
 
@@ -149,26 +138,15 @@ async def test_after_a_run_of_lone_calls_leaders_stop_waiting_but_still_probe(db
     assert waited == [True] * SOLO_CALLS + probe + probe
 
 
-async def test_overlapping_calls_after_a_lone_run_share_commits_again(
-    db: Database, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import server.store.database as database
-
+async def test_overlapping_calls_after_a_lone_run_share_commits_again(db: Database, batch_sizes: list[int]) -> None:
     for n in range(3 * SOLO_CALLS + 1):  # a long run of lone calls: leaders no longer wait
         await db.write(lambda tx, n=n: audit.append(tx, event(f"auth0|lone-{n}")))
-    batches: list[int] = []
-    real_batch = database._run_batch
-
-    def counted(conn: sqlite3.Connection, batch: list[Any], names: dict[str, int]) -> list[tuple[bool, Any]]:
-        batches.append(len(batch))
-        return real_batch(conn, batch, names)
-
-    monkeypatch.setattr(database, "_run_batch", counted)
+    batch_sizes.clear()
     await asyncio.gather(*(db.write(lambda tx, n=n: audit.append(tx, event(f"auth0|{n}"))) for n in range(40)))
-    assert sum(batches) == 40
-    assert batches.count(1) < SOLO_CALLS and max(batches) > 1  # the next probe found company
-    batches.clear()
+    assert sum(batch_sizes) == 40
+    assert batch_sizes.count(1) < SOLO_CALLS and max(batch_sizes) > 1  # the next probe found company
+    batch_sizes.clear()
     await asyncio.gather(*(db.write(lambda tx, n=n: audit.append(tx, event(f"auth0|{n}"))) for n in range(10)))
-    assert batches == [10]  # and leaders wait for company again
+    assert batch_sizes == [10]  # and leaders wait for company again
     result = await db.read(audit.verify_log)
     assert (result.ok, result.checked) == (True, 3 * SOLO_CALLS + 1 + 50)
