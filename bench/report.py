@@ -163,9 +163,9 @@ def _throughput(rows: list[Throughput]) -> list[str]:
         "N clients (each its own MCP session) call in a loop for a fixed time; product and floor rounds "
         "alternate (short rounds, several per side: `seconds`, `rounds` in Settings), and each rate is "
         "calls over time summed across its side's rounds. The server runs with a 0.5 ms GIL switch "
-        "interval (`server/serve.py`). All clients act for the demo account, so every `buy_quota` and `request_token` "
-        "writes to one wallet and one holding. *audited* = `ok` events the product's database gained for "
-        "that tool during the product's rounds (must equal its successful calls). Targets apply at "
+        "interval (`server/serve.py`). All clients act for the demo account, so every `buy_quota` and "
+        "`request_token` writes to one wallet and one holding. *audited* = `ok` events the product's "
+        "database gained for that tool during the product's rounds (must equal its successful calls). Targets apply at "
         f"{TARGET_CLIENTS} clients.",
         "",
         "| call | clients | product calls/s | floor calls/s | **product / floor** | target | errors | "
