@@ -15,6 +15,7 @@ from mcp import Client
 from server.app import Runtime, build_mcp, open_runtime
 from server.clock import ManualClock
 from server.config import load_config
+from server.store import Database
 
 T = TypeVar("T")
 
@@ -30,6 +31,16 @@ def clock() -> ManualClock:
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "vault.db"
+
+
+@pytest.fixture
+async def db(db_path: Path) -> AsyncIterator[Database]:
+    """A store on a real SQLite file (the product's schema), closed after the test."""
+    database = await Database.open(db_path)
+    try:
+        yield database
+    finally:
+        await database.close()
 
 
 @pytest.fixture

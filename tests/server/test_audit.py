@@ -7,7 +7,6 @@ import hmac
 import itertools
 import json
 import sqlite3
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -43,17 +42,9 @@ def event(n: int, **changes: object) -> Event:
 
 
 @pytest.fixture
-def path(tmp_path: Path) -> Path:
-    return tmp_path / "audit.db"
-
-
-@pytest.fixture
-async def db(path: Path) -> AsyncIterator[Database]:
-    database = await Database.open(path)
-    try:
-        yield database
-    finally:
-        await database.close()
+def path(db_path: Path) -> Path:
+    """The file behind the `db` fixture, for tampering with it directly."""
+    return db_path
 
 
 async def append(db: Database, ev: Event) -> int:

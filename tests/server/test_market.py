@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -56,15 +55,6 @@ def write(tmp_path: Path, *tables: dict[str, Any]) -> Path:
     path = tmp_path / "market.toml"
     path.write_text(toml(*tables), encoding="utf-8")
     return path
-
-
-@pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Database]:
-    database = await Database.open(tmp_path / "market.db")
-    try:
-        yield database
-    finally:
-        await database.close()
 
 
 async def load(db: Database, *tables: dict[str, Any]) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -13,15 +12,6 @@ from server import audit
 from server.audit import Event
 from server.store import Database, StoreUnavailable, Tx
 from server.store.database import SOLO_CALLS
-
-
-@pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Database]:
-    database = await Database.open(tmp_path / "t.db")
-    try:
-        yield database
-    finally:
-        await database.close()
 
 
 def event(account: str) -> Event:
@@ -60,16 +50,16 @@ async def test_concurrent_jobs_share_one_transaction_and_fail_alone(db: Database
     assert names == ["auth0|good-0", "auth0|good-1", "auth0|good-2", "auth0|good-3", "ok", "stdio", "t"]
 
 
-async def test_names_added_by_another_process_are_found(db: Database, tmp_path: Path) -> None:
+async def test_names_added_by_another_process_are_found(db: Database, db_path: Path) -> None:
     await db.write(lambda tx: audit.append(tx, event("auth0|one")))
-    other = await Database.open(tmp_path / "t.db")  # e.g. a CLI command next to the server
+    other = await Database.open(db_path)  # e.g. a CLI command next to the server
     try:
         await other.write(lambda tx: audit.append(tx, event("auth0|two")))
     finally:
         await other.close()
     await db.write(lambda tx: audit.append(tx, event("auth0|two")))
     await db.write(lambda tx: audit.append(tx, event("auth0|three")))
-    conn = sqlite3.connect(tmp_path / "t.db")
+    conn = sqlite3.connect(db_path)
     rows = conn.execute("SELECT account FROM audit_events ORDER BY id").fetchall()
     conn.close()
     assert rows == [("auth0|one",), ("auth0|two",), ("auth0|two",), ("auth0|three",)]
@@ -96,8 +86,8 @@ async def test_a_job_waits_for_a_group_commit_under_way(db: Database) -> None:
     assert (result.ok, result.checked) == (True, 6)
 
 
-async def test_a_job_that_cannot_begin_keeps_nothing(db: Database, tmp_path: Path) -> None:
-    side = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
+async def test_a_job_that_cannot_begin_keeps_nothing(db: Database, db_path: Path) -> None:
+    side = sqlite3.connect(db_path, isolation_level=None)
     side.execute("BEGIN IMMEDIATE")  # another process holds the write lock
     db._conn._conn.execute("PRAGMA busy_timeout = 50")
     try:
