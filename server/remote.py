@@ -2,7 +2,8 @@
 
 Two ASGI layers wrap the SDK's transport app:
 - `HostOriginGuard` (outermost, every request): a `Host` outside the allowlist → 421, an
-  `Origin` outside it → 403 (DNS rebinding, cross-site browsers).
+  `Origin` outside it → 403 (DNS rebinding, cross-site browsers). Loopback names on any port
+  are always allowed (SPEC §7), as the MCP SDK and the conformance suite do.
 - `BearerAuth` (the MCP endpoints): a verified Auth0 access token or 401 with
   `WWW-Authenticate` naming the RFC 9728 metadata; every refusal is audited without the token.
 The verified principal rides in the ASGI scope to the tools, whose scope checks answer
@@ -64,19 +65,40 @@ class RemoteSettings:
 
 
 def remote_settings(config: Config, transport: str, host: str, port: int) -> RemoteSettings:
-    """Allowlists: loopback names on the bound port, the resource URL's host, and the configured extras."""
+    """Allowlists beyond loopback (always allowed, see `is_loopback_host`): the resource URL's host and the extras."""
     default_path = "/mcp" if transport == "http" else "/sse"
     shown_host = f"[{host}]" if ":" in host else host
     resource = config.resource_url or f"http://{shown_host}:{port}{default_path}"
-    hosts = {f"{name}:{port}" for name in ("127.0.0.1", "localhost", "[::1]")} | {"127.0.0.1", "localhost", "[::1]"}
-    hosts.add(f"{shown_host}:{port}")
-    origins = {f"http://{name}:{port}" for name in ("127.0.0.1", "localhost", "[::1]")}
+    hosts = {f"{shown_host}:{port}".lower()}
+    origins: set[str] = set()
     parts = urlsplit(resource)
     hosts.add(parts.netloc.lower())
     origins.add(f"{parts.scheme}://{parts.netloc}".lower())
     hosts.update(h.lower() for h in config.allowed_hosts)
     origins.update(o.lower().rstrip("/") for o in config.allowed_origins)
     return RemoteSettings(transport, host, port, resource, frozenset(hosts), frozenset(origins))
+
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
+
+
+def is_loopback_host(host: str) -> bool:
+    """`localhost`, `127.0.0.1` or `[::1]`, with any port or none (a local reverse proxy needs no configuration).
+
+    The port adds nothing against DNS rebinding: there the `Host` is the attacker's own name.
+    """
+    name, colon, port = host.rpartition(":") if not host.endswith("]") else (host, "", "")
+    if not colon:
+        name = host
+    elif not (port.isascii() and port.isdigit() and len(port) <= 5):
+        return False
+    return name in LOOPBACK_NAMES
+
+
+def is_loopback_origin(origin: str) -> bool:
+    """An `http` or `https` origin on a loopback name, any port (see `is_loopback_host`)."""
+    scheme, sep, rest = origin.partition("://")
+    return bool(sep) and scheme in ("http", "https") and "/" not in rest and "@" not in rest and is_loopback_host(rest)
 
 
 def metadata_document(runtime: Runtime, settings: RemoteSettings) -> dict[str, Any]:
@@ -139,11 +161,11 @@ class HostOriginGuard:
             return
         headers = _headers(scope)
         host = headers.get("host", "").lower()
-        if host not in self.settings.allowed_hosts:
+        if host not in self.settings.allowed_hosts and not is_loopback_host(host):
             await _plain(send, 421, "Misdirected Request: this server does not serve that Host")
             return
         origin = headers.get("origin")
-        if origin is not None and origin.lower().rstrip("/") not in self.settings.allowed_origins:
+        if origin is not None and not _origin_allowed(origin.lower().rstrip("/"), self.settings.allowed_origins):
             await _plain(send, 403, "Forbidden: Origin not allowed")
             return
         await self.app(scope, receive, send)
@@ -221,6 +243,10 @@ def _claimed(claims: dict[str, Any] | None) -> Principal | None:
         return Principal.from_claims(claims)
     except Unauthenticated:
         return None
+
+
+def _origin_allowed(origin: str, allowed: frozenset[str]) -> bool:
+    return origin in allowed or is_loopback_origin(origin)
 
 
 def _headers(scope: Scope) -> dict[str, str]:

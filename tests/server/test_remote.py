@@ -204,7 +204,49 @@ def test_allowlists_come_from_the_resource_url_and_the_environment(tmp_path: Pat
         dotenv=False,
     )
     settings = remote_settings(config, "http", "0.0.0.0", 8000)
-    assert {"broker.example.com", "internal.lan:8000", "other.example", "127.0.0.1:8000"} <= settings.allowed_hosts
+    assert {"broker.example.com", "internal.lan:8000", "other.example"} <= settings.allowed_hosts
     assert {"https://broker.example.com", "https://app.example.com"} <= settings.allowed_origins
     assert "evil.example" not in settings.allowed_hosts
     assert settings.metadata_url == "https://broker.example.com/.well-known/oauth-protected-resource/mcp"
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("localhost", True), ("localhost:1", True), ("127.0.0.1:65535", True), ("[::1]", True), ("[::1]:9", True),
+     ("localhost:", False), ("localhost:x", False), ("localhost:123456", False), ("localhost.evil.example", False),
+     ("evil.example:8000", False), ("127.0.0.2:8000", False), ("::1", False), ("", False)],
+)
+def test_loopback_names_on_any_port_are_loopback_and_nothing_else_is(host: str, loopback: bool) -> None:
+    from server.remote import is_loopback_host, is_loopback_origin
+
+    assert is_loopback_host(host) is loopback
+    assert is_loopback_origin(f"http://{host}") is loopback
+    assert is_loopback_origin(f"https://{host}") is loopback
+    assert not is_loopback_origin(f"ftp://{host}")
+    assert not is_loopback_origin(f"http://user@{host}")
+
+
+async def test_a_local_reverse_proxy_on_another_port_is_served_and_foreign_names_are_not(remote: Remote) -> None:
+    other = 1 + int(remote.base_url.rsplit(":", 1)[1]) % 60000
+    initialize = {
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
+    }
+    auth = {"Authorization": f"Bearer {remote.token('auth0|alice')}"}
+    proxied = {**auth, "Host": f"localhost:{other}", "Origin": f"http://127.0.0.1:{other}"}
+    async with httpx.AsyncClient(base_url=remote.base_url) as http:
+        health = await http.get("/healthz", headers={"Host": f"[::1]:{other}", "Origin": f"http://localhost:{other}"})
+        assert health.status_code == 200
+        if remote.transport == "http":
+            served = await http.post(
+                "/mcp", json=initialize, headers={**proxied, "Accept": "application/json, text/event-stream"}
+            )
+            assert served.status_code == 200, served.text
+            assert "serverInfo" in served.text
+        else:
+            async with http.stream("GET", "/sse", headers=proxied) as stream:
+                assert stream.status_code == 200
+        assert (await http.get(remote.endpoint, headers={**auth, "Host": "evil.example"})).status_code == 421
+        assert (await http.get(remote.endpoint, headers={**auth, "Origin": "http://evil.example"})).status_code == 403
+        evil_port = f"http://evil.example:{other}"
+        assert (await http.get("/healthz", headers={"Origin": evil_port})).status_code == 403
