@@ -67,9 +67,11 @@ def batch_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     sizes: list[int] = []
     real_batch = database._run_batch
 
-    def counted(conn: Any, batch: list[Any], names: dict[str, int]) -> list[tuple[bool, Any]]:
-        sizes.append(len(batch))
-        return real_batch(conn, batch, names)
+    def counted(conn: Any, batch: list[Any], names: dict[str, int], wait: float = 0.0) -> Any:
+        outcomes = real_batch(conn, batch, names, wait)
+        if outcomes is not None:  # None: the write lock was busy and nothing ran
+            sizes.append(len(batch))
+        return outcomes
 
     monkeypatch.setattr(database, "_run_batch", counted)
     return sizes

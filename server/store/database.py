@@ -7,6 +7,12 @@ only that job, and N concurrent callers pay for one fsync instead of N. A batch 
 aiosqlite's worker thread, so its fsync overlaps the event loop's other work; a lone job
 runs inline in its caller, sparing thread hand-offs, a task and a future (jobs are short: a
 tool call's transaction). Durability is never traded away: WAL with `synchronous=FULL`.
+
+The event loop never waits for SQLite's write lock: inline, `BEGIN IMMEDIATE` runs with no
+busy timeout, and when another process (a `wallet credit`, a `market load`, another server)
+holds the lock, the job goes to the worker thread, which waits up to `busy_timeout` for it
+while the loop keeps serving. In WAL mode a transaction that began holds the lock until its
+COMMIT, so nothing after `BEGIN IMMEDIATE` can be busy.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import logging
 import os
 import secrets
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -30,6 +37,7 @@ Job = Callable[[Tx], T]
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 256
+BUSY_TIMEOUT = 10.0  # seconds a transaction waits (on the worker thread) for another process's write lock
 # One call at a time (an agent's loop), a leader's turn of waiting is ~50 µs for nothing: after this
 # many leaders in a row found no company, only every this-many-th waits (see Database.write).
 SOLO_CALLS = 8
@@ -42,10 +50,14 @@ class StoreUnavailable(Exception):
 class Database:
     """The broker's SQLite database. Open with `await Database.open(path)`."""
 
-    def __init__(self, path: Path, conn: aiosqlite.Connection, hmac_key: bytes) -> None:
+    def __init__(self, path: Path, conn: aiosqlite.Connection, hmac_key: bytes, *, inline: bool = True) -> None:
         self.path = path
         self._conn = conn
         self.hmac_key = hmac_key
+        self.busy_timeout = BUSY_TIMEOUT
+        # Jobs may try the write lock on the loop itself only where a begun transaction cannot be busy
+        # (WAL); otherwise (a filesystem without WAL) every job runs on the worker thread.
+        self._inline = inline
         self._queue: list[tuple[Job[Any], asyncio.Future[Any]]] = []
         self._writer: asyncio.Task[None] | None = None
         self._leading = False  # a call is collecting the jobs ready to join its commit
@@ -60,7 +72,7 @@ class Database:
         await asyncio.to_thread(file.parent.mkdir, parents=True, exist_ok=True)
         conn = await aiosqlite.connect(file, isolation_level=None, check_same_thread=False)
         try:
-            key = await conn._execute(_prepare, conn._conn)
+            key, wal = await conn._execute(_prepare, conn._conn)
         except BaseException:
             await conn.close()
             raise
@@ -68,7 +80,7 @@ class Database:
             os.chmod(file, 0o600)
         except OSError:  # pragma: no cover - e.g. a read-only mount; not fatal
             pass
-        return cls(file, conn, key)
+        return cls(file, conn, key, inline=wal)
 
     async def write(self, job: Job[T]) -> T:
         """Run `job` in a write transaction, batched with concurrent jobs; return its result.
@@ -99,9 +111,13 @@ class Database:
                 return await self._enqueue(job, first=True)
         self._solo += 1
         try:  # no await from here to the end of the transaction: nothing can interleave
-            ((ok, value),) = _run_batch(self._conn._conn, [(job, None)], self._names)
+            outcomes = _run_batch(self._conn._conn, [(job, None)], self._names) if self._inline else None
         except Exception as exc:  # the transaction itself failed (not the job)
             raise StoreUnavailable(str(exc)) from None
+        if outcomes is None:  # another process holds the write lock: wait for it off the loop
+            self._solo = 0
+            return await self._enqueue(job, first=True)
+        ((ok, value),) = outcomes
         if ok:
             return cast(T, value)
         raise value
@@ -135,12 +151,15 @@ class Database:
         while self._queue:
             batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
             try:
-                if len(batch) == 1:
+                outcomes = None
+                if len(batch) == 1 and self._inline:
                     # A lone job (one call at a time) runs right here: the two thread hand-offs would cost
                     # more than its transaction. Only this task touches the connection, so never both at once.
                     outcomes = _run_batch(self._conn._conn, batch, self._names)
-                else:
-                    outcomes = await self._conn._execute(_run_batch, self._conn._conn, batch, self._names)
+                if outcomes is None:  # a batch, or the write lock is held elsewhere: the thread waits for it
+                    outcomes = await self._conn._execute(
+                        _run_batch, self._conn._conn, batch, self._names, self.busy_timeout
+                    )
             except BaseException as exc:  # the batch itself failed (not one job of it)
                 for _, future in batch:
                     if not future.done():
@@ -157,10 +176,12 @@ class Database:
                     future.set_exception(value)
 
 
-def _prepare(conn: sqlite3.Connection) -> bytes:
-    conn.execute("PRAGMA busy_timeout = 10000")
+def _prepare(conn: sqlite3.Connection) -> tuple[bytes, bool]:
+    """Set the connection up, create or migrate the schema; the HMAC key and whether WAL is on."""
+    conn.execute(f"PRAGMA busy_timeout = {round(BUSY_TIMEOUT * 1000)}")  # on the worker thread
     mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-    if str(mode).lower() != "wal":  # pragma: no cover - e.g. a network filesystem
+    wal = str(mode).lower() == "wal"
+    if not wal:  # pragma: no cover - e.g. a network filesystem
         log.warning("SQLite refused WAL mode (%s); running with %s", mode, mode)
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute("PRAGMA foreign_keys = ON")
@@ -184,10 +205,12 @@ def _prepare(conn: sqlite3.Connection) -> bytes:
         else:
             key = bytes(row[0])
         conn.execute("COMMIT")
-        return key
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+    if wal:  # inline BEGINs never wait; the worker thread polls for the lock (see _begin)
+        conn.execute("PRAGMA busy_timeout = 0")
+    return key, wal
 
 
 def _statements(script: str) -> list[str]:
@@ -195,11 +218,15 @@ def _statements(script: str) -> list[str]:
 
 
 def _run_batch(
-    conn: sqlite3.Connection, batch: list[tuple[Job[Any], Any]], names: dict[str, int]
-) -> list[tuple[bool, Any]]:
+    conn: sqlite3.Connection, batch: list[tuple[Job[Any], Any]], names: dict[str, int], wait: float = 0.0
+) -> list[tuple[bool, Any]] | None:
+    """Run `batch` in one transaction: each job's outcome, or None when the write lock is held elsewhere
+    and `wait` is 0 (nothing ran). With `wait`, wait up to that many seconds for the lock."""
     try:
-        conn.execute("BEGIN IMMEDIATE")
+        _begin(conn, wait)
     except sqlite3.Error as exc:
+        if wait <= 0 and _busy(exc):
+            return None
         return [(False, StoreUnavailable(str(exc)))] * len(batch)
     tx = Tx(conn, names)
     if len(batch) == 1:
@@ -220,6 +247,31 @@ def _run_batch(
             outcomes.append((True, value))
     failed = _commit(conn, tx)
     return outcomes if failed is None else [(False, failed)] * len(batch)
+
+
+def _begin(conn: sqlite3.Connection, wait: float) -> None:
+    """BEGIN IMMEDIATE; while another connection holds the write lock, try again for up to `wait` seconds.
+
+    Polling here (on the worker thread) rather than SQLite's busy timeout keeps the connection's own
+    timeout at 0, so an inline attempt on the event loop never sleeps. Raises sqlite3.Error.
+    """
+    deadline = time.monotonic() + wait
+    pause = 0.001
+    while True:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            left = deadline - time.monotonic()
+            if not _busy(exc) or left <= 0:
+                raise
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 0.02)
+
+
+def _busy(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return (code & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) if isinstance(code, int) else False
 
 
 def _run_alone(conn: sqlite3.Connection, tx: Tx, job: Job[Any]) -> list[tuple[bool, Any]]:

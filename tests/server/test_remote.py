@@ -7,8 +7,10 @@ import base64
 import hashlib
 import hmac
 import json
+import sys
 import time
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from server.clock import ManualClock
 from server.store import AuditFilter
 from tests.conftest import DEMO_NOW, held, ok, refused
 from tests.server.remote_harness import ALL_SCOPES, Remote, remote_server
+from tests.server.test_cli import run
 
 BUY = {"listing_id": "github-repo-read", "units": 2, "max_unit_price": 100}
 ASK = {"connection": "github", "scopes": ["repo:read"], "purpose": "remote e2e"}
@@ -250,3 +253,61 @@ async def test_a_local_reverse_proxy_on_another_port_is_served_and_foreign_names
         assert (await http.get(remote.endpoint, headers={**auth, "Origin": "http://evil.example"})).status_code == 403
         evil_port = f"http://evil.example:{other}"
         assert (await http.get("/healthz", headers={"Origin": evil_port})).status_code == 403
+
+
+# Another process (a `wallet credit`, a `market load`) holding SQLite's write lock for a while.
+HOLD_LOCK = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+conn.execute("ROLLBACK")
+print("released", flush=True)
+"""
+
+
+async def test_a_write_lock_held_by_another_process_stalls_no_client_and_loses_no_call(tmp_path: Path) -> None:
+    async with held(remote_server(tmp_path, "http", ManualClock(DEMO_NOW))) as remote, AsyncExitStack() as stack:
+        sessions = [
+            await stack.enter_async_context(held(remote.client(remote.token("auth0|alice", azp=f"agent-{n}"))))
+            for n in range(16)
+        ]
+        holder = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", HOLD_LOCK, str(remote.runtime.db.path), "3", stdout=asyncio.subprocess.PIPE
+        )
+        assert holder.stdout is not None
+        assert await holder.stdout.readline() == b"locked\n"
+        def call(n: int) -> asyncio.Future[Any]:
+            if n % 2:
+                buy = {**BUY, "units": 1, "idempotency_key": f"k{n}"}
+                return asyncio.ensure_future(sessions[n].call_tool("buy_quota", buy))
+            return asyncio.ensure_future(sessions[n].call_tool("check_balance", {}))
+
+        health: list[float] = []
+        async with httpx.AsyncClient(base_url=remote.base_url) as http:
+
+            async def probe(times: int) -> None:
+                for _ in range(times):
+                    started = time.perf_counter()
+                    assert (await http.get("/healthz")).status_code == 200
+                    health.append(time.perf_counter() - started)
+                    await asyncio.sleep(0.1)
+
+            calls = [call(1)]  # one call alone first (it leads its own commit), then 15 together
+            await probe(4)
+            calls += [call(n) for n in range(16) if n != 1]
+            await probe(6)
+        assert not any(c.done() for c in calls)  # still waiting for the lock: nothing failed early
+        assert await holder.stdout.readline() == b"released\n"
+        results = await asyncio.gather(*calls)
+        await holder.wait()
+    assert max(health) < 0.1, health
+    assert [r.is_error for r in results] == [False] * 16
+    verified = run(tmp_path, "audit", "verify", "--ledger", env={"TVM_DATABASE": str(remote.runtime.db.path)})
+    assert verified.code == 0, verified.err
+    events = run(tmp_path, "audit", "list", "--json", env={"TVM_DATABASE": str(remote.runtime.db.path)})
+    audited = [e for e in map(json.loads, events.out.splitlines()) if e["tool"] in ("buy_quota", "check_balance")]
+    assert sorted((e["tool"], e["outcome"]) for e in audited) == sorted(
+        [("buy_quota", "ok")] * 8 + [("check_balance", "ok")] * 8
+    )

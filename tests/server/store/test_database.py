@@ -89,7 +89,7 @@ async def test_a_job_waits_for_a_group_commit_under_way(db: Database) -> None:
 async def test_a_job_that_cannot_begin_keeps_nothing(db: Database, db_path: Path) -> None:
     side = sqlite3.connect(db_path, isolation_level=None)
     side.execute("BEGIN IMMEDIATE")  # another process holds the write lock
-    db._conn._conn.execute("PRAGMA busy_timeout = 50")
+    db.busy_timeout = 0.05
     try:
         with pytest.raises(StoreUnavailable, match="locked"):
             await db.write(lambda tx: audit.append(tx, event("auth0|one")))
@@ -140,3 +140,42 @@ async def test_overlapping_calls_after_a_lone_run_share_commits_again(db: Databa
     assert batch_sizes == [10]  # and leaders wait for company again
     result = await db.read(audit.verify_log)
     assert (result.ok, result.checked) == (True, 3 * SOLO_CALLS + 1 + 50)
+
+
+async def test_a_lock_held_elsewhere_is_waited_for_off_the_event_loop(db: Database, db_path: Path) -> None:
+    side = sqlite3.connect(db_path, isolation_level=None)
+    side.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        writes = [asyncio.ensure_future(db.write(lambda tx, n=n: audit.append(tx, event(f"auth0|{n}"))))
+                  for n in range(5)]
+        ticks = 0
+        for _ in range(20):  # the loop keeps turning while the jobs wait for the lock
+            await asyncio.sleep(0.005)
+            ticks += 1
+        assert ticks == 20 and not any(w.done() for w in writes)
+    finally:
+        side.execute("ROLLBACK")
+        side.close()
+    assert sorted(await asyncio.gather(*writes)) == [1, 2, 3, 4, 5]
+    assert await db.write(lambda tx: audit.append(tx, event("auth0|after"))) == 6
+    assert db._writer is not None  # the waiting went through the worker thread
+    result = await db.read(audit.verify_log)
+    assert (result.ok, result.checked) == (True, 6)
+
+
+async def test_a_lone_call_that_finds_the_lock_held_waits_for_it_without_blocking_the_loop(
+    db: Database, db_path: Path
+) -> None:
+    for n in range(3 * SOLO_CALLS):  # lone calls: leaders no longer wait a turn, they run inline at once
+        await db.write(lambda tx, n=n: audit.append(tx, event(f"auth0|lone-{n}")))
+    side = sqlite3.connect(db_path, isolation_level=None)
+    side.execute("BEGIN IMMEDIATE")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    write = asyncio.ensure_future(db.write(lambda tx: audit.append(tx, event("auth0|waiting"))))
+    await asyncio.sleep(0.05)
+    blocked_for = loop.time() - started
+    assert blocked_for < 1 and not write.done()  # the inline attempt gave up at once
+    side.execute("ROLLBACK")
+    side.close()
+    assert await write == 3 * SOLO_CALLS + 1
