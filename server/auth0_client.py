@@ -30,7 +30,6 @@ from joserfc.jwk import RSAKey
 
 from server.errors import ConfigError
 from server.principal import SubjectToken
-from server.singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
 
@@ -144,16 +143,10 @@ class TokenSet:
     token_type: str = "Bearer"
     scope: str | None = None
     refresh_token: str | None = field(default=None, repr=False)
-    issued_at: float | None = None
 
     @property
     def expires_in(self) -> int:
         return max(0, int(self.expires_at - time.time()))
-
-    @property
-    def renew_at(self) -> float:
-        """When a cached copy should be replaced (see `renew_at`)."""
-        return renew_at(self.issued_at if self.issued_at is not None else self.expires_at, self.expires_at)
 
 
 @dataclass(frozen=True)
@@ -224,8 +217,6 @@ class Auth0Client:
         )
         self._jwks: dict[str, Any] | None = None
         self._jwks_lock = asyncio.Lock()
-        self._server_tokens: dict[str, TokenSet] = {}
-        self._flights: SingleFlight[tuple[str, str], TokenSet] = SingleFlight()
 
     @property
     def issuer(self) -> str:
@@ -259,26 +250,6 @@ class Auth0Client:
         """
         form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
         return self._token_set(await self._post_token(form, as_client=client_id))
-
-    async def client_credentials(self, audience: str) -> TokenSet:
-        """A fresh machine-to-machine token of this client for `audience` (uncached). Raises Auth0Error."""
-        return self._token_set(await self._post_token({"grant_type": "client_credentials", "audience": audience}))
-
-    async def server_token(self, audience: str) -> TokenSet:
-        """This client's own token for `audience`, cached and renewed shortly before it expires.
-
-        Concurrent callers on a cold or stale cache share one request. Raises Auth0Error.
-        """
-        cached = self._server_tokens.get(audience)
-        if cached is not None and self._clock() < cached.renew_at:
-            return cached
-
-        async def fetch() -> TokenSet:
-            token = await self.client_credentials(audience)
-            self._server_tokens[audience] = token
-            return token
-
-        return await self._flights.do(("client_credentials", audience), fetch)
 
     async def exchange(
         self, subject: SubjectToken, connection: str, scopes: list[str], login_hint: str | None = None
@@ -487,7 +458,6 @@ def _token_set(data: dict[str, Any], now: float) -> TokenSet:
     refresh = data.get("refresh_token")
     return TokenSet(
         access_token=token,
-        issued_at=now,
         expires_at=now + expires_in,
         token_type=str(data.get("token_type") or "Bearer"),
         scope=scope if isinstance(scope, str) else None,

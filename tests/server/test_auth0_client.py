@@ -1,9 +1,8 @@
 """The Auth0 client against the emulator: client authentication, one deadline, which failures are retried
-and how long it waits, and the server's own token cached with single flight."""
+and how long it waits."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import time
 
@@ -17,6 +16,8 @@ from tests.server.tenant import (
     BROKER_SECRET,
     METHODS,
     NATIVE_ID,
+    SCOPES,
+    USER,
     Sleeps,
     auth0_client,
     make_tenant,
@@ -31,11 +32,11 @@ async def test_every_client_authentication_method_is_accepted(method: str) -> No
     state = make_tenant()
     auth0 = auth0_client(state, method=method)
     try:
-        server = await auth0.client_credentials(AUDIENCE)
+        refreshed = await auth0.refresh(state.issue_refresh_token(USER, BROKER_ID, SCOPES, AUDIENCE))
         vault = await auth0.exchange(user_subject(state), "github", ["repo:read"])
     finally:
         await auth0.aclose()
-    assert server.access_token and vault.scope == "repo:read"
+    assert refreshed.access_token and vault.scope == "repo:read"
     sent = token_requests(state)
     assert [r.auth_method for r in sent] == [method, method]
     assert all(r.client_id == BROKER_ID for r in sent)
@@ -105,7 +106,7 @@ async def test_server_errors_give_up_after_the_last_attempt() -> None:
     auth0 = auth0_client(state, sleep=sleeps, max_attempts=4)
     try:
         with pytest.raises(Auth0Error) as caught:
-            await auth0.client_credentials(AUDIENCE)
+            await auth0.exchange(user_subject(state), "github", ["repo:read"])
     finally:
         await auth0.aclose()
     assert caught.value.status == 503
@@ -124,7 +125,7 @@ async def test_other_client_errors_are_final_at_once(status: int, error: str) ->
     auth0 = auth0_client(state, sleep=sleeps)
     try:
         with pytest.raises(Auth0Error) as caught:
-            await auth0.client_credentials(AUDIENCE)
+            await auth0.exchange(user_subject(state), "github", ["repo:read"])
     finally:
         await auth0.aclose()
     assert (caught.value.status, caught.value.error) == (status, error)
@@ -137,7 +138,7 @@ async def test_rate_limit_is_retried_no_sooner_than_retry_after() -> None:
     sleeps = Sleeps()
     auth0 = auth0_client(state, sleep=sleeps, deadline=10)
     try:
-        await auth0.client_credentials(AUDIENCE)
+        await auth0.exchange(user_subject(state), "github", ["repo:read"])
     finally:
         await auth0.aclose()
     [pause] = sleeps.calls
@@ -151,7 +152,7 @@ async def test_rate_limit_is_retried_no_sooner_than_the_rate_limit_reset() -> No
     sleeps = Sleeps()
     auth0 = auth0_client(state, sleep=sleeps, deadline=10)
     try:
-        await auth0.client_credentials(AUDIENCE)
+        await auth0.exchange(user_subject(state), "github", ["repo:read"])
     finally:
         await auth0.aclose()
     [pause] = sleeps.calls
@@ -168,7 +169,7 @@ async def test_a_rate_limit_wait_longer_than_allowed_is_answered_at_once_with_th
     auth0 = auth0_client(state, sleep=sleeps, deadline=10)  # waits of up to 2.5 s are worth holding the call
     try:
         with pytest.raises(Auth0Error) as caught:
-            await auth0.client_credentials(AUDIENCE)
+            await auth0.exchange(user_subject(state), "github", ["repo:read"])
     finally:
         await auth0.aclose()
     assert caught.value.status == 429
@@ -183,7 +184,7 @@ async def test_a_rate_limit_wait_past_the_deadline_is_answered_at_once() -> None
     auth0 = auth0_client(state, sleep=sleeps, deadline=1.5, max_wait=60)
     try:
         with pytest.raises(Auth0Error) as caught:
-            await auth0.client_credentials(AUDIENCE)
+            await auth0.exchange(user_subject(state), "github", ["repo:read"])
     finally:
         await auth0.aclose()
     assert caught.value.wait_seconds == 2
@@ -210,7 +211,7 @@ async def test_a_connection_reset_is_retried() -> None:
     sleeps = Sleeps()
     auth0 = auth0_client(state, sleep=sleeps)
     try:
-        token = await auth0.client_credentials(AUDIENCE)
+        token = await auth0.exchange(user_subject(state), "github", ["repo:read"])
     finally:
         await auth0.aclose()
     assert token.access_token
@@ -223,7 +224,7 @@ async def test_malformed_json_is_unreadable_and_not_retried() -> None:
     auth0 = auth0_client(state)
     try:
         with pytest.raises(Auth0Error) as caught:
-            await auth0.client_credentials(AUDIENCE)
+            await auth0.exchange(user_subject(state), "github", ["repo:read"])
     finally:
         await auth0.aclose()
     assert caught.value.status == 200 and not caught.value.retryable
@@ -248,38 +249,6 @@ async def test_a_hanging_or_slow_tenant_never_holds_an_operation_past_its_deadli
     assert caught.value.unreachable and "in time" in str(caught.value)
     assert 0.3 <= elapsed < 0.8
     assert len(state.requests) == 2  # half the deadline each: a hung attempt leaves room for one more
-
-
-async def test_server_token_is_cached_shared_by_concurrent_callers_and_renewed_before_expiry() -> None:
-    state = make_tenant()
-    state.access_token_expires_in = 3600
-    now = [time.time()]
-    auth0 = auth0_client(state)
-    auth0._clock = lambda: now[0]  # the client's clock only: tokens and the tenant keep real time
-    try:
-        tokens = await asyncio.gather(*(auth0.server_token(AUDIENCE) for _ in range(25)))
-        assert len({t.access_token for t in tokens}) == 1
-        assert len(state.requests) == 1
-        now[0] += 3600 - 61
-        assert (await auth0.server_token(AUDIENCE)) is tokens[0]
-        now[0] += 2  # within a minute of expiry: renew
-        renewed = await auth0.server_token(AUDIENCE)
-    finally:
-        await auth0.aclose()
-    assert renewed is not tokens[0]
-    assert len(state.requests) == 2
-
-
-async def test_a_failed_shared_request_fails_every_waiting_caller_once() -> None:
-    state = make_tenant()
-    state.faults.fail_next(403, error="access_denied", description="Service not enabled")
-    auth0 = auth0_client(state)
-    try:
-        results = await asyncio.gather(*(auth0.server_token(AUDIENCE) for _ in range(10)), return_exceptions=True)
-    finally:
-        await auth0.aclose()
-    assert all(isinstance(r, Auth0Error) and r.status == 403 for r in results)
-    assert len(state.requests) == 1
 
 
 def test_backoff_doubles_with_equal_jitter_and_is_capped() -> None:
