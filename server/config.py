@@ -22,6 +22,12 @@ CLIENT_AUTH_METHODS = ("client_secret_post", "client_secret_basic", "private_key
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DEFAULT_AUTH0_TIMEOUT = 10.0
 MAX_AUTH0_TIMEOUT = 120.0
+DEFAULT_GRANT_TTL = 300  # seconds a call_api grant lasts (SPEC §8)
+MAX_GRANT_TTL = 86_400
+DEFAULT_API_TIMEOUT = 30.0  # seconds one provider call may take
+MAX_API_TIMEOUT = 600.0
+DEFAULT_API_MAX_BYTES = 262_144  # a provider answer's body is cut beyond this
+MAX_API_MAX_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,9 @@ class Config:
     client_key_file: Path | None
     credentials_file: Path
     auth0_timeout: float = DEFAULT_AUTH0_TIMEOUT  # seconds: the deadline of one Auth0 operation, retries included
+    grant_ttl: int = DEFAULT_GRANT_TTL  # TVM_GRANT_TTL
+    api_timeout: float = DEFAULT_API_TIMEOUT  # TVM_API_TIMEOUT
+    api_max_bytes: int = DEFAULT_API_MAX_BYTES  # TVM_API_MAX_BYTES
 
     @property
     def demo(self) -> bool:
@@ -78,7 +87,10 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv: bool = True) -
         raise ConfigError("TVM_CLIENT_KEY_FILE (a PEM private key) is required with private_key_jwt")
     if key_file is not None and not key_file.is_file():
         raise ConfigError(f"TVM_CLIENT_KEY_FILE points to {key_file}, which is not a readable file")
-    auth0_timeout = _auth0_timeout(env.get("TVM_AUTH0_TIMEOUT"))
+    auth0_timeout = _seconds(env, "TVM_AUTH0_TIMEOUT", DEFAULT_AUTH0_TIMEOUT, MAX_AUTH0_TIMEOUT)
+    grant_ttl = int(_seconds(env, "TVM_GRANT_TTL", DEFAULT_GRANT_TTL, MAX_GRANT_TTL, whole=True))
+    api_timeout = _seconds(env, "TVM_API_TIMEOUT", DEFAULT_API_TIMEOUT, MAX_API_TIMEOUT)
+    api_max_bytes = _whole(env, "TVM_API_MAX_BYTES", DEFAULT_API_MAX_BYTES, MAX_API_MAX_BYTES)
     level = env.get("TVM_LOG_LEVEL", "WARNING").upper()
     if level not in LOG_LEVELS:
         raise ConfigError(f"TVM_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {env['TVM_LOG_LEVEL']!r}")
@@ -111,23 +123,38 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv: bool = True) -
         client_auth_method=method,
         client_key_file=key_file,
         auth0_timeout=auth0_timeout,
+        grant_ttl=grant_ttl,
+        api_timeout=api_timeout,
+        api_max_bytes=api_max_bytes,
         credentials_file=Path(
             env.get("TVM_CREDENTIALS_FILE", str(Path(user_config_dir(APP_NAME, appauthor=False)) / "credentials.json"))
         ).expanduser(),
     )
 
 
-def _auth0_timeout(value: str | None) -> float:
-    """TVM_AUTH0_TIMEOUT: seconds, more than 0 and at most MAX_AUTH0_TIMEOUT."""
+def _seconds(env: Mapping[str, str], name: str, default: float, most: float, whole: bool = False) -> float:
+    """A duration variable: seconds, more than 0 and at most `most` (`whole`: an integer). Raises ConfigError."""
+    value = env.get(name)
     if value is None:
-        return DEFAULT_AUTH0_TIMEOUT
+        return default
     try:
-        seconds = float(value)
+        seconds = float(int(value)) if whole else float(value)
     except ValueError:
         seconds = float("nan")
-    if not 0 < seconds <= MAX_AUTH0_TIMEOUT:  # also refuses nan
-        raise ConfigError(f"TVM_AUTH0_TIMEOUT must be seconds between 0 and {MAX_AUTH0_TIMEOUT:g}, not {value!r}")
+    if not 0 < seconds <= most:  # also refuses nan
+        kind = "whole seconds" if whole else "seconds"
+        raise ConfigError(f"{name} must be {kind} between 0 and {most:g}, not {value!r}")
     return seconds
+
+
+def _whole(env: Mapping[str, str], name: str, default: int, most: int) -> int:
+    """A positive whole number of at most `most`. Raises ConfigError."""
+    value = env.get(name)
+    if value is None:
+        return default
+    if not (value.isascii() and value.isdigit()) or not 0 < int(value) <= most:
+        raise ConfigError(f"{name} must be a whole number between 1 and {most}, not {value!r}")
+    return int(value)
 
 
 def _auth0_base_url(value: str) -> str:

@@ -16,6 +16,9 @@
     ├── VaultDenied              vault_denied           denied
     ├── VaultUnavailable         vault_unavailable      error   (retryable; quota refunded)
     ├── RateLimited              rate_limited           error   (retry_after seconds)
+    ├── ProxyOnly                proxy_only             denied  (use call_api: the listing keeps its token)
+    ├── ApiNotAllowed            api_not_allowed        denied  (url or method outside the listing's api)
+    ├── ApiUnavailable           api_unavailable        error   (the provider did not answer in time)
     ├── AuditUnavailable         audit_unavailable      error
     └── InternalError            internal               error   (no details leaked)
 
@@ -120,6 +123,20 @@ class RateLimited(BrokerError):
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class ProxyOnly(BrokerError):
+    code = "proxy_only"
+    outcome = "denied"
+
+
+class ApiNotAllowed(BrokerError):
+    code = "api_not_allowed"
+    outcome = "denied"
+
+
+class ApiUnavailable(BrokerError):
+    code = "api_unavailable"
 
 
 class AuditUnavailable(BrokerError):

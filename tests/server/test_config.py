@@ -22,6 +22,9 @@ def test_demo_defaults_and_domain_forms(tmp_path: Path) -> None:
     local = load_config({"AUTH0_DOMAIN": "http://127.0.0.1:8123", "AUTH0_CLIENT_ID": "c", "AUTH0_AUDIENCE": "a"},
                         dotenv=False)
     assert local.issuer == "http://127.0.0.1:8123/"
+    assert (demo.grant_ttl, demo.api_timeout, demo.api_max_bytes) == (300, 30.0, 262_144)
+    tuned = load_config({"TVM_GRANT_TTL": "60", "TVM_API_TIMEOUT": "2.5", "TVM_API_MAX_BYTES": "1024"}, dotenv=False)
+    assert (tuned.grant_ttl, tuned.api_timeout, tuned.api_max_bytes) == (60, 2.5, 1024)
     secret = load_config({"AUTH0_CLIENT_SECRET": "s3cr3t", "TVM_REFRESH_TOKEN": "r3fr3sh"}, dotenv=False)
     assert "s3cr3t" not in repr(secret) and "r3fr3sh" not in repr(secret)
 
@@ -38,6 +41,14 @@ def test_demo_defaults_and_domain_forms(tmp_path: Path) -> None:
         ({"TVM_RESOURCE_URL": "http://public.example.com/mcp"}, "TVM_RESOURCE_URL"),
         ({"TVM_MARKET_FILE": "/no/such/market.toml"}, "TVM_MARKET_FILE"),
         ({"TVM_CLIENT_AUTH_METHOD": "magic"}, "TVM_CLIENT_AUTH_METHOD"),
+        ({"TVM_AUTH0_TIMEOUT": "0"}, "TVM_AUTH0_TIMEOUT"),
+        ({"TVM_GRANT_TTL": "1.5"}, "TVM_GRANT_TTL"),
+        ({"TVM_GRANT_TTL": "0"}, "TVM_GRANT_TTL"),
+        ({"TVM_GRANT_TTL": "86401"}, "TVM_GRANT_TTL"),
+        ({"TVM_API_TIMEOUT": "nan"}, "TVM_API_TIMEOUT"),
+        ({"TVM_API_TIMEOUT": "-1"}, "TVM_API_TIMEOUT"),
+        ({"TVM_API_MAX_BYTES": "1e6"}, "TVM_API_MAX_BYTES"),
+        ({"TVM_API_MAX_BYTES": "0"}, "TVM_API_MAX_BYTES"),
     ],
 )
 def test_a_wrong_value_names_its_variable(env: dict[str, str], variable: str) -> None:
