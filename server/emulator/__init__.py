@@ -15,6 +15,10 @@ Auth0's API (`create_app(state)`; tenant data and knobs live in `EmulatorState`)
 
 - `POST /oauth/revoke` (a refresh token, by the client it was issued to)
 
+Not Auth0's, a provider stand-in (provider.py): `/provider/{connection}/…`, any method, accepts
+only a live token this Token Vault issued for that connection and answers 200 JSON with what it
+saw (`connection`, `account`, `scopes`, `method`, `path`, `query`, `body`), else 401.
+
 Errors are `{"error", "error_description"}` with Auth0's statuses. `state.requests` records
 every request to the POST endpoints; `state.faults` (faults.py) injects latency, 5xx, 429
 with either rate-limit header, connection resets, hangs and malformed JSON, queued for the

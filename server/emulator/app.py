@@ -24,6 +24,7 @@ from server.emulator.errors import NO_STORE, OAuthError, error_response, invalid
 from server.emulator.faults import Fault
 from server.emulator.grants import GRANTS, revoke_refresh_token
 from server.emulator.keys import ASSERTION_ALGORITHMS
+from server.emulator.provider import provider_routes
 from server.emulator.state import EmulatorState, RecordedRequest
 from server.emulator.tokens import required
 
@@ -41,6 +42,7 @@ def create_app(state: EmulatorState, *, admin: bool = True) -> Starlette:
         Route("/oauth/device/code", endpoints.device_code, methods=["POST"]),
         Route("/oauth/revoke", endpoints.revoke, methods=["POST"]),
     ]
+    routes += provider_routes(state)
     if admin:
         from server.emulator.admin import admin_routes  # the test API; the in-process demo tenant has none
 

@@ -8,7 +8,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from joserfc.jwk import RSAKey
@@ -84,6 +84,18 @@ class VaultIssue:
     connection: str
     scopes: tuple[str, ...]
     client_id: str
+    expires_at: float = float("inf")  # state.clock seconds; the provider API refuses the token after it
+
+
+@dataclass(frozen=True)
+class ProviderRequestSeen:
+    """One request to the provider API (`/provider/{connection}/…`), as the provider saw it."""
+
+    connection: str
+    method: str
+    path: str
+    token: str | None = field(repr=False)
+    accepted: bool
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,8 @@ class EmulatorState:
         self.used_assertions: set[tuple[str, str]] = set()
         self.requests: list[RecordedRequest] = []
         self.vault_issues: list[VaultIssue] = []
+        self.vault_tokens: dict[str, VaultIssue] = {}  # by access token, for the provider API
+        self.provider_requests: list[ProviderRequestSeen] = []
         self.faults = Faults()
         # Knobs: lifetimes (Auth0's defaults), device polling, and Token Vault answer shapes.
         self.access_token_expires_in = 86400
@@ -137,6 +151,17 @@ class EmulatorState:
         self.auto_approve_sub: str | None = None
 
     # --- tenant setup -------------------------------------------------------------------------
+    def record_vault_issue(self, issue: VaultIssue) -> None:
+        self.vault_issues.append(issue)
+        self.vault_tokens[issue.access_token] = issue
+
+    def provider_token(self, token: str, connection: str) -> VaultIssue | None:
+        """The live Token Vault issue behind `token` if it was issued for `connection` (the provider's check)."""
+        issue = self.vault_tokens.get(token)
+        if issue is None or issue.connection != connection or self.clock() >= issue.expires_at:
+            return None
+        return issue
+
 
     def add_api(self, audience: str, scopes: list[str]) -> None:
         """Register an API; the first one registered is the audience `/emulator/tokens` defaults to."""

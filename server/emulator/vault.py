@@ -52,7 +52,8 @@ def exchange(state: EmulatorState, fields: Mapping[str, str], client: Client) ->
     granted = account.scopes if state.overgrant or not requested else tuple(requested)
 
     access_token = _TOKEN_PREFIXES.get(connection, "tv_") + secrets.token_urlsafe(30)
-    state.vault_issues.append(VaultIssue(access_token, sub, connection, granted, client.client_id))
+    expires_at = state.clock() + state.vault_token_expires_in
+    state.record_vault_issue(VaultIssue(access_token, sub, connection, granted, client.client_id, expires_at))
     body: dict[str, Any] = {
         "access_token": access_token,
         "expires_in": state.vault_token_expires_in,
