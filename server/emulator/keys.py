@@ -45,7 +45,9 @@ def signing_key_in_background() -> Future[RSAKey]:
         except BaseException as exc:  # pragma: no cover - surfaced when the key is first used
             future.set_exception(exc)
 
-    threading.Thread(target=make, name="signing-key", daemon=True).start()
+    # not a daemon: a start that fails at once (a bad TVM_MARKET_FILE) would otherwise exit while this
+    # thread is inside the native key generation, and the process aborts (exit 134) instead of exiting 2
+    threading.Thread(target=make, name="signing-key", daemon=False).start()
     return future
 
 
