@@ -438,9 +438,11 @@ def _market_list(config: Config, args: argparse.Namespace) -> int:
                 print(_json_line(_listing_json(p, now)))
             return OK
         print(_table(
-            ["id", "connection", "scopes", "price", "start", "floor", "remaining", "status", "closes"],
+            ["id", "connection", "scopes", "price", "start", "floor", "remaining", "status", "closes", "delivery",
+             "approval"],
             [[p.listing.id, p.listing.connection, " ".join(p.listing.scopes), p.unit_price, p.listing.start_price,
-              p.listing.floor_price, p.listing.supply_remaining, _status(p, now), rfc3339(p.listing.closes_at)[:19]]
+              p.listing.floor_price, p.listing.supply_remaining, _status(p, now), rfc3339(p.listing.closes_at)[:19],
+              p.listing.delivery, p.listing.approval]
              for p in priced],
         ))
         return OK
@@ -461,6 +463,7 @@ def _listing_json(p: market.PricedListing, now: datetime) -> dict[str, Any]:
         "unit_price": p.unit_price, "start_price": item.start_price, "floor_price": item.floor_price,
         "opens_at": rfc3339(item.opens_at), "closes_at": rfc3339(item.closes_at),
         "supply": item.supply, "supply_remaining": item.supply_remaining, "status": _status(p, now),
+        "delivery": item.delivery, "api": list(item.api), "methods": list(item.methods), "approval": item.approval,
     }
 
 

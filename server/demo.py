@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -15,7 +16,7 @@ DEMO_ISSUER = "https://demo-tenant.token-vault-mcp.invalid/"
 DEMO_FUNDS = 10_000
 DEMO_FUNDED_KEY = "demo_funded"
 
-_WINDOW = {"opens_at": "2026-01-01T00:00:00Z", "closes_at": "2030-01-01T00:00:00Z"}
+_WINDOW = {"opens_at": datetime(2026, 1, 1, tzinfo=UTC), "closes_at": datetime(2030, 1, 1, tzinfo=UTC)}
 DEMO_LISTINGS: list[dict[str, Any]] = [
     {"id": "github-repo-read", "title": "GitHub: read repositories", "connection": "github",
      "scopes": ["repo:read"], "supply": 1000, "start_price": 20, "floor_price": 5, **_WINDOW},

@@ -6,29 +6,48 @@ import base64
 import binascii
 import tomllib
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime, time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
 
+from server.api_url import normalise_base
 from server.clock import as_utc
 from server.errors import InvalidArgument
 from server.models import Listing
 from server.pricing import is_open, price_at
 from server.store import Tx
+from server.textsafe import escape_controls
 
 ListingId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9-]{1,64}$")]
 Scope = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^\S+$")]
 MAX_COUNT = 10**12  # units or credits per unit; price × units (≤ 10,000) stays far inside SQLite's 64-bit integers
-# strict: `supply = true` or `start_price = "100"` in a market file is a mistake, not a number
-Count = Annotated[int, Field(ge=0, le=MAX_COUNT, strict=True)]
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+ApiBase = Annotated[str, StringConstraints(min_length=1, max_length=2000), AfterValidator(normalise_base)]
+Delivery = Literal["token", "proxy"]
+Approval = Literal["none", "grant", "writes"]
+HttpMethod = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+METHODS: tuple[HttpMethod, ...] = get_args(HttpMethod)  # also the order methods are stored and shown in
+DEFAULT_METHODS: tuple[HttpMethod, ...] = ("GET", "HEAD")
 
 
 class ListingSpec(BaseModel):
     """One `[[listing]]` table of a market file."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: `supply = true`, `title = 5`, `scopes = "repo"` or `opens_at = "2026-11-01"` (a string, not
+    # a TOML date-time) in a market file is a mistake, not something to guess the meaning of
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     id: ListingId
     title: Annotated[str, StringConstraints(min_length=1, max_length=200)]
@@ -39,15 +58,35 @@ class ListingSpec(BaseModel):
     floor_price: Count
     opens_at: datetime
     closes_at: datetime
+    # §8–§9, optional
+    delivery: Delivery = "token"
+    api: Annotated[list[ApiBase], Field(min_length=1, max_length=20)] | None = None
+    methods: Annotated[list[HttpMethod], Field(min_length=1, max_length=len(METHODS))] = list(DEFAULT_METHODS)
+    approval: Approval = "none"
+
+    @field_validator("methods")
+    @classmethod
+    def _each_method_once(cls, methods: list[str]) -> list[str]:
+        for method in methods:
+            if methods.count(method) > 1:
+                raise ValueError(f"{method} appears more than once")
+        return [m for m in METHODS if m in methods]
 
     @model_validator(mode="after")
     def _coherent(self) -> ListingSpec:
+        # each message starts with the key it is about
         if self.floor_price > self.start_price:
-            raise ValueError("floor_price must not exceed start_price")
-        if self.opens_at.tzinfo is None or self.closes_at.tzinfo is None:
-            raise ValueError("opens_at and closes_at need a time zone (e.g. 2026-11-01T00:00:00Z)")
+            raise ValueError(f"floor_price: {self.floor_price} must not exceed start_price {self.start_price}")
+        for key, moment in (("opens_at", self.opens_at), ("closes_at", self.closes_at)):
+            if moment.tzinfo is None:
+                raise ValueError(f"{key}: needs a time zone (e.g. 2026-11-01T00:00:00Z)")
         if self.closes_at <= self.opens_at:
-            raise ValueError("closes_at must be after opens_at")
+            raise ValueError("closes_at: must be after opens_at")
+        if self.delivery == "proxy" and self.api is None:
+            raise ValueError(
+                'api: required when delivery = "proxy" (the base URLs call_api may reach, '
+                'e.g. api = ["https://api.github.com"])'
+            )
         return self
 
     def to_listing(self) -> Listing:
@@ -62,6 +101,10 @@ class ListingSpec(BaseModel):
             floor_price=self.floor_price,
             opens_at=as_utc(self.opens_at),
             closes_at=as_utc(self.closes_at),
+            delivery=self.delivery,
+            api=tuple(sorted(set(self.api or ()))),
+            methods=tuple(self.methods),
+            approval=self.approval,
         )
 
 
@@ -95,16 +138,39 @@ def parse_listings(data: dict[str, object], source: str = "market") -> list[List
         try:
             spec = ListingSpec.model_validate(table)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'listing'}: {e['msg']}" for e in exc.errors()
-            )
+            problems = "; ".join(_problem(e) for e in exc.errors())
             name = table.get("id", f"#{number}") if isinstance(table, dict) else f"#{number}"
-            raise MarketFileError(f"{source}: listing {name}: {problems}") from None
+            raise MarketFileError(f"{source}: listing {escape_controls(str(name))}: {problems}") from None
         if spec.id in seen:
             raise MarketFileError(f"{source}: listing {spec.id} appears twice")
         seen.add(spec.id)
         specs.append(spec)
     return specs
+
+
+def _problem(error: ErrorDetails) -> str:
+    """One validation error as `key: what is wrong` (a model-level message names its key itself)."""
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        text = f"unknown key; a listing has {', '.join(ListingSpec.model_fields)}"
+    elif kind == "value_error":
+        text = str(error.get("ctx", {}).get("error", error["msg"]))
+    else:
+        text = error["msg"]
+        if kind.endswith("_type"):  # the strict model met a value of another TOML type
+            text += f", not {_toml_kind(error['input'])}"
+            if kind == "datetime_type":
+                text += " (write a TOML date-time with a zone and without quotes, e.g. 2026-11-01T00:00:00Z)"
+    return f"{where}: {text}" if where else text
+
+
+def _toml_kind(value: object) -> str:
+    kinds: list[tuple[type, str]] = [
+        (bool, "a boolean"), (int, "an integer"), (float, "a float"), (str, "a string"), (list, "an array"),
+        (dict, "a table"), (datetime, "a date-time"), (date, "a date without a time"), (time, "a time of day"),
+    ]
+    return next((name for kind, name in kinds if isinstance(value, kind)), type(value).__name__)
 
 
 def load(tx: Tx, specs: list[ListingSpec]) -> int:

@@ -19,6 +19,10 @@ class Listing:
     floor_price: int
     opens_at: datetime
     closes_at: datetime
+    delivery: str  # "token": request_token may hand the token out; "proxy": only call_api spends it (§8)
+    api: tuple[str, ...]  # base URLs call_api may reach, normalised (server.api_url); () = none
+    methods: tuple[str, ...]  # HTTP methods call_api may use under `api`
+    approval: str  # "none" | "grant" | "writes" (§9)
 
     @property
     def supply_remaining(self) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Annotated
+from typing import Annotated, Literal
 
 from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field
@@ -34,6 +34,18 @@ class ListingView(BaseModel):
     opens_at: str = Field(description="When buying opens (RFC 3339, UTC)")
     closes_at: str = Field(description="When buying closes (RFC 3339, UTC)")
     supply_remaining: int = Field(description="Units still for sale")
+    delivery: Literal["token", "proxy"] = Field(
+        description="token: request_token hands you the token; proxy: the token never leaves the broker, "
+        "use this quota through call_api"
+    )
+    api: list[str] = Field(
+        description="Base URLs call_api may reach with this quota; empty when call_api cannot use it"
+    )
+    methods: list[str] = Field(description="HTTP methods call_api may use under api")
+    approval: Literal["none", "grant", "writes"] = Field(
+        description="none; grant: the account owner approves each new token or grant; writes: that, and also "
+        "each call_api whose method is not GET or HEAD"
+    )
 
 
 class ListMarketOutput(BaseModel):
@@ -73,6 +85,10 @@ def _view(listing: Listing, unit_price: int) -> dict[str, object]:
         "opens_at": _moment(listing.opens_at),
         "closes_at": _moment(listing.closes_at),
         "supply_remaining": listing.supply_remaining,
+        "delivery": listing.delivery,
+        "api": list(listing.api),
+        "methods": list(listing.methods),
+        "approval": listing.approval,
     }
 
 

@@ -162,6 +162,17 @@ MIGRATIONS: list[str] = [
         LEFT JOIN audit_names outcome ON outcome.id = a.outcome
         LEFT JOIN audit_names code ON code.id = a.code;
     """,
+    # 3: what a listing lets its holders do (§8–§9): how quota is delivered, the API bases and methods
+    # call_api may use, and which calls need the account owner's approval. Existing listings get the
+    # defaults: tokens handed out as before, no API, GET and HEAD, no approval.
+    """
+    ALTER TABLE listings ADD COLUMN delivery TEXT NOT NULL DEFAULT 'token'
+        CHECK (delivery IN ('token', 'proxy'));
+    ALTER TABLE listings ADD COLUMN api TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE listings ADD COLUMN methods TEXT NOT NULL DEFAULT '["GET", "HEAD"]';
+    ALTER TABLE listings ADD COLUMN approval TEXT NOT NULL DEFAULT 'none'
+        CHECK (approval IN ('none', 'grant', 'writes'));
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -17,7 +17,8 @@ from typing import Any
 from server.models import AuditRecord, Holding, Listing, Receipt, Reservation
 
 _LISTING_COLUMNS = (
-    "id, title, connection, scopes, supply, sold, start_price, floor_price, opens_at, closes_at"
+    "id, title, connection, scopes, supply, sold, start_price, floor_price, opens_at, closes_at, "
+    "delivery, api, methods, approval"
 )
 _HOLDING_SELECT = """
     SELECT h.id, h.account, h.listing_id, l.connection, l.scopes, h.units_bought, h.units_held,
@@ -42,8 +43,9 @@ def from_micros(value: int) -> datetime:
 
 
 @lru_cache(maxsize=4096)
-def _scopes(stored: str) -> tuple[str, ...]:
-    # a listing's scopes are a few distinct JSON texts read over and over (every page, every holding)
+def _strings(stored: str) -> tuple[str, ...]:
+    # a listing's scopes, api bases and methods are a few distinct JSON texts read over and over
+    # (every page, every holding)
     return tuple(json.loads(stored))
 
 
@@ -131,10 +133,12 @@ class Tx:
     def upsert_listing(self, listing: Listing) -> None:
         """Insert or update by id; `sold` is kept as it is."""
         self._c.execute(
-            f"INSERT INTO listings({_LISTING_COLUMNS}) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?) "
+            f"INSERT INTO listings({_LISTING_COLUMNS}) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT(id) DO UPDATE SET title = excluded.title, connection = excluded.connection, "
             "scopes = excluded.scopes, supply = excluded.supply, start_price = excluded.start_price, "
-            "floor_price = excluded.floor_price, opens_at = excluded.opens_at, closes_at = excluded.closes_at",
+            "floor_price = excluded.floor_price, opens_at = excluded.opens_at, closes_at = excluded.closes_at, "
+            "delivery = excluded.delivery, api = excluded.api, methods = excluded.methods, "
+            "approval = excluded.approval",
             (
                 listing.id,
                 listing.title,
@@ -145,6 +149,10 @@ class Tx:
                 listing.floor_price,
                 to_micros(listing.opens_at),
                 to_micros(listing.closes_at),
+                listing.delivery,
+                json.dumps(list(listing.api)),
+                json.dumps(list(listing.methods)),
+                listing.approval,
             ),
         )
 
@@ -293,7 +301,7 @@ class Tx:
             "FROM reservations r JOIN holdings h ON h.id = r.holding_id JOIN listings l ON l.id = h.listing_id "
             "WHERE r.status = 'pending' ORDER BY r.created_at"
         ).fetchall()
-        return [Reservation(r[0], r[1], r[2], r[3], r[4], _scopes(r[5]), r[6], r[7]) for r in rows]
+        return [Reservation(r[0], r[1], r[2], r[3], r[4], _strings(r[5]), r[6], r[7]) for r in rows]
 
     # ---- audit ----------------------------------------------------------------------------
     def name_id(self, name: str | None) -> int | None:
@@ -489,13 +497,17 @@ def _listing(row: Sequence[Any]) -> Listing:
         id=row[0],
         title=row[1],
         connection=row[2],
-        scopes=_scopes(row[3]),
+        scopes=_strings(row[3]),
         supply=int(row[4]),
         sold=int(row[5]),
         start_price=int(row[6]),
         floor_price=int(row[7]),
         opens_at=from_micros(int(row[8])),
         closes_at=from_micros(int(row[9])),
+        delivery=row[10],
+        api=_strings(row[11]),
+        methods=_strings(row[12]),
+        approval=row[13],
     )
 
 
@@ -505,7 +517,7 @@ def _holding(row: Sequence[Any]) -> Holding:
         account=row[1],
         listing_id=row[2],
         connection=row[3],
-        scopes=_scopes(row[4]),
+        scopes=_strings(row[4]),
         units_bought=int(row[5]),
         units_held=int(row[6]),
         units_consumed=int(row[7]),

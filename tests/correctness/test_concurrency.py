@@ -10,6 +10,7 @@ import os
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from tests.server.remote_harness import ALL_SCOPES, Remote, remote_server
 
 SCALE = 4 if os.environ.get("TVM_SLOW") == "1" else 1
 CLIENTS = 8 * SCALE
-WINDOW = {"opens_at": "2026-01-01T00:00:00Z", "closes_at": "2030-01-01T00:00:00Z"}
+WINDOW = {"opens_at": datetime(2026, 1, 1, tzinfo=UTC), "closes_at": datetime(2030, 1, 1, tzinfo=UTC)}
 LAST_UNITS = {"id": "last-units", "title": "scarce", "connection": "github", "scopes": ["repo:read"],
               "supply": 10, "start_price": 1, "floor_price": 1, **WINDOW}
 FLAT_TEN = {"id": "flat-ten", "title": "flat", "connection": "stripe", "scopes": ["read_only"],

@@ -156,34 +156,58 @@ start_price = 70
 floor_price = 7
 opens_at = 2099-01-01T00:00:00+02:00
 closes_at = 2100-01-01T00:00:00Z
+
+[[listing]]
+id = "proxied"
+title = "Through the broker only"
+connection = "github"
+scopes = ["repo:write"]
+supply = 4
+start_price = 10
+floor_price = 10
+opens_at = 2000-01-01T00:00:00Z
+closes_at = 2100-01-01T00:00:00Z
+delivery = "proxy"
+api = ["https://API.github.com:443/", "http://127.0.0.1:9000/provider/github/"]
+methods = ["POST", "GET"]
+approval = "writes"
 """
+MARKET_COLUMNS = ["id", "connection", "scopes", "price", "start", "floor", "remaining", "status", "closes", "delivery",
+                  "approval"]
 
 
 def test_market_load_then_list_as_a_table_and_as_json(tmp_path: Path) -> None:
     (tmp_path / "market.toml").write_text(MARKET_FILE, encoding="utf-8")
     loaded = run(tmp_path, "market", "load", "market.toml")
     assert (loaded.code, loaded.err) == (0, "")
-    assert "loaded 4 listing(s)" in loaded.out
+    assert "loaded 5 listing(s)" in loaded.out
 
     shown, as_json = run_all(tmp_path, ["market", "list"], ["market", "list", "--json"])
     assert shown.code == 0
-    rows = table(shown.out, ["id", "connection", "scopes", "price", "start", "floor", "remaining", "status", "closes"])
+    rows = table(shown.out, MARKET_COLUMNS)
     by_id = {row[0]: row for row in rows}
-    assert list(by_id) == ["closed", "decaying", "flat", "upcoming"]
+    assert list(by_id) == ["closed", "decaying", "flat", "proxied", "upcoming"]
     assert by_id["flat"][1:8] == ["github", "repo:read", "50", "50", "50", "10", "open"]
     assert by_id["decaying"][2] == "charges:write read_only"
     assert 20 <= int(by_id["decaying"][3]) <= 100
     assert by_id["closed"][3:8] == ["10", "30", "10", "3", "closed"]
     assert by_id["upcoming"][3:8] == ["70", "70", "7", "7", "upcoming"]
     assert by_id["closed"][8] == "2001-01-01T00:00:00"
+    assert by_id["flat"][9:] == ["token", "none"]
+    assert by_id["proxied"][9:] == ["proxy", "writes"]
 
     assert as_json.code == 0
     items = {item["listing_id"]: item for item in map(json.loads, as_json.out.splitlines())}
-    assert list(items) == ["closed", "decaying", "flat", "upcoming"]
+    assert list(items) == ["closed", "decaying", "flat", "proxied", "upcoming"]
     assert items["flat"] == {
         "listing_id": "flat", "title": "Flat price", "connection": "github", "scopes": ["repo:read"],
         "unit_price": 50, "start_price": 50, "floor_price": 50, "opens_at": "2000-01-01T00:00:00.000000Z",
         "closes_at": "2100-01-01T00:00:00.000000Z", "supply": 10, "supply_remaining": 10, "status": "open",
+        "delivery": "token", "api": [], "methods": ["GET", "HEAD"], "approval": "none",
+    }
+    assert {k: items["proxied"][k] for k in ("delivery", "api", "methods", "approval")} == {
+        "delivery": "proxy", "api": ["http://127.0.0.1:9000/provider/github", "https://api.github.com"],
+        "methods": ["GET", "POST"], "approval": "writes",
     }
     assert items["upcoming"]["opens_at"] == "2098-12-31T22:00:00.000000Z"
     assert (items["closed"]["unit_price"], items["closed"]["status"]) == (10, "closed")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -68,6 +67,11 @@ async def listing(db: Database, listing_id: str) -> Listing:
     return found
 
 
+async def everything(db: Database) -> list[Listing]:
+    """Every listing as stored, every field."""
+    return await db.read(lambda tx: tx.page_listings(after=None, connection=None, open_at=None, limit=1000))
+
+
 # ---- parsing ---------------------------------------------------------------------------------------
 
 def test_a_valid_market_file_gives_one_spec_per_listing(tmp_path: Path) -> None:
@@ -114,11 +118,39 @@ def test_a_file_without_listings_is_an_empty_market(tmp_path: Path) -> None:
         (spec(scopes=[]), ["github-repo-read", "scopes"]),
         (spec(scopes=["repo read"]), ["github-repo-read", "scopes"]),
         (spec(connection="git hub"), ["github-repo-read", "connection"]),
+        (spec(title=5), ["github-repo-read", "title"]),
+        (spec(scopes="repo"), ["github-repo-read", "scopes"]),
+        (spec(opens_at="2026-11-01"), ["github-repo-read", "opens_at"]),
+        (spec(closes_at="2027-01-01T00:00:00Z"), ["github-repo-read", "closes_at"]),
+        (spec(connection=["github"]), ["github-repo-read", "connection"]),
+        (spec(delivery="proxy"), ["github-repo-read", "api"]),
+        (spec(delivery="Proxy", api=["https://api.github.com"]), ["github-repo-read", "delivery"]),
+        (spec(delivery=True), ["github-repo-read", "delivery"]),
+        (spec(api="https://api.github.com"), ["github-repo-read", "api"]),
+        (spec(api=[]), ["github-repo-read", "api"]),
+        (spec(api=["ftp://api.github.com"]), ["github-repo-read", "api"]),
+        (spec(api=["api.github.com"]), ["github-repo-read", "api"]),
+        (spec(api=["https://user:pw@api.github.com"]), ["github-repo-read", "api"]),
+        (spec(api=["https://api.github.com/?page=1"]), ["github-repo-read", "api"]),
+        (spec(api=["https://api.github.com/#top"]), ["github-repo-read", "api"]),
+        (spec(api=["https://api.github.com/a/../b"]), ["github-repo-read", "api"]),
+        (spec(api=["https://api.github.com\\repos"]), ["github-repo-read", "api"]),
+        (spec(methods=["get"]), ["github-repo-read", "methods"]),
+        (spec(methods=["GET", "CONNECT"]), ["github-repo-read", "methods"]),
+        (spec(methods=["GET", "GET"]), ["github-repo-read", "methods"]),
+        (spec(methods=[]), ["github-repo-read", "methods"]),
+        (spec(methods="GET"), ["github-repo-read", "methods"]),
+        (spec(approval="always"), ["github-repo-read", "approval"]),
+        (spec(aproval="grant"), ["github-repo-read", "aproval"]),
     ],
     ids=["uppercase-id", "space-in-id", "floor-above-start", "closes-at-opening", "closes-before-opening",
          "naive-opens", "naive-closes", "extra-key", "missing-supply", "negative-supply", "price-as-text",
          "supply-as-bool", "fractional-supply", "price-beyond-64-bit",
-         "no-scopes", "scope-with-space", "bad-connection"],
+         "no-scopes", "scope-with-space", "bad-connection", "title-as-number", "scopes-as-text", "date-as-text",
+         "datetime-as-text", "connection-as-array", "proxy-without-api", "delivery-capitalised",
+         "delivery-as-bool", "api-as-text", "api-empty", "api-not-http", "api-not-absolute", "api-userinfo",
+         "api-query", "api-fragment", "api-dot-dot", "api-backslash", "method-lowercase", "method-unknown",
+         "method-twice", "methods-empty", "methods-as-text", "approval-unknown", "misspelt-optional-key"],
 )
 def test_each_invalid_listing_is_refused_naming_the_listing_and_field(
     tmp_path: Path, table: dict[str, Any], named: list[str]
@@ -129,14 +161,98 @@ def test_each_invalid_listing_is_refused_naming_the_listing_and_field(
     assert str(path) in str(caught.value)
     message = str(caught.value).replace(str(path), "")  # the temporary path could contain anything
     listing_id, field = named
-    assert f"listing {listing_id}:" in message, message
-    assert re.search(rf"\b{field}\b", message), message
+    assert f"listing {listing_id}: {field}" in message, message  # the listing, then the key it is about
+    assert "\n" not in message, message
     assert "fine-listing" not in message
 
 
 def test_a_listing_id_that_appears_twice_is_refused() -> None:
     with pytest.raises(MarketFileError, match="listing github-repo-read appears twice"):
         parse_listings({"listing": [spec(), spec(title="another")]})
+
+
+def test_a_value_of_the_wrong_toml_type_is_refused_saying_what_was_found(tmp_path: Path) -> None:
+    cases = {
+        "title": (5, "title: Input should be a valid string, not an integer"),
+        "scopes": ("repo", "scopes: Input should be a valid list, not a string"),
+        "supply": (True, "supply: Input should be a valid integer, not a boolean"),
+        "opens_at": ("2026-11-01", "opens_at: Input should be a valid datetime, not a string (write a TOML "
+                     "date-time with a zone and without quotes, e.g. 2026-11-01T00:00:00Z)"),
+    }
+    for key, (value, problem) in cases.items():
+        path = write(tmp_path, spec(**{key: value}))
+        with pytest.raises(MarketFileError) as caught:
+            read_market_file(path)
+        assert str(caught.value) == f"{path}: listing github-repo-read: {problem}"
+
+
+def test_the_messages_of_the_new_refusals_say_what_to_write() -> None:
+    expected = {
+        "proxy-without-api": (
+            spec(delivery="proxy"),
+            'api: required when delivery = "proxy" (the base URLs call_api may reach, '
+            'e.g. api = ["https://api.github.com"])',
+        ),
+        "unknown-key": (
+            spec(aproval="grant"),
+            "aproval: unknown key; a listing has id, title, connection, scopes, supply, start_price, "
+            "floor_price, opens_at, closes_at, delivery, api, methods, approval",
+        ),
+        "userinfo": (
+            spec(api=["https://api.github.com", "https://bot@api.github.com"]),
+            'api[1]: "https://bot@api.github.com" carries userinfo; name the host only (the broker sets '
+            "Authorization itself)",
+        ),
+        "method-twice": (spec(methods=["GET", "POST", "GET"]), "methods: GET appears more than once"),
+    }
+    for name, (table, problem) in expected.items():
+        with pytest.raises(MarketFileError) as caught:
+            parse_listings({"listing": [table]}, "m.toml")
+        assert str(caught.value) == f"m.toml: listing github-repo-read: {problem}", name
+
+
+def test_an_invalid_id_is_shown_escaped_on_one_line() -> None:
+    with pytest.raises(MarketFileError) as caught:
+        parse_listings({"listing": [spec(id="evil\n\x1b[2J")]})
+    assert "\n" not in str(caught.value) and "\x1b" not in str(caught.value)
+    assert "listing evil\\x0a\\x1b[2J: id:" in str(caught.value)
+
+
+def test_the_optional_keys_default_to_a_token_listing_without_api_or_approval() -> None:
+    (plain,) = parse_listings({"listing": [spec()]})
+    listing = plain.to_listing()
+    assert (listing.delivery, listing.api, listing.methods, listing.approval) == ("token", (), ("GET", "HEAD"), "none")
+
+
+def test_api_bases_are_normalised_and_methods_kept_in_one_order() -> None:
+    (proxy,) = parse_listings({"listing": [spec(
+        delivery="proxy",
+        api=["HTTPS://API.GitHub.com:443/", "http://127.0.0.1:8080/provider/github/", "https://api.github.com",
+             "http://[::1]:80/v1", "https://uploads.github.com:8443/v3"],
+        methods=["DELETE", "GET", "POST"],
+        approval="writes",
+    )]})
+    listing = proxy.to_listing()
+    assert listing.delivery == "proxy"
+    assert listing.api == (
+        "http://127.0.0.1:8080/provider/github", "http://[::1]/v1", "https://api.github.com",
+        "https://uploads.github.com:8443/v3",
+    )
+    assert listing.methods == ("GET", "POST", "DELETE")
+    assert listing.approval == "writes"
+
+
+def test_a_token_listing_may_also_name_api_bases_for_call_api() -> None:
+    (both,) = parse_listings({"listing": [spec(api=["https://api.github.com"], approval="grant")]})
+    assert (both.delivery, both.api, both.approval) == ("token", ["https://api.github.com"], "grant")
+
+
+def test_the_optional_keys_are_read_from_a_real_toml_file(tmp_path: Path) -> None:
+    path = write(tmp_path, spec(delivery="proxy", api=["https://api.github.com"], methods=["GET", "PATCH"]))
+    (read,) = read_market_file(path)
+    assert (read.delivery, read.api, read.methods, read.approval) == (
+        "proxy", ["https://api.github.com"], ["GET", "PATCH"], "none"
+    )
 
 
 def test_unreadable_or_malformed_files_are_market_file_errors(tmp_path: Path) -> None:
@@ -196,6 +312,7 @@ async def test_supply_may_shrink_to_exactly_what_was_sold(db: Database) -> None:
 async def test_supply_below_what_was_sold_is_refused_and_the_whole_file_changes_nothing(db: Database) -> None:
     await load(db, spec(supply=10))
     await sell(db, "github-repo-read", 3)
+    before = await everything(db)
     with pytest.raises(MarketFileError) as caught:
         await load(db, spec(id="new-listing"), spec(supply=2, title="changed"))
     assert "github-repo-read" in str(caught.value)
@@ -204,6 +321,26 @@ async def test_supply_below_what_was_sold_is_refused_and_the_whole_file_changes_
     kept = await listing(db, "github-repo-read")
     assert (kept.supply, kept.sold, kept.title) == (10, 3, "GitHub: read repositories")
     assert await db.read(lambda tx: tx.get_listing("new-listing")) is None
+    assert await everything(db) == before
+
+
+async def test_the_optional_keys_round_trip_through_the_store_and_reloading_updates_them(db: Database) -> None:
+    proxy = spec(delivery="proxy", api=["https://api.github.com/", "http://localhost:8080"], methods=["POST", "GET"],
+                 approval="grant")
+    await load(db, proxy, spec(id="plain"))
+    stored = await listing(db, "github-repo-read")
+    assert (stored.delivery, stored.api, stored.methods, stored.approval) == (
+        "proxy", ("http://localhost:8080", "https://api.github.com"), ("GET", "POST"), "grant"
+    )
+    plain = await listing(db, "plain")
+    assert (plain.delivery, plain.api, plain.methods, plain.approval) == ("token", (), ("GET", "HEAD"), "none")
+    assert [item.listing for item in (await page(db, include_closed=True)).listings] == [stored, plain]
+
+    await load(db, spec(approval="writes", methods=["GET", "HEAD", "DELETE"], api=["https://api.github.com"]))
+    reloaded = await listing(db, "github-repo-read")
+    assert (reloaded.delivery, reloaded.api, reloaded.methods, reloaded.approval) == (
+        "token", ("https://api.github.com",), ("GET", "HEAD", "DELETE"), "writes"
+    )
 
 
 # ---- paging ----------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from mcp import Client
 
@@ -66,7 +66,7 @@ async def test_sold_out_when_supply_is_short(client: Client, runtime: Runtime) -
     specs = parse_listings(
         {"listing": [{"id": "tiny", "title": "Tiny", "connection": "github", "scopes": ["repo:read"],
                       "supply": 2, "start_price": 1, "floor_price": 1,
-                      "opens_at": "2026-01-01T00:00:00Z", "closes_at": "2030-01-01T00:00:00Z"}]}
+                      "opens_at": datetime(2026, 1, 1, tzinfo=UTC), "closes_at": datetime(2030, 1, 1, tzinfo=UTC)}]}
     )
     await runtime.db.write(lambda tx: market.load(tx, specs))
     await ok(client, "buy_quota", {"listing_id": "tiny", "units": 2, "max_unit_price": 1})

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from mcp import Client
 
+from server import market
+from server.app import Runtime
 from server.clock import ManualClock, parse_rfc3339
 from server.pricing import price_at
 from tests.conftest import DEMO_NOW, ok, refused
@@ -57,3 +59,36 @@ async def test_bad_paging_arguments_are_refused(client: Client) -> None:
     for args in ({"limit": 0}, {"limit": 101}, {"cursor": "not-a-cursor"}, {"connection": "bad name!"},
                  {"include_closed": "maybe"}, {"surprise": 1}):
         assert (await refused(client, "list_market", args)).startswith("[invalid_argument] "), args
+
+
+async def test_each_listing_shows_how_it_delivers_where_call_api_may_go_and_who_approves(
+    client: Client, runtime: Runtime
+) -> None:
+    specs = market.parse_listings({"listing": [{
+        "id": "github-proxy", "title": "GitHub through the broker", "connection": "github", "scopes": ["repo:read"],
+        "supply": 5, "start_price": 10, "floor_price": 10, "opens_at": datetime(2026, 1, 1, tzinfo=UTC),
+        "closes_at": datetime(2030, 1, 1, tzinfo=UTC), "delivery": "proxy",
+        "api": ["HTTPS://API.GITHUB.COM:443/", "http://127.0.0.1:9000/provider/github"],
+        "methods": ["PATCH", "GET"], "approval": "writes",
+    }]})
+    await runtime.db.write(lambda tx: market.load(tx, specs))
+    page = await ok(client, "list_market", {"connection": "github"})
+    shown = {item["listing_id"]: item for item in page["listings"]}
+    assert {k: shown["github-proxy"][k] for k in ("delivery", "api", "methods", "approval")} == {
+        "delivery": "proxy", "api": ["http://127.0.0.1:9000/provider/github", "https://api.github.com"],
+        "methods": ["GET", "PATCH"], "approval": "writes",
+    }
+    assert {k: shown["github-repo-read"][k] for k in ("delivery", "api", "methods", "approval")} == {
+        "delivery": "token", "api": [], "methods": ["GET", "HEAD"], "approval": "none",
+    }
+
+
+async def test_the_output_schema_describes_the_delivery_keys(client: Client) -> None:
+    (tool,) = [t for t in (await client.list_tools()).tools if t.name == "list_market"]
+    assert tool.output_schema is not None
+    view = tool.output_schema["$defs"]["ListingView"]
+    for name in ("delivery", "api", "methods", "approval"):
+        assert name in view["required"], name
+        assert view["properties"][name].get("description"), name
+    assert view["properties"]["delivery"]["enum"] == ["token", "proxy"]
+    assert view["properties"]["approval"]["enum"] == ["none", "grant", "writes"]

@@ -1,11 +1,16 @@
-"""Migrations keep every event and its hash: a version-1 log still verifies (and still shows edits) at version 2."""
+"""Migrations keep every event and its hash (a version-1 log still verifies, and still shows edits, at the
+current version) and every listing (a version-2 listing gains the defaults of the §8–§9 keys)."""
 
 from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from server import audit
+from server.invariants import check_invariants
+from server.models import Listing
 from server.store import AuditFilter, Database
 from server.store.schema import MIGRATIONS, SCHEMA_VERSION
 
@@ -79,3 +84,72 @@ async def test_the_audit_events_view_shows_names(tmp_path: Path) -> None:
     conn.close()
     assert shown == ("auth0|user-2", "request_token", "denied", "insufficient_scope")
 
+
+
+def make_v2(path: Path) -> None:
+    """A database as version 2 left it: two listings, one partly sold, a holding and its purchase."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    for script in MIGRATIONS[:2]:
+        conn.executescript(script)
+    conn.execute("PRAGMA user_version = 2")
+    conn.executescript(
+        """
+        INSERT INTO meta(key, value) VALUES ('token_hmac_key', x'00');
+        INSERT INTO accounts(name, kind, balance) VALUES ('market', 'market', 150), ('mint', 'mint', -1000),
+            ('auth0|alice', 'wallet', 850);
+        INSERT INTO transfers(id, ts, debit, credit, amount, reason, reference) VALUES
+            (1, '2026-11-02T00:00:00.000000Z', 'mint', 'auth0|alice', 1000, 'credit', NULL),
+            (2, '2026-11-02T00:00:01.000000Z', 'auth0|alice', 'market', 150, 'purchase', 'p1');
+        INSERT INTO listings(id, title, connection, scopes, supply, sold, start_price, floor_price, opens_at,
+                             closes_at) VALUES
+            ('github-repo-read', 'GitHub: read', 'github', '["repo:read"]', 10, 3, 50, 50,
+             1793491200000000, 1798761600000000),
+            ('stripe-read', 'Stripe: read', 'stripe', '["read_only"]', 5, 0, 40, 10,
+             1793491200000000, 1798761600000000);
+        INSERT INTO holdings(id, account, listing_id, units_bought, units_held, created_at) VALUES
+            (1, 'auth0|alice', 'github-repo-read', 3, 3, '2026-11-02T00:00:01.000000Z');
+        INSERT INTO purchases(id, account, listing_id, units, unit_price, total, balance_after, units_held,
+                              purchased_at, idempotency_key, fingerprint, transfer_id) VALUES
+            ('p1', 'auth0|alice', 'github-repo-read', 3, 50, 150, 850, 3, '2026-11-02T00:00:01.000000Z', NULL,
+             '', 2);
+        """
+    )
+    conn.close()
+
+
+async def test_version_2_listings_migrate_whole_with_the_defaults_of_the_new_keys(tmp_path: Path) -> None:
+    path = tmp_path / "v2.db"
+    make_v2(path)
+    db = await Database.open(path)
+    try:
+        listings = await db.read(lambda tx: tx.page_listings(after=None, connection=None, open_at=None, limit=10))
+        holdings = await db.read(lambda tx: tx.holdings_of("auth0|alice"))
+        problems = await db.read(check_invariants)
+    finally:
+        await db.close()
+    opens, closes = listings[0].opens_at, listings[0].closes_at
+    assert (opens.isoformat(), closes.isoformat()) == ("2026-11-01T00:00:00+00:00", "2027-01-01T00:00:00+00:00")
+    assert listings == [
+        Listing("github-repo-read", "GitHub: read", "github", ("repo:read",), 10, 3, 50, 50, opens, closes,
+                delivery="token", api=(), methods=("GET", "HEAD"), approval="none"),
+        Listing("stripe-read", "Stripe: read", "stripe", ("read_only",), 5, 0, 40, 10, opens, closes,
+                delivery="token", api=(), methods=("GET", "HEAD"), approval="none"),
+    ]
+    assert [(h.listing_id, h.units_held, h.units_bought) for h in holdings] == [("github-repo-read", 3, 3)]
+    assert problems == []
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    with_defaults = conn.execute("SELECT delivery, api, methods, approval FROM listings ORDER BY id").fetchall()
+    conn.close()
+    assert with_defaults == [("token", "[]", '["GET", "HEAD"]', "none")] * 2
+
+
+async def test_the_store_refuses_a_delivery_or_approval_outside_the_spec(tmp_path: Path) -> None:
+    path = tmp_path / "v2.db"
+    make_v2(path)
+    await (await Database.open(path)).close()
+    conn = sqlite3.connect(path)
+    for column, value in (("delivery", "email"), ("approval", "sometimes")):
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK constraint failed"), conn:
+            conn.execute(f"UPDATE listings SET {column} = ? WHERE id = 'stripe-read'", (value,))
+    conn.close()
