@@ -55,6 +55,13 @@ async def open_runtime(
     config: Config, *, clock: Clock | None = None, auth0_transport: httpx.AsyncBaseTransport | None = None
 ) -> Runtime:
     """Open the database, connect the Auth0 client (the emulator in demo mode) and load the market."""
+    # the market file is read first: one that cannot be read or parsed stops the start before anything opens
+    file_specs: list[market.ListingSpec] = []
+    if config.market_file is not None:
+        try:
+            file_specs = market.read_market_file(config.market_file)
+        except market.MarketFileError as exc:
+            raise ConfigError(f"TVM_MARKET_FILE: {exc}") from None
     tenant: DemoTenant | None = None
     client_id, secret, audience, refresh = (
         config.client_id, config.client_secret, config.audience, config.refresh_token,
@@ -84,14 +91,9 @@ async def open_runtime(
         vault = TokenVault(auth0)
         broker = Broker(db, vault, clock)
         identity = StdioIdentity(auth0, verifier, refresh, refresh_client)
-        specs = demo.demo_listings() if config.demo else []
-        if config.market_file is not None:
-            try:
-                specs += market.read_market_file(config.market_file)
-            except market.MarketFileError as exc:
-                raise ConfigError(f"TVM_MARKET_FILE: {exc}") from None
+        specs = (demo.demo_listings() if config.demo else []) + file_specs
         if specs:
-            try:
+            try:  # the demo market and the file in one transaction: a refusal loads none of them
                 await db.write(lambda tx: market.load(tx, specs))
             except market.MarketFileError as exc:
                 raise ConfigError(f"TVM_MARKET_FILE: {exc}") from None

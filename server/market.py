@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import tomllib
 from dataclasses import dataclass
 from datetime import date, datetime, time
@@ -174,15 +175,34 @@ def _toml_kind(value: object) -> str:
 
 
 def load(tx: Tx, specs: list[ListingSpec]) -> int:
-    """Upsert listings by id, keeping what was already sold. Raises MarketFileError."""
+    """Upsert listings by id, keeping what was already sold. Raises MarketFileError.
+
+    What was sold stays what it was: supply cannot drop below it, and a listing with units sold
+    keeps its connection and scopes (holdings read them from the listing).
+    """
     for spec in specs:
+        listing = spec.to_listing()
         existing = tx.get_listing(spec.id)
-        if existing is not None and spec.supply < existing.sold:
-            raise MarketFileError(
-                f"listing {spec.id}: supply {spec.supply} is below the {existing.sold} units already sold"
-            )
-        tx.upsert_listing(spec.to_listing())
+        if existing is not None:
+            _check_change(existing, listing)
+        tx.upsert_listing(listing)
     return len(specs)
+
+
+def _check_change(old: Listing, new: Listing) -> None:
+    if new.supply < old.sold:
+        raise MarketFileError(f"listing {new.id}: supply {new.supply} is below the {old.sold} units already sold")
+    if old.sold == 0:
+        return
+    for key, before, after in (
+        ("connection", old.connection, new.connection),
+        ("scopes", sorted(set(old.scopes)), sorted(set(new.scopes))),
+    ):
+        if before != after:
+            raise MarketFileError(
+                f"listing {new.id}: {key}: cannot change from {json.dumps(before)} to {json.dumps(after)}: "
+                f"{old.sold} units were already sold under it; add a listing with a new id instead"
+            )
 
 
 @dataclass(frozen=True)

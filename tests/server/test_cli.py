@@ -10,16 +10,17 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
-from server import audit
+from server import audit, ledger
 from server.audit import Event
 from server.broker import Broker
 from server.clock import rfc3339
-from server.store import Database
+from server.store import Database, Tx
 
 EXPORT_KEYS = ["id", "ts", "account", "agent", "tool", "transport", "scope", "outcome", "code", "args", "token_id",
                "latency_ms", "prev_hash", "hash"]
@@ -211,6 +212,117 @@ def test_market_load_then_list_as_a_table_and_as_json(tmp_path: Path) -> None:
     }
     assert items["upcoming"]["opens_at"] == "2098-12-31T22:00:00.000000Z"
     assert (items["closed"]["unit_price"], items["closed"]["status"]) == (10, "closed")
+
+
+def sell(db_path: Path, listing_id: str, units: int) -> None:
+    """Sell `units` of a listing to auth0|alice through the Python API."""
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+
+    def job(tx: Tx) -> None:
+        ledger.credit(tx, "auth0|alice", 10_000, now)
+        ledger.buy(tx, "auth0|alice", listing_id, units, 1_000, None, now)
+
+    async def go() -> None:
+        db = await Database.open(db_path)
+        try:
+            await db.write(job)
+        finally:
+            await db.close()
+
+    asyncio.run(go())
+
+
+def listings_dump(db_path: Path) -> list[tuple[object, ...]]:
+    """Every column of every listing, as stored."""
+    with closing(sqlite3.connect(db_path)) as conn:
+        return conn.execute("SELECT * FROM listings ORDER BY id").fetchall()
+
+
+# Each turns MARKET_FILE into one the loader refuses; each also retitles `decaying`, which must not happen.
+REFUSED_FILES = {
+    "unknown-key": ('id = "flat"\n', 'id = "flat"\ncolour = "blue"\n', "listing flat: colour: unknown key"),
+    "title-as-number": ('title = "Flat price"', "title = 5", "listing flat: title: Input should be a valid string"),
+    "scopes-as-text": ('scopes = ["repo:read"]', 'scopes = "repo:read"', "listing flat: scopes: Input should be"),
+    "datetime-as-text": ("opens_at = 2000-01-01T00:00:00Z\ncloses_at = 2100-01-01T00:00:00Z\n\n[[listing]]\n"
+                         'id = "decaying"',
+                         'opens_at = "2000-01-01"\ncloses_at = 2100-01-01T00:00:00Z\n\n[[listing]]\n'
+                         'id = "decaying"', "listing flat: opens_at: Input should be a valid datetime"),
+    "supply-as-bool": ("supply = 10\n", "supply = true\n", "listing flat: supply: Input should be a valid integer"),
+    "proxy-without-api": ('api = ["https://API.github.com:443/", "http://127.0.0.1:9000/provider/github/"]\n', "",
+                          'listing proxied: api: required when delivery = "proxy"'),
+    "bad-api": ('"https://API.github.com:443/"', '"https://user@api.github.com"', "listing proxied: api[0]: "),
+    "connection-of-sold": ('id = "flat"\ntitle = "Flat price"\nconnection = "github"',
+                           'id = "flat"\ntitle = "Flat price"\nconnection = "gitlab"',
+                           'listing flat: connection: cannot change from "github" to "gitlab": 3 units were '
+                           "already sold under it; add a listing with a new id instead"),
+    "scopes-of-sold": ('scopes = ["repo:read"]', 'scopes = ["repo:read", "repo:write"]',
+                       'listing flat: scopes: cannot change from ["repo:read"] to ["repo:read", "repo:write"]: '
+                       "3 units were already sold under it; add a listing with a new id instead"),
+    "supply-below-sold": ("supply = 10\n", "supply = 2\n", "listing flat: supply 2 is below the 3 units already sold"),
+}
+
+
+def refused_file(tmp_path: Path, name: str) -> Path:
+    old, new, _ = REFUSED_FILES[name]
+    assert MARKET_FILE.count(old) == 1, name
+    text = MARKET_FILE.replace(old, new).replace('title = "Decaying price"', 'title = "Changed"')
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_market_load_refusals_exit_2_with_one_line_and_change_nothing(tmp_path: Path) -> None:
+    (tmp_path / "market.toml").write_text(MARKET_FILE, encoding="utf-8")
+    assert run(tmp_path, "market", "load", "market.toml").code == 0
+    sell(tmp_path / "vault.db", "flat", 3)
+    before = listings_dump(tmp_path / "vault.db")
+    names = list(REFUSED_FILES)
+    done = run_all(tmp_path, *(["market", "load", str(refused_file(tmp_path, name))] for name in names))
+    for name, result in zip(names, done, strict=True):
+        assert (result.code, result.out) == (2, ""), (name, result)
+        (line,) = result.err.strip().splitlines()
+        assert line.startswith("token-vault-mcp: "), line
+        assert REFUSED_FILES[name][2] in line, (name, line)
+        assert "Traceback" not in result.err
+    assert listings_dump(tmp_path / "vault.db") == before
+    assert ("decaying", "Decaying price") in [row[:2] for row in before]
+
+    # a listing with nothing sold may change its connection and scopes
+    changed = MARKET_FILE.replace('connection = "stripe"\nscopes = ["read_only", "charges:write"]',
+                                  'connection = "paypal"\nscopes = ["payments"]')
+    (tmp_path / "changed.toml").write_text(changed, encoding="utf-8")
+    assert run(tmp_path, "market", "load", "changed.toml").code == 0
+    row = next(r for r in listings_dump(tmp_path / "vault.db") if r[0] == "decaying")
+    assert row[2:4] == ("paypal", '["payments"]')
+
+
+def test_serve_refuses_to_start_with_a_bad_market_file_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "market.toml").write_text(MARKET_FILE, encoding="utf-8")
+    # a good file: the server starts (stdin closed, so the stdio session ends at once) with demo + file listings
+    started = run(tmp_path, "serve", env={"TVM_MARKET_FILE": "market.toml"})
+    assert started.code == 0, started.err
+    assert started.out == ""
+    assert len(listings_dump(tmp_path / "vault.db")) == 4 + 5
+    sell(tmp_path / "vault.db", "flat", 3)
+    before = listings_dump(tmp_path / "vault.db")
+
+    names = ["title-as-number", "proxy-without-api", "connection-of-sold", "scopes-of-sold"]
+    procs = [start(tmp_path, ["serve"], {"TVM_MARKET_FILE": str(refused_file(tmp_path, name))}, False)
+             for name in names]
+    for name, result in zip(names, map(finish, procs), strict=True):
+        assert (result.code, result.out) == (2, ""), (name, result)
+        (line,) = result.err.strip().splitlines()
+        assert line.startswith("token-vault-mcp: configuration error: TVM_MARKET_FILE: "), line
+        assert REFUSED_FILES[name][2] in line, (name, line)
+    assert listings_dump(tmp_path / "vault.db") == before
+
+    elsewhere = tmp_path / "fresh"
+    elsewhere.mkdir()
+    path = refused_file(elsewhere, "datetime-as-text")
+    refused = run(elsewhere, "serve", env={"TVM_MARKET_FILE": str(path)})
+    assert (refused.code, refused.out) == (2, "")
+    assert "TVM_MARKET_FILE" in refused.err and "opens_at" in refused.err
+    assert not (elsewhere / "vault.db").exists()  # a file that cannot be parsed stops the start before anything opens
 
 
 def test_market_load_of_an_invalid_file_exits_2_naming_the_listing_and_field(tmp_path: Path) -> None:

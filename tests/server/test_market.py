@@ -324,6 +324,49 @@ async def test_supply_below_what_was_sold_is_refused_and_the_whole_file_changes_
     assert await everything(db) == before
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"connection": "gitlab"}, 'listing github-repo-read: connection: cannot change from "github" to "gitlab": '
+                                   "3 units were already sold under it; add a listing with a new id instead"),
+        ({"scopes": ["repo:read", "repo:write"]},
+         'listing github-repo-read: scopes: cannot change from ["repo:read"] to ["repo:read", "repo:write"]: '
+         "3 units were already sold under it; add a listing with a new id instead"),
+        ({"scopes": ["repo:write"]},
+         'listing github-repo-read: scopes: cannot change from ["repo:read"] to ["repo:write"]: '
+         "3 units were already sold under it; add a listing with a new id instead"),
+    ],
+    ids=["connection", "scopes-widened", "scopes-replaced"],
+)
+async def test_a_sold_listing_keeps_its_connection_and_scopes_and_the_whole_file_changes_nothing(
+    db: Database, change: dict[str, Any], message: str
+) -> None:
+    await load(db, spec(supply=10), spec(id="other", title="other"))
+    await sell(db, "github-repo-read", 3)
+    before = await everything(db)
+    with pytest.raises(MarketFileError) as caught:
+        await load(db, spec(id="other", title="renamed"), spec(id="brand-new"), spec(supply=10, **change))
+    assert str(caught.value) == message
+    assert await everything(db) == before  # neither the listing before it in the file nor the new one
+    holdings = await db.read(lambda tx: tx.holdings_of("buyer"))
+    assert [(h.connection, h.scopes, h.units_held) for h in holdings] == [("github", ("repo:read",), 3)]
+
+
+async def test_the_same_scopes_in_another_order_or_repeated_are_no_change(db: Database) -> None:
+    await load(db, spec(scopes=["repo:read", "issues:read"]))
+    await sell(db, "github-repo-read", 1)
+    assert await load(db, spec(scopes=["issues:read", "repo:read", "issues:read"], title="reordered")) == 1
+    after = await listing(db, "github-repo-read")
+    assert (after.title, after.scopes) == ("reordered", ("issues:read", "repo:read"))
+
+
+async def test_connection_and_scopes_of_a_listing_with_nothing_sold_may_change(db: Database) -> None:
+    await load(db, spec())
+    await load(db, spec(connection="gitlab", scopes=["read_repository"]))
+    after = await listing(db, "github-repo-read")
+    assert (after.connection, after.scopes, after.sold) == ("gitlab", ("read_repository",), 0)
+
+
 async def test_the_optional_keys_round_trip_through_the_store_and_reloading_updates_them(db: Database) -> None:
     proxy = spec(delivery="proxy", api=["https://api.github.com/", "http://localhost:8080"], methods=["POST", "GET"],
                  approval="grant")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server import audit
+from server import audit, market
 from server.invariants import check_invariants
 from server.models import Listing
 from server.store import AuditFilter, Database
@@ -125,6 +125,17 @@ async def test_version_2_listings_migrate_whole_with_the_defaults_of_the_new_key
         listings = await db.read(lambda tx: tx.page_listings(after=None, connection=None, open_at=None, limit=10))
         holdings = await db.read(lambda tx: tx.holdings_of("auth0|alice"))
         problems = await db.read(check_invariants)
+        # what was sold still pins the migrated listing's scopes
+        specs = market.parse_listings({"listing": [{
+            "id": "github-repo-read", "title": "GitHub: read", "connection": "github", "scopes": ["repo:write"],
+            "supply": 10, "start_price": 50, "floor_price": 50, "opens_at": listings[0].opens_at,
+            "closes_at": listings[0].closes_at,
+        }]})
+        refusal = None
+        try:
+            await db.write(lambda tx: market.load(tx, specs))
+        except market.MarketFileError as exc:
+            refusal = str(exc)
     finally:
         await db.close()
     opens, closes = listings[0].opens_at, listings[0].closes_at
@@ -137,6 +148,7 @@ async def test_version_2_listings_migrate_whole_with_the_defaults_of_the_new_key
     ]
     assert [(h.listing_id, h.units_held, h.units_bought) for h in holdings] == [("github-repo-read", 3, 3)]
     assert problems == []
+    assert refusal is not None and "listing github-repo-read: scopes:" in refusal
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     with_defaults = conn.execute("SELECT delivery, api, methods, approval FROM listings ORDER BY id").fetchall()
