@@ -203,6 +203,11 @@ def _check_change(old: Listing, new: Listing) -> None:
                 f"listing {new.id}: {key}: cannot change from {json.dumps(before)} to {json.dumps(after)}: "
                 f"{old.sold} units were already sold under it; add a listing with a new id instead"
             )
+    if old.delivery == "proxy" and new.delivery == "token":  # would let tokens bought to stay in the broker out
+        raise MarketFileError(
+            f'listing {new.id}: delivery: cannot change from "proxy" to "token": {old.sold} units were already '
+            "sold on the promise that their tokens never leave the broker; add a listing with a new id instead"
+        )
 
 
 @dataclass(frozen=True)

@@ -489,3 +489,14 @@ async def test_a_cursor_survives_a_round_trip_through_text(stocked: Database) ->
     assert first.next_cursor is not None
     assert first.next_cursor.isascii() and "=" not in first.next_cursor
     assert market.decode_cursor(first.next_cursor) == "gh-2"
+
+
+async def test_a_sold_proxy_listing_cannot_start_handing_out_tokens(db: Database) -> None:
+    await load(db, spec(delivery="proxy", api=["https://api.github.com"]))
+    await sell(db, "github-repo-read", 2)
+    before = await everything(db)
+    with pytest.raises(MarketFileError) as caught:
+        await load(db, spec(delivery="token", api=["https://api.github.com"]))
+    assert str(caught.value).startswith('listing github-repo-read: delivery: cannot change from "proxy" to "token"')
+    assert await everything(db) == before
+    await load(db, spec(delivery="proxy", api=["https://api.github.com", "https://uploads.github.com"]))
