@@ -43,7 +43,7 @@ def admit(url: str, bases: Iterable[str]) -> AdmittedUrl:
         wanted = [unquote(s) for s in base_path.split("/")[1:]] if base_path else []
         if segments[: len(wanted)] == wanted:
             sent = origin + path + (f"?{query}" if query else "")
-            return AdmittedUrl(sent, base, origin + path + _keys_only(query))
+            return AdmittedUrl(sent, base, keys_only(origin + path + (f"?{query}" if query else "")))
     raise NotAllowed("the url is not under any API base URL of the listing")
 
 
@@ -91,8 +91,12 @@ def _split_base(base: str) -> tuple[str, str, str]:
     return origin, parts.netloc, parts.path
 
 
-def _keys_only(query: str) -> str:
-    """`?a=1&b=2&c` → `?a=&b=&c=`: which parameters, never their values (they may be secrets or data)."""
+def keys_only(url: str) -> str:
+    """`…?a=1&b=2&c` → `…?a=&b=&c=`: which parameters, never their values (they may be secrets or data).
+
+    Any fragment is dropped too. For the audit log, whatever the URL turns out to be.
+    """
+    head, _, query = url.partition("#")[0].partition("?")
     if not query:
-        return ""
-    return "?" + "&".join(part.split("=", 1)[0] + "=" for part in query.split("&") if part)
+        return head
+    return head + "?" + "&".join(part.split("=", 1)[0] + "=" for part in query.split("&") if part)

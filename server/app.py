@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import httpx
@@ -17,6 +18,7 @@ from server.emulator import DemoTenant
 from server.errors import ConfigError
 from server.identity import StdioIdentity
 from server.login import read_credentials
+from server.provider import ProviderClient
 from server.store import Database, Tx
 from server.token_verifier import JwtVerifier
 from server.vault import TokenVault
@@ -27,9 +29,10 @@ log = logging.getLogger(__name__)
 
 INSTRUCTIONS = (
     "token-vault-mcp brokers short-lived, least-privilege credentials for third-party APIs through Auth0 "
-    "Token Vault. Look at list_market, buy quota with buy_quota (state max_unit_price), then call "
-    "request_token with the connection, the exact scopes you need and your purpose. Use tokens at once; "
-    "never store them."
+    "Token Vault. Look at list_market, buy quota with buy_quota (state max_unit_price), then call the "
+    "provider's API with call_api (the broker adds the token; you never see it) or, where a listing "
+    "delivers tokens, get one with request_token. Give the connection, the exact scopes you need and your "
+    "purpose. Use tokens at once; never store them."
 )
 
 
@@ -40,6 +43,7 @@ class Runtime:
     config: Config
     db: Database
     auth0: Auth0Client
+    provider: ProviderClient
     verifier: JwtVerifier
     vault: TokenVault
     broker: Broker
@@ -48,11 +52,16 @@ class Runtime:
 
     async def aclose(self) -> None:
         await self.auth0.aclose()
+        await self.provider.aclose()
         await self.db.close()
 
 
 async def open_runtime(
-    config: Config, *, clock: Clock | None = None, auth0_transport: httpx.AsyncBaseTransport | None = None
+    config: Config,
+    *,
+    clock: Clock | None = None,
+    auth0_transport: httpx.AsyncBaseTransport | None = None,
+    provider_mounts: Mapping[str, httpx.AsyncBaseTransport] | None = None,
 ) -> Runtime:
     """Open the database, connect the Auth0 client (the emulator in demo mode) and load the market."""
     # the market file is read first: one that cannot be read or parsed stops the start before anything opens
@@ -70,6 +79,7 @@ async def open_runtime(
     if config.demo:
         tenant, demo_transport = demo.start_demo_tenant()
         auth0_transport = auth0_transport or demo_transport
+        provider_mounts = {**demo.provider_mounts(demo_transport), **(provider_mounts or {})}
         base_url = tenant.issuer.rstrip("/")
         client_id, secret, audience = tenant.client_id, tenant.client_secret, tenant.audience
         refresh = refresh or tenant.refresh_token
@@ -85,11 +95,17 @@ async def open_runtime(
         base_url, client_id, secret, auth_method=config.client_auth_method, private_key_pem=key_pem,
         transport=auth0_transport, timeout=config.auth0_timeout,
     )
-    db = await Database.open(config.database)
+    provider = ProviderClient(timeout=config.api_timeout, max_bytes=config.api_max_bytes, mounts=provider_mounts)
+    try:
+        db = await Database.open(config.database)
+    except BaseException:
+        await auth0.aclose()
+        await provider.aclose()
+        raise
     try:
         verifier = JwtVerifier(auth0, audience)
         vault = TokenVault(auth0)
-        broker = Broker(db, vault, clock)
+        broker = Broker(db, vault, clock, provider, config.grant_ttl)
         identity = StdioIdentity(auth0, verifier, refresh, refresh_client)
         specs = (demo.demo_listings() if config.demo else []) + file_specs
         if specs:
@@ -101,9 +117,10 @@ async def open_runtime(
             await _fund_demo_wallet(broker, tenant.account)
     except BaseException:
         await auth0.aclose()
+        await provider.aclose()
         await db.close()
         raise
-    return Runtime(config, db, auth0, verifier, vault, broker, identity, tenant)
+    return Runtime(config, db, auth0, provider, verifier, vault, broker, identity, tenant)
 
 
 async def _fund_demo_wallet(broker: Broker, account: str) -> None:
@@ -116,7 +133,7 @@ async def _fund_demo_wallet(broker: Broker, account: str) -> None:
 
 
 def build_mcp(runtime: Runtime, principals: PrincipalSource, transport: str, **kwargs: object) -> MCPServer:
-    """The MCP server with the four tools, each bound to this runtime and principal source."""
+    """The MCP server with the five tools, each bound to this runtime and principal source."""
     return MCPServer(
         name="token-vault-mcp",
         title="Token Vault broker",

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from json.encoder import encode_basestring as _json_string  # the C encoder json.dumps uses
 from typing import Any, cast
 
+from server.allowlist import keys_only
 from server.errors import AuditUnavailable
 from server.models import AuditRecord
 from server.store import Tx
@@ -41,6 +42,14 @@ KEPT_ARGS = frozenset(
         "remote",
         "flags",
         "reservation_id",
+        # call_api (§8): the request's shape, never its headers or body; the url without query values
+        "method",
+        "url",
+        "login_hint",
+        "grant_id",
+        "new_grant",
+        "status",
+        "suppressed",
     }
 )
 REDACTED = "[redacted]"
@@ -74,6 +83,8 @@ def redact(args: Mapping[str, Any]) -> dict[str, Any]:
     clean: dict[str, Any] = {}
     for name, value in list(args.items())[:32]:
         key = _cut(str(name), 64)
+        if name == "url" and isinstance(value, str):
+            value = keys_only(value)  # even for a call refused before validation: query values may be secrets
         clean[key] = _clean_value(value) if name in KEPT_ARGS else REDACTED
     return clean
 

@@ -14,12 +14,22 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from server import audit, ledger, market
+from server import audit, grants, ledger, market
+from server.allowlist import keys_only
 from server.audit import Event
 from server.clock import Clock, SystemClock, rfc3339
-from server.errors import AuditUnavailable, BrokerError, InternalError, Unauthenticated, describe_failure
-from server.models import Holding, Receipt
+from server.config import DEFAULT_GRANT_TTL
+from server.errors import (
+    ApiUnavailable,
+    AuditUnavailable,
+    BrokerError,
+    InternalError,
+    Unauthenticated,
+    describe_failure,
+)
+from server.models import Grant, Holding, Receipt
 from server.principal import Principal
+from server.provider import ProviderAnswer, ProviderClient, ProviderRequest, ProviderUnreachable
 from server.store import Database, StoreUnavailable, Tx
 from server.vault import TokenVault, VaultToken
 
@@ -59,6 +69,26 @@ class Balance:
     balance: int
     holdings: list[Holding]
     as_of: datetime
+    grants: list[Grant] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ApiCall:
+    """A call_api request, validated: which grant it needs and what to send."""
+
+    connection: str
+    scopes: tuple[str, ...]  # sorted, unique
+    login_hint: str | None
+    request: ProviderRequest
+
+
+@dataclass(frozen=True)
+class ApiResult:
+    answer: ProviderAnswer
+    grant_id: str
+    grant_expires_at: datetime
+    token_id: str
+    units_remaining: int
 
 
 @dataclass(frozen=True)
@@ -130,11 +160,21 @@ def owner_alive(owner: str) -> bool:
 class Broker:
     """Runs each tool's work and its audit event in one transaction."""
 
-    def __init__(self, db: Database, vault: TokenVault | None = None, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        vault: TokenVault | None = None,
+        clock: Clock | None = None,
+        provider: ProviderClient | None = None,
+        grant_ttl: float = DEFAULT_GRANT_TTL,
+    ) -> None:
         self.db = db
         self.vault = vault
         self.clock = clock or SystemClock()
         self.owner = process_owner()
+        self.provider = provider
+        self.grant_ttl = grant_ttl
+        self.grant_tokens = grants.GrantTokens()
 
     # ---- the generic audited step ---------------------------------------------------------
     async def _run(
@@ -210,7 +250,11 @@ class Broker:
     async def check_balance(self, call: Call, principal: Principal) -> Balance:
         def op(tx: Tx, now: datetime) -> Balance:
             return Balance(
-                principal.account, ledger.wallet_balance(tx, principal.account), tx.holdings_of(principal.account), now
+                principal.account,
+                ledger.wallet_balance(tx, principal.account),
+                tx.holdings_of(principal.account),
+                now,
+                tx.live_grants(principal.account, principal.agent or "", now),
             )
 
         return await self._run(call, principal, op, reads_only=True)
@@ -246,7 +290,9 @@ class Broker:
         reservation_id, holding = await self._run(
             call,
             principal,
-            lambda tx, now: ledger.reserve(tx, principal.account, connection, scopes, self.owner, now),
+            lambda tx, now: ledger.reserve(
+                tx, principal.account, connection, scopes, self.owner, now, ledger.tokens_may_leave(connection)
+            ),
             audit_ok=False,
         )
         try:
@@ -283,10 +329,152 @@ class Broker:
         _, remaining = await self._run(
             call,
             principal,
-            lambda tx, now: ledger.spend(tx, principal.account, connection, scopes, now),
+            lambda tx, now: ledger.spend(
+                tx, principal.account, connection, scopes, now, ledger.tokens_may_leave(connection)
+            ),
             ok_extra=lambda spent: _token_event(token_id, spent[0], token),
         )
         return _issued(token, token_id, connection, remaining)
+
+    async def call_api(self, call: Call, principal: Principal, api: ApiCall) -> ApiResult:
+        """Call the provider's API with a brokered token the caller never sees (SPEC §8).
+
+        Inside a live grant nothing is spent; otherwise one unit is reserved, the grant opens with the
+        call's event (or the unit is refunded with it when no token could be had). A provider's answer,
+        4xx/5xx included, is a result; a provider that cannot be reached is ApiUnavailable (the grant stays).
+        """
+        if self.vault is None or self.provider is None:  # pragma: no cover - only the CLI builds such a broker
+            raise InternalError()
+        request = api.request
+        ask = grants.GrantAsk(
+            principal.account, principal.agent or "", api.connection, api.scopes, api.login_hint, request.method,
+            request.url,
+        )
+        call.args = {
+            "connection": api.connection, "scopes": list(api.scopes), "method": request.method,
+            "url": keys_only(request.url), **({"purpose": call.args["purpose"]} if "purpose" in call.args else {}),
+            **({"login_hint": api.login_hint} if api.login_hint else {}),
+        }
+        if principal.subject is None:
+            error = Unauthenticated("this session has no Auth0 token to exchange; sign in again")
+            await self.record(call, principal, error)
+            raise error
+        plan = await self._run(call, principal, lambda tx, now: grants.plan(tx, ask, self.owner, now), audit_ok=False)
+        call.args = {**call.args, "url": plan.admitted.audit_url}
+        sent = ProviderRequest(
+            request.method, plan.admitted.url, request.headers, request.content, request.content_type
+        )
+        if plan.grant is not None:
+            return await self._call_in_grant(call, principal, ask, plan.grant, sent)
+        return await self._call_opening_grant(call, principal, ask, plan, sent)
+
+    async def _call_in_grant(
+        self, call: Call, principal: Principal, ask: grants.GrantAsk, grant: Grant, sent: ProviderRequest
+    ) -> ApiResult:
+        base = {"grant_id": grant.id, "new_grant": False}
+        token = self.grant_tokens.get(grant.id, self.clock.now())
+        exchanged = token is None
+        try:
+            if token is None:  # a restart, another replica, or a dropped token: re-exchange, spend nothing
+                token = await self._grant_token(principal, ask)
+            answer, token, refetched = await self._send(principal, ask, grant.id, sent, token)
+        except BrokerError as error:  # nothing was spent: the event says what went wrong
+            call.args = {**call.args, **base}
+            await self.record(call, principal, error)
+            raise
+        token_id = audit.token_fingerprint(self.db.hmac_key, token.access_token)
+        self.grant_tokens.put(grant, token)
+
+        def finish(tx: Tx, now: datetime) -> int:
+            if exchanged or refetched:
+                tx.set_grant_token(grant.id, token_id)
+            return ledger.units_remaining(tx, principal.account, grant.holding_id)
+
+        remaining = await self._run(
+            call, principal, finish,
+            ok_extra=lambda _: {"token_id": token_id, "args": {**base, "status": answer.status}},
+        )
+        return ApiResult(answer, grant.id, grant.expires_at, token_id.hex(), remaining)
+
+    async def _call_opening_grant(
+        self, call: Call, principal: Principal, ask: grants.GrantAsk, plan: grants.Plan, sent: ProviderRequest
+    ) -> ApiResult:
+        assert plan.reservation_id is not None
+        reservation_id = plan.reservation_id
+        try:
+            token = await self._grant_token(principal, ask)
+        except BaseException as exc:
+            error = exc if isinstance(exc, BrokerError) else InternalError()
+            await self._refund(call, principal, reservation_id, error)
+            raise
+        failure: BrokerError | None = None
+        answer: ProviderAnswer | None = None
+        try:
+            answer, token, _ = await self._send(principal, ask, None, sent, token)
+        except ApiUnavailable as exc:  # the unit bought the grant, not the call: the grant opens all the same
+            failure = exc
+        except BaseException as exc:
+            error = exc if isinstance(exc, BrokerError) else InternalError()
+            await self._refund(call, principal, reservation_id, error)
+            raise
+        token_id = audit.token_fingerprint(self.db.hmac_key, token.access_token)
+        left = token.expires_at - time.time()
+
+        def finish(tx: Tx, now: datetime) -> tuple[Grant, bool, int]:
+            grant, opened = grants.open_grant(tx, ask, plan, token_id, self.grant_ttl, left, now)
+            args: dict[str, Any] = {"grant_id": grant.id, "new_grant": opened, "reservation_id": reservation_id}
+            if answer is not None:
+                args["status"] = answer.status
+            event = call.event(now, principal, failure, token_id=token_id, args=args)
+            audit.append(tx, event)
+            return grant, opened, ledger.units_remaining(tx, principal.account, grant.holding_id)
+
+        try:
+            grant, _, remaining = await self._write(call, principal, finish)
+        except BrokerError as error:
+            await self._refund(call, principal, reservation_id, error)
+            raise
+        self.grant_tokens.put(grant, token)
+        if failure is not None:
+            raise failure
+        assert answer is not None
+        return ApiResult(answer, grant.id, grant.expires_at, token_id.hex(), remaining)
+
+    async def _grant_token(self, principal: Principal, ask: grants.GrantAsk) -> VaultToken:
+        assert self.vault is not None and principal.subject is not None
+        return await self.vault.fetch(principal.account, principal.subject, ask.connection, list(ask.scopes),
+                                      ask.login_hint)
+
+    async def _send(
+        self, principal: Principal, ask: grants.GrantAsk, grant_id: str | None, sent: ProviderRequest,
+        token: VaultToken,
+    ) -> tuple[ProviderAnswer, VaultToken, bool]:
+        """Send with `token`; on a 401 drop it, re-exchange once and retry once. (answer, token used, refetched)."""
+        assert self.provider is not None and self.vault is not None
+        try:
+            answer = await self.provider.send(sent, token.access_token)
+            if answer.status != 401:
+                return answer, token, False
+            if grant_id is not None:
+                self.grant_tokens.drop(grant_id)
+            self.vault.forget(principal.account, ask.connection, list(ask.scopes), ask.login_hint)
+            token = await self._grant_token(principal, ask)
+            return await self.provider.send(sent, token.access_token), token, True
+        except ProviderUnreachable as exc:
+            raise ApiUnavailable(f"{exc}; nothing was refunded (the grant stays), try again") from None
+
+    async def _write(self, call: Call, principal: Principal, job: Callable[[Tx, datetime], R]) -> R:
+        """A job that writes its own event; a store failure is AuditUnavailable (nothing kept)."""
+        try:
+            return await self.db.write(lambda tx: job(tx, self.clock.now()))
+        except (AuditUnavailable, StoreUnavailable) as exc:
+            log.error("audit write failed for %s: %s", call.tool, exc)
+            raise AuditUnavailable("the audit log could not be written, so nothing was done; try again") from None
+        except BrokerError:
+            raise
+        except Exception as exc:
+            log.error("unexpected failure in %s: %s", call.tool, describe_failure(exc))
+            raise InternalError() from None
 
     async def _refund(self, call: Call, principal: Principal, reservation_id: str, error: BrokerError) -> None:
         """Give the reserved unit back with the failure's event; without the event if the log is down."""

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 
 from server.emulator import DemoTenant, create_app, demo_tenant
+from server.emulator.demo import DEMO_SCOPES
 from server.emulator.keys import signing_key_in_background
 from server.market import ListingSpec, parse_listings
 
@@ -27,6 +28,10 @@ DEMO_LISTINGS: list[dict[str, Any]] = [
     {"id": "google-calendar-read", "title": "Google: read calendars", "connection": "google-oauth2",
      "scopes": ["https://www.googleapis.com/auth/calendar.readonly"], "supply": 500, "start_price": 30,
      "floor_price": 8, **_WINDOW},
+    # call_api in the demo: the emulator's provider API (server/emulator/provider.py) behind the demo issuer
+    {"id": "github-repo-read-api", "title": "GitHub API: read repositories (brokered; the token stays here)",
+     "connection": "github", "scopes": ["repo:read"], "supply": 1000, "start_price": 10, "floor_price": 2,
+     "delivery": "proxy", "api": [DEMO_ISSUER + "provider/github"], **_WINDOW},
 ]
 
 
@@ -35,9 +40,14 @@ def demo_listings() -> list[ListingSpec]:
 
 
 def start_demo_tenant() -> tuple[DemoTenant, httpx.AsyncBaseTransport]:
-    """The in-process emulator tenant and the transport the Auth0 client uses to reach it."""
+    """The in-process emulator tenant and the transport the Auth0 client (and the demo provider API) use."""
     tenant = demo_tenant(DEMO_ISSUER, signing_key=signing_key_in_background())
     return tenant, httpx.ASGITransport(app=create_app(tenant.state, admin=False))
+
+
+def provider_mounts(transport: httpx.AsyncBaseTransport) -> dict[str, httpx.AsyncBaseTransport]:
+    """Where the provider client finds the demo's provider API: in process, behind the demo issuer."""
+    return {DEMO_ISSUER.rstrip("/"): transport}
 
 
 def banner(account: str, database: str) -> None:
@@ -56,7 +66,7 @@ def remote_banner(tenant: DemoTenant, base_url: str, transport: str) -> None:
     token = tenant.state.mint_access_token(
         tenant.account,
         audience=tenant.audience,
-        scopes=["read:market", "read:balance", "buy:quota", "request:token"],
+        scopes=list(DEMO_SCOPES),
         azp="demo-remote-client",
         expires_in=24 * 3600,
     )

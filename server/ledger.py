@@ -20,6 +20,7 @@ from server.errors import (
     ListingClosed,
     NoQuota,
     PriceAboveLimit,
+    ProxyOnly,
     ScopeNotCovered,
     SoldOut,
     UnknownListing,
@@ -126,10 +127,17 @@ def buy(
     return receipt
 
 
-def choose_holding(holdings: Sequence[Holding], connection: str, scopes: Sequence[str]) -> Holding:
+# Narrows the covering holdings to those whose listing allows this use of them; raises the BrokerError
+# that says why when none does (proxy_only, api_not_allowed).
+Fit = Callable[[list[Holding]], list[Holding]]
+
+
+def choose_holding(
+    holdings: Sequence[Holding], connection: str, scopes: Sequence[str], fit: Fit | None = None
+) -> Holding:
     """The covering holding to spend: fewest scopes first (least privilege), then the oldest.
 
-    Raises NoQuota or ScopeNotCovered.
+    Raises NoQuota or ScopeNotCovered, or what `fit` raises.
     """
     wanted = set(scopes)
     if not holdings:
@@ -143,6 +151,8 @@ def choose_holding(holdings: Sequence[Holding], connection: str, scopes: Sequenc
             + (f" (missing: {' '.join(missing)})" if missing else " together")
             + f"; your {connection} holdings cover {' '.join(offered)}"
         )
+    if fit is not None:
+        covering = fit(covering)
     usable = [h for h in covering if h.units_held > 0]
     if not usable:
         raise NoQuota(
@@ -152,28 +162,46 @@ def choose_holding(holdings: Sequence[Holding], connection: str, scopes: Sequenc
 
 
 def reserve(
-    tx: Tx, account: str, connection: str, scopes: Sequence[str], owner: str, now: datetime
+    tx: Tx, account: str, connection: str, scopes: Sequence[str], owner: str, now: datetime, fit: Fit | None = None
 ) -> tuple[str, Holding]:
     """Reserve one unit from the right holding; return the reservation id and the holding."""
     return _take_unit(
-        tx, account, connection, scopes, lambda holding, rid: tx.reserve_unit(holding, rid, owner, rfc3339(now))
+        tx, account, connection, scopes, lambda holding, rid: tx.reserve_unit(holding, rid, owner, rfc3339(now)), fit
     )
 
 
-def spend(tx: Tx, account: str, connection: str, scopes: Sequence[str], now: datetime) -> tuple[str, int]:
+def spend(
+    tx: Tx, account: str, connection: str, scopes: Sequence[str], now: datetime, fit: Fit | None = None
+) -> tuple[str, int]:
     """Spend one unit from the right holding at once, as a committed reservation (the token is already
     in hand). Return the reservation id and the units left in that holding."""
     reservation_id, holding = _take_unit(
-        tx, account, connection, scopes, lambda holding, rid: tx.spend_unit(holding, rid, rfc3339(now))
+        tx, account, connection, scopes, lambda holding, rid: tx.spend_unit(holding, rid, rfc3339(now)), fit
     )
     return reservation_id, holding.units_held - 1
 
 
+def tokens_may_leave(connection: str) -> Fit:
+    """request_token's fit: only listings that deliver tokens (`delivery = "token"`) may hand one out."""
+
+    def fit(covering: list[Holding]) -> list[Holding]:
+        out = [h for h in covering if h.delivery == "token"]
+        if not out:
+            raise ProxyOnly(
+                f"your {connection} quota for these scopes is proxy-only: its token never leaves the broker; "
+                "use call_api to call the provider's API with it"
+            )
+        return out
+
+    return fit
+
+
 def _take_unit(
-    tx: Tx, account: str, connection: str, scopes: Sequence[str], take: Callable[[int, str], bool]
+    tx: Tx, account: str, connection: str, scopes: Sequence[str], take: Callable[[int, str], bool],
+    fit: Fit | None = None,
 ) -> tuple[str, Holding]:
     """Pick the holding to spend (least privilege) and `take(holding_id, reservation_id)` one unit of it."""
-    holding = choose_holding(tx.holdings_of(account, connection), connection, scopes)
+    holding = choose_holding(tx.holdings_of(account, connection), connection, scopes, fit)
     reservation_id = "res_" + secrets.token_hex(12)
     if not take(holding.id, reservation_id):  # pragma: no cover - chosen in the same transaction
         raise NoQuota(f"no units left for {connection}")

@@ -36,7 +36,9 @@ from server.token_verifier import InvalidToken, JwtVerifier
 
 log = logging.getLogger(__name__)
 
-LOGIN_SCOPES = ("openid", "offline_access", "read:market", "read:balance", "buy:quota", "request:token")
+LOGIN_SCOPES = (
+    "openid", "offline_access", "read:market", "read:balance", "buy:quota", "request:token", "call:api"
+)
 SLOW_DOWN_STEP = 5  # RFC 8628 §3.5: a slow_down adds 5 seconds to the polling interval for good
 FILE_MODE = 0o600
 DIR_MODE = 0o700

@@ -41,6 +41,30 @@ class Holding:
     units_consumed: int
     units_reserved: int
     created_at: str
+    # the listing's terms (§8–§9): what the holding's units may be spent on
+    delivery: str = "token"
+    api: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ("GET", "HEAD")
+    approval: str = "none"
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A brokered grant (§8): one unit bought the right to call `connection`'s API with `scopes` until
+    `expires_at`. The token itself is never stored; `token_id` is its fingerprint."""
+
+    id: str
+    account: str
+    agent: str
+    connection: str
+    scopes: tuple[str, ...]
+    login_hint: str | None
+    holding_id: int
+    reservation_id: str
+    token_id: bytes
+    opened_at: datetime
+    expires_at: datetime
+    closed_at: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,10 @@ class TokenVault:
 
         return await self._flights.do(key, exchange)
 
+    def forget(self, account: str, connection: str, scopes: list[str], login_hint: str | None) -> None:
+        """Stop reusing the answer for this ask (the provider refused its token)."""
+        self._cache.pop((account, connection, frozenset(scopes), login_hint), None)
+
     def reusable(self, account: str, connection: str, scopes: list[str], login_hint: str | None) -> VaultToken | None:
         """The answer `fetch` would reuse for this ask right now, if any (no network)."""
         return self._reused((account, connection, frozenset(scopes), login_hint))

@@ -16,7 +16,7 @@ from joserfc.jwk import RSAKey
 from server.emulator.state import OFFLINE_ACCESS, EmulatorState
 
 DEMO_AUDIENCE = "https://token-vault-mcp/api"
-DEMO_SCOPES = ["read:market", "read:balance", "buy:quota", "request:token"]
+DEMO_SCOPES = ["read:market", "read:balance", "buy:quota", "request:token", "call:api"]
 DEMO_ACCOUNT = "auth0|demo-user"
 DEMO_CLIENT_ID = "token-vault-mcp-demo"
 DEMO_LOGIN_CLIENT_ID = "token-vault-mcp-login"

@@ -173,6 +173,26 @@ MIGRATIONS: list[str] = [
     ALTER TABLE listings ADD COLUMN approval TEXT NOT NULL DEFAULT 'none'
         CHECK (approval IN ('none', 'grant', 'writes'));
     """,
+    # 4: brokered grants (§8). A grant is what one unit of a listing with an API bought: calls to that
+    # API for a while. The reservation that paid for it is unique to it; the token is never stored.
+    """
+    CREATE TABLE grants (
+        id             TEXT PRIMARY KEY,
+        account        TEXT NOT NULL,
+        agent          TEXT NOT NULL,
+        connection     TEXT NOT NULL,
+        scopes         TEXT NOT NULL,
+        login_hint     TEXT NOT NULL DEFAULT '',
+        holding_id     INTEGER NOT NULL REFERENCES holdings(id),
+        reservation_id TEXT NOT NULL UNIQUE REFERENCES reservations(id),
+        token_id       BLOB NOT NULL,
+        opened_at      INTEGER NOT NULL,
+        expires_at     INTEGER NOT NULL CHECK (expires_at >= opened_at),
+        closed_at      INTEGER
+    ) WITHOUT ROWID;
+    CREATE INDEX grants_live ON grants(account, agent, connection, scopes, login_hint, expires_at)
+        WHERE closed_at IS NULL;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
-from server.models import AuditRecord, Holding, Listing, Receipt, Reservation
+from server.models import AuditRecord, Grant, Holding, Listing, Receipt, Reservation
 
 _LISTING_COLUMNS = (
     "id, title, connection, scopes, supply, sold, start_price, floor_price, opens_at, closes_at, "
@@ -22,9 +22,13 @@ _LISTING_COLUMNS = (
 )
 _HOLDING_SELECT = """
     SELECT h.id, h.account, h.listing_id, l.connection, l.scopes, h.units_bought, h.units_held,
-           h.units_consumed, h.units_reserved, h.created_at
+           h.units_consumed, h.units_reserved, h.created_at, l.delivery, l.api, l.methods, l.approval
     FROM holdings h JOIN listings l ON l.id = h.listing_id
 """
+_GRANT_COLUMNS = (
+    "id, account, agent, connection, scopes, login_hint, holding_id, reservation_id, token_id, opened_at, "
+    "expires_at, closed_at"
+)
 _GENESIS = bytes(32)  # the first event chains from this (server.audit.GENESIS)
 # An audit row as stored, names as ids into audit_names (what `audit verify` walks)
 _AUDIT_ROW = "id, ts, account, agent, tool, transport, scope, outcome, code, args, token_id, latency_ms, hash"
@@ -303,6 +307,42 @@ class Tx:
         ).fetchall()
         return [Reservation(r[0], r[1], r[2], r[3], r[4], _strings(r[5]), r[6], r[7]) for r in rows]
 
+    # ---- grants (§8) ----------------------------------------------------------------------
+    def insert_grant(self, grant: Grant) -> None:
+        self._c.execute(
+            f"INSERT INTO grants({_GRANT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+            (grant.id, grant.account, grant.agent, grant.connection, json.dumps(list(grant.scopes)),
+             grant.login_hint or "", grant.holding_id, grant.reservation_id, grant.token_id,
+             to_micros(grant.opened_at), to_micros(grant.expires_at)),
+        )
+
+    def live_grants_for(
+        self, account: str, agent: str, connection: str, scopes: Sequence[str], login_hint: str | None, now: datetime
+    ) -> list[Grant]:
+        """The caller's grants for exactly this ask that are live at `now`, the one that lasts longest first."""
+        rows = self._c.execute(
+            f"SELECT {_GRANT_COLUMNS} FROM grants WHERE account = ? AND agent = ? AND connection = ? AND scopes = ? "
+            "AND login_hint = ? AND expires_at > ? AND closed_at IS NULL ORDER BY expires_at DESC, id",
+            (account, agent, connection, json.dumps(list(scopes)), login_hint or "", to_micros(now)),
+        ).fetchall()
+        return [_grant(r) for r in rows]
+
+    def live_grants(self, account: str, agent: str, now: datetime) -> list[Grant]:
+        rows = self._c.execute(
+            f"SELECT {_GRANT_COLUMNS} FROM grants WHERE account = ? AND agent = ? AND expires_at > ? "
+            "AND closed_at IS NULL ORDER BY expires_at, id",
+            (account, agent, to_micros(now)),
+        ).fetchall()
+        return [_grant(r) for r in rows]
+
+    def set_grant_token(self, grant_id: str, token_id: bytes) -> None:
+        """A grant re-exchanged its token (a restart, another replica, a provider 401): the new fingerprint."""
+        self._c.execute("UPDATE grants SET token_id = ? WHERE id = ?", (token_id, grant_id))
+
+    def grant_reservations(self) -> dict[str, str]:
+        """Reservation id → grant id, for every grant (the invariant checker)."""
+        return {str(r[0]): str(r[1]) for r in self._c.execute("SELECT reservation_id, id FROM grants")}
+
     # ---- audit ----------------------------------------------------------------------------
     def name_id(self, name: str | None) -> int | None:
         """The audit_names id of `name`, added if new (None stays None)."""
@@ -523,6 +563,27 @@ def _holding(row: Sequence[Any]) -> Holding:
         units_consumed=int(row[7]),
         units_reserved=int(row[8]),
         created_at=row[9],
+        delivery=row[10],
+        api=_strings(row[11]),
+        methods=_strings(row[12]),
+        approval=row[13],
+    )
+
+
+def _grant(row: Sequence[Any]) -> Grant:
+    return Grant(
+        id=row[0],
+        account=row[1],
+        agent=row[2],
+        connection=row[3],
+        scopes=_strings(row[4]),
+        login_hint=row[5] or None,
+        holding_id=int(row[6]),
+        reservation_id=row[7],
+        token_id=bytes(row[8]),
+        opened_at=from_micros(int(row[9])),
+        expires_at=from_micros(int(row[10])),
+        closed_at=None if row[11] is None else from_micros(int(row[11])),
     )
 
 

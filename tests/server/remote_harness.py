@@ -26,7 +26,7 @@ from server.emulator import DemoTenant, create_app, demo_tenant
 from server.remote import build_remote_app, remote_settings
 
 ISSUER = "https://tenant.test/"
-ALL_SCOPES = ["read:market", "read:balance", "buy:quota", "request:token"]
+ALL_SCOPES = ["read:market", "read:balance", "buy:quota", "request:token", "call:api"]
 
 
 @dataclass

@@ -269,7 +269,7 @@ def test_redact_keeps_known_fields_and_purpose_and_hides_the_rest() -> None:
         "units": 3,
         "include_closed": False,
         "cursor": None,
-        "login_hint": audit.REDACTED,
+        "login_hint": "alice@example.com",  # which connected account: SPEC §8 records it
         "access_token": audit.REDACTED,
         "client_secret": audit.REDACTED,
     }
@@ -294,10 +294,10 @@ def test_redact_cuts_long_strings_and_hides_nested_objects() -> None:
 
 
 async def test_stored_args_are_the_redacted_ones(db: Database) -> None:
-    await append(db, event(1, args={"purpose": "why", "login_hint": "bob@example.com"}))
+    await append(db, event(1, args={"purpose": "why", "refresh_token": "r3fr3sh", "url": "https://a.example/x?k=v"}))
     (record,) = await db.read(lambda tx: list(tx.iter_audit()))
-    assert json.loads(record.args) == {"purpose": "why", "login_hint": audit.REDACTED}
-    assert "bob@example.com" not in json.dumps(audit.export_line(record))
+    assert json.loads(record.args) == {"purpose": "why", "refresh_token": audit.REDACTED, "url": "https://a.example/x?k="}
+    assert "r3fr3sh" not in json.dumps(audit.export_line(record))
 
 
 async def test_export_line_has_exactly_the_documented_keys(db: Database) -> None:

@@ -20,6 +20,7 @@ from server import audit, ledger
 from server.audit import Event
 from server.broker import Broker
 from server.clock import rfc3339
+from server.demo import DEMO_LISTINGS
 from server.store import Database, Tx
 
 EXPORT_KEYS = ["id", "ts", "account", "agent", "tool", "transport", "scope", "outcome", "code", "args", "token_id",
@@ -302,7 +303,7 @@ def test_serve_refuses_to_start_with_a_bad_market_file_in_one_line(tmp_path: Pat
     started = run(tmp_path, "serve", env={"TVM_MARKET_FILE": "market.toml"})
     assert started.code == 0, started.err
     assert started.out == ""
-    assert len(listings_dump(tmp_path / "vault.db")) == 4 + 5
+    assert len(listings_dump(tmp_path / "vault.db")) == len(DEMO_LISTINGS) + 5
     sell(tmp_path / "vault.db", "flat", 3)
     before = listings_dump(tmp_path / "vault.db")
 

@@ -40,7 +40,7 @@ async def remote(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
 async def session_flow(remote: Remote, sub: str, azp: str) -> dict[str, Any]:
     async with held(remote.client(remote.token(sub, azp=azp))) as client:
         assert {t.name for t in (await client.list_tools()).tools} == {
-            "list_market", "check_balance", "buy_quota", "request_token"
+            "list_market", "check_balance", "buy_quota", "request_token", "call_api"
         }
         await ok(client, "list_market", {"limit": 2})
         await ok(client, "buy_quota", BUY)
@@ -59,7 +59,8 @@ async def test_four_tools_for_concurrent_clients_and_accounts_stay_apart(remote:
     price = bob["token"] and (1000 - bob["balance"]["balance"]) // BUY["units"]
     assert bob["balance"]["account"] == "auth0|bob"
     assert bob["balance"]["holdings"] == [
-        {"listing_id": "github-repo-read", "connection": "github", "scopes": ["repo:read"], "units_remaining": 1}
+        {"listing_id": "github-repo-read", "connection": "github", "scopes": ["repo:read"], "units_remaining": 1,
+         "delivery": "token"}
     ]
     assert {alice1["balance"]["account"], alice2["balance"]["account"]} == {"auth0|alice"}
     alice_now = await remote.runtime.db.read(lambda tx: (tx.balance("auth0|alice"), tx.holdings_of("auth0|alice")))

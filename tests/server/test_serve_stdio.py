@@ -27,7 +27,7 @@ async def test_all_four_tools_over_a_real_stdio_subprocess(tmp_path: Path) -> No
     )
     async with held(Client(params)) as client:
         names = {t.name for t in (await client.list_tools()).tools}
-        assert names == {"list_market", "check_balance", "buy_quota", "request_token"}
+        assert names == {"list_market", "check_balance", "buy_quota", "request_token", "call_api"}
         market = await ok(client, "list_market", {"connection": "github"})
         listing = market["listings"][0]
         wallet = await ok(client, "check_balance", {})

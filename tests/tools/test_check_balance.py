@@ -17,7 +17,8 @@ async def test_shows_the_demo_wallet_and_holdings(client: Client, runtime: Runti
     await ok(client, "buy_quota", {"listing_id": "stripe-read-only", "units": 2, "max_unit_price": 100})
     after = await ok(client, "check_balance", {})
     assert after["holdings"] == [
-        {"listing_id": "stripe-read-only", "connection": "stripe", "scopes": ["read_only"], "units_remaining": 2}
+        {"listing_id": "stripe-read-only", "connection": "stripe", "scopes": ["read_only"], "units_remaining": 2,
+         "delivery": "token"}
     ]
 
 

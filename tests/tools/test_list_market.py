@@ -9,6 +9,7 @@ from mcp import Client
 from server import market
 from server.app import Runtime
 from server.clock import ManualClock, parse_rfc3339
+from server.demo import DEMO_LISTINGS
 from server.pricing import price_at
 from tests.conftest import DEMO_NOW, ok, refused
 
@@ -42,7 +43,7 @@ async def test_pages_follow_the_cursor_to_the_end(client: Client) -> None:
     everything = await ok(client, "list_market", {"limit": 100})
     assert seen == [item["listing_id"] for item in everything["listings"]]
     assert everything["next_cursor"] is None
-    assert len(seen) == 4
+    assert len(seen) == len(DEMO_LISTINGS)
 
 
 async def test_connection_filter_and_closed_listings(client: Client, clock: ManualClock) -> None:
@@ -51,7 +52,7 @@ async def test_connection_filter_and_closed_listings(client: Client, clock: Manu
     clock.set(clock.now().replace(year=2031))
     assert (await ok(client, "list_market", {}))["listings"] == []
     closed = await ok(client, "list_market", {"include_closed": True})
-    assert len(closed["listings"]) == 4
+    assert len(closed["listings"]) == len(DEMO_LISTINGS)
     assert all(item["unit_price"] == item["floor_price"] for item in closed["listings"])
 
 

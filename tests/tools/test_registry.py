@@ -23,6 +23,8 @@ ARGS: dict[str, dict[str, Any]] = {
     "check_balance": {},
     "buy_quota": {"listing_id": "github-repo-read", "units": 1, "max_unit_price": 100},
     "request_token": {"connection": "github", "scopes": ["repo:read"], "purpose": "p"},
+    "call_api": {"connection": "github", "scopes": ["repo:read"], "method": "GET", "purpose": "p",
+                 "url": "https://demo-tenant.token-vault-mcp.invalid/provider/github/user"},
 }
 
 
@@ -32,6 +34,7 @@ def test_every_tool_declares_scope_annotations_and_schemas() -> None:
         "check_balance": "read:balance",
         "buy_quota": "buy:quota",
         "request_token": "request:token",
+        "call_api": "call:api",
     }
     for spec in ALL_TOOLS:
         schema = spec.input_model.model_json_schema()
@@ -52,6 +55,8 @@ async def test_tools_list_publishes_output_schemas_and_annotations(client: Clien
     assert listed["buy_quota"].annotations.idempotent_hint is True
     assert listed["request_token"].annotations.open_world_hint is True
     assert listed["request_token"].annotations.destructive_hint is False
+    call_api = listed["call_api"].annotations
+    assert (call_api.read_only_hint, call_api.destructive_hint, call_api.open_world_hint) == (False, True, True)
 
 
 async def test_missing_scope_is_refused_naming_it_and_audited(runtime: Any) -> None:
@@ -111,9 +116,9 @@ async def test_every_call_is_chained_into_the_audit_log(client: Client, runtime:
     for tool, args in ARGS.items():
         await client.call_tool(tool, args)
     records = await runtime.db.read(lambda tx: list(tx.iter_audit()))
-    assert [r.tool for r in records][-4:] == list(ARGS)
+    assert [r.tool for r in records][-len(ARGS):] == list(ARGS)
     assert (await runtime.db.read(audit.verify_log)).ok
-    for rec in records[-4:]:
+    for rec in records[-len(ARGS):]:
         assert rec.latency_ms is not None and rec.latency_ms >= 0
         assert rec.transport == "stdio"
 

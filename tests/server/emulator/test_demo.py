@@ -27,12 +27,13 @@ async def test_demo_tenant_settings_name_the_tenant() -> None:
         "read:balance",
         "buy:quota",
         "request:token",
+        "call:api",
         "offline_access",
     }
     assert demo.state.clients[demo.login_client_id].native
 
 
-async def test_demo_refresh_token_gives_the_four_scopes_and_every_connection_exchanges() -> None:
+async def test_demo_refresh_token_gives_every_tool_scope_and_every_connection_exchanges() -> None:
     demo = demo_tenant(DEMO_ISSUER)
     transport = httpx.ASGITransport(app=create_app(demo.state, admin=False))
     auth = (demo.client_id, demo.client_secret)
@@ -53,7 +54,7 @@ async def test_demo_refresh_token_gives_the_four_scopes_and_every_connection_exc
             }
             exchanged[connection] = (await http.post("/oauth/token", data=fields, auth=auth)).json()["scope"]
 
-    assert refreshed.json()["scope"] == "read:market read:balance buy:quota request:token"
+    assert refreshed.json()["scope"] == "read:market read:balance buy:quota request:token call:api"
     assert exchanged == {connection: " ".join(scopes) for connection, scopes in DEMO_CONNECTIONS.items()}
 
 

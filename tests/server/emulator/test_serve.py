@@ -67,4 +67,4 @@ async def test_served_emulator_answers_on_loopback_with_the_printed_settings() -
 
     assert discovery["issuer"] == env["AUTH0_DOMAIN"] + "/"
     assert token.status_code == 200
-    assert token.json()["scope"] == "read:market read:balance buy:quota request:token"
+    assert token.json()["scope"] == "read:market read:balance buy:quota request:token call:api"
