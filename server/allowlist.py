@@ -1,11 +1,12 @@
 """Whether an agent's URL lies under one of a listing's `api` bases (SPEC §8 allowlist).
 
-The agent's URL is hostile. It is refused outright when it carries anything a parser could read
-two ways: userinfo, a fragment, a backslash, whitespace or a control character (raw or
-percent-encoded), a malformed percent escape, an encoded slash, or a `.`/`..`/empty path segment
-(raw or percent-encoded). What is left is compared with each base (server.api_url normal form):
-scheme and host case-insensitively, default ports dropped, and the path segment by segment after
-percent-decoding, so `/repos` admits `/repos/x` but not `/reposX`.
+The agent's URL is hostile. It is refused outright when it carries anything a parser could
+read two ways: userinfo, a fragment, a backslash (raw or percent-encoded), raw whitespace, a
+control character (raw or percent-encoded), a malformed percent escape, an encoded slash, or
+a `.`/`..`/empty path segment (raw or percent-encoded). What is left is compared with each
+base (server.api_url normal form): scheme and host case-insensitively, default ports
+dropped, and the path segment by segment after percent-decoding, so `/repos` admits
+`/repos/x` but not `/reposX`.
 """
 
 from __future__ import annotations

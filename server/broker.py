@@ -449,8 +449,12 @@ class Broker:
         self, principal: Principal, ask: grants.GrantAsk, grant_id: str | None, sent: ProviderRequest,
         token: VaultToken,
     ) -> tuple[ProviderAnswer, VaultToken, bool]:
-        """Send with `token`; on a 401 drop it, re-exchange once and retry once. (answer, token used, refetched)."""
+        """Send with `token`; on a 401 drop it, re-exchange once and retry once. (answer, token used, refetched).
+
+        The whole of it, retry included, fits in the provider client's timeout (TVM_API_TIMEOUT).
+        """
         assert self.provider is not None and self.vault is not None
+        deadline = time.monotonic() + self.provider.timeout
         try:
             answer = await self.provider.send(sent, token.access_token)
             if answer.status != 401:
@@ -459,7 +463,7 @@ class Broker:
                 self.grant_tokens.drop(grant_id)
             self.vault.forget(principal.account, ask.connection, list(ask.scopes), ask.login_hint)
             token = await self._grant_token(principal, ask)
-            return await self.provider.send(sent, token.access_token), token, True
+            return await self.provider.send(sent, token.access_token, deadline - time.monotonic()), token, True
         except ProviderUnreachable as exc:
             raise ApiUnavailable(f"{exc}; nothing was refunded (the grant stays), try again") from None
 

@@ -22,12 +22,21 @@ def check_invariants(tx: Tx) -> list[str]:
     problems += [
         f"holding {h}: reserved/consumed units differ from its reservations" for h in totals.reserved_mismatches
     ]
+    # units spent = tokens issued + grants opened: each committed reservation paid for exactly one of them
     committed, events = tx.token_events_by_reservation()
+    granted = tx.grant_reservations()
     problems += [
         f"committed reservation {rid} has {events.get(rid, 0)} ok request_token events, not 1"
-        for rid in sorted(committed)
+        for rid in sorted(committed - set(granted))
         if events.get(rid, 0) != 1
     ]
+    problems += [f"grant {granted[rid]} was paid by reservation {rid}, which is not committed"
+                 for rid in sorted(set(granted) - committed)]
+    problems += [f"reservation {rid} paid for grant {granted[rid]} and for a request_token token"
+                 for rid in sorted(set(granted) & set(events))]
+    opened = tx.grant_opening_events()
+    problems += [f"grant {gid} has {opened.get(gid, 0)} call_api events that opened it, not 1"
+                 for gid in sorted(granted.values()) if opened.get(gid, 0) != 1]
     problems += [f"an ok request_token event names reservation {rid}, which is not committed"
                  for rid in sorted(set(events) - committed)]
     result = audit.verify_log(tx)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import codecs
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,14 @@ PASSED_PREFIXES = ("x-ratelimit-", "ratelimit-")
 _TEXT_TYPES = (
     "text/", "application/json", "application/xml", "application/javascript", "application/x-www-form-urlencoded"
 )
+
+
+# At DEBUG these libraries log raw headers (httpcore the answer's, hpack every HTTP/2 header, the
+# request's Authorization included): a provider echoing the token would put it in a log. They are held at
+# WARNING whatever TVM_LOG_LEVEL says; httpx's own INFO line carries the URL, which an agent chose.
+QUIET_LOGGERS = ("httpcore", "hpack", "h2", "httpx")
+for _name in QUIET_LOGGERS:
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 
 class ProviderUnreachable(Exception):
@@ -92,26 +101,25 @@ class ProviderClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def send(self, request: ProviderRequest, token: str) -> ProviderAnswer:
+    async def send(self, request: ProviderRequest, token: str, within: float | None = None) -> ProviderAnswer:
         """Send `request` with `Authorization: Bearer token`; the answer scrubbed and bounded.
 
         A provider's 4xx/5xx is an answer like any other. Raises ProviderUnreachable when nothing came
-        back within `timeout` seconds (connecting, sending and reading the body included).
+        back within `within` seconds (default: the client's timeout; connecting, sending and reading included).
         """
+        limit = self.timeout if within is None else max(0.0, within)
         headers = [(name, value) for name, value in request.headers]
         if request.content_type is not None:
             headers.append(("content-type", request.content_type))
         headers.append(("authorization", f"Bearer {token}"))
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(limit):
                 async with self._http.stream(
                     request.method, request.url, headers=headers, content=request.content
                 ) as response:
                     raw, cut = await _read_bounded(response, self.max_bytes, len(token))
-        except TimeoutError:
-            raise ProviderUnreachable(f"the provider did not answer within {self.timeout:g} s") from None
-        except httpx.TimeoutException:
+        except (TimeoutError, httpx.TimeoutException):
             raise ProviderUnreachable(f"the provider did not answer within {self.timeout:g} s") from None
         except httpx.HTTPError as exc:
             raise ProviderUnreachable(f"the provider could not be reached ({type(exc).__name__})") from None

@@ -15,7 +15,7 @@ from server.provider import ProviderRequest
 from tools.fields import ConnectionName, ScopeList
 from tools.registry import Invocation, StrictInput, ToolSpec
 
-MAX_BODY = 256 * 1024  # characters of a text body
+MAX_BODY = 256 * 1024  # bytes of a request body (text as UTF-8, or the JSON as sent)
 MAX_HEADERS = 20
 # The broker sets these itself, or they would let an agent smuggle a second request or reroute this one.
 FORBIDDEN_HEADERS = frozenset(
@@ -45,10 +45,12 @@ class CallApiInput(StrictInput):
         ),
     )
     json_body: JsonValue | None = Field(
-        None, alias="json", description="A JSON request body (sent as application/json); not with `body`"
+        None,
+        alias="json",
+        description="A JSON request body (sent as application/json, at most 256 KiB); not with `body`",
     )
     body: Annotated[str, Field(max_length=MAX_BODY)] | None = Field(
-        None, description="A text request body (at most 256 KiB); not with `json`"
+        None, description="A text request body (at most 256 KiB as UTF-8); not with `json`"
     )
     purpose: Annotated[str, Field(min_length=1, max_length=500)] = Field(
         description="Why you make this call (1-500 characters); recorded in the audit log"
@@ -82,7 +84,15 @@ class CallApiInput(StrictInput):
     def _one_body(self) -> CallApiInput:
         if self.json_body is not None and self.body is not None:
             raise ValueError("give json or body, not both")
+        if len(self.content() or b"") > MAX_BODY:
+            raise ValueError(f"the request body is over {MAX_BODY // 1024} KiB")
         return self
+
+    def content(self) -> bytes | None:
+        """The request body as sent."""
+        if self.json_body is not None:
+            return jsonlib.dumps(self.json_body, separators=(",", ":"), ensure_ascii=False).encode()
+        return None if self.body is None else self.body.encode()
 
 
 class CallApiOutput(BaseModel):
@@ -105,14 +115,12 @@ async def run(inv: Invocation, params: CallApiInput) -> CallApiOutput:
     headers = dict(params.headers or {})
     content_type = next((v for k, v in headers.items() if k.lower() == "content-type"), None)
     headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
-    content: bytes | None = None
+    content = params.content()
     if params.json_body is not None:
-        content = jsonlib.dumps(params.json_body, separators=(",", ":"), ensure_ascii=False).encode()
         content_type = content_type or "application/json"
     elif params.body is not None:
-        content = params.body.encode()
         content_type = content_type or "text/plain; charset=utf-8"
-    elif content_type is not None:
+    else:
         content_type = None  # no body: a Content-Type would describe nothing
     request = ProviderRequest(params.method, params.url, tuple(headers.items()), content, content_type)
     api = ApiCall(params.connection, tuple(sorted(set(params.scopes))), params.login_hint, request)

@@ -339,6 +339,17 @@ class Tx:
         """A grant re-exchanged its token (a restart, another replica, a provider 401): the new fingerprint."""
         self._c.execute("UPDATE grants SET token_id = ? WHERE id = ?", (token_id, grant_id))
 
+    def grant_opening_events(self) -> dict[str, int]:
+        """Per grant id, the count of call_api events that say they opened it (`new_grant` true)."""
+        return {
+            str(r[0]): int(r[1])
+            for r in self._c.execute(
+                "SELECT json_extract(args, '$.grant_id'), count(*) FROM audit "
+                "WHERE tool = (SELECT id FROM audit_names WHERE name = 'call_api') "
+                "AND json_extract(args, '$.new_grant') = 1 GROUP BY 1"
+            )
+        }
+
     def grant_reservations(self) -> dict[str, str]:
         """Reservation id → grant id, for every grant (the invariant checker)."""
         return {str(r[0]): str(r[1]) for r in self._c.execute("SELECT reservation_id, id FROM grants")}

@@ -1,8 +1,9 @@
 """A stateful property test: random tool calls against a simple model, invariants after every step.
 
-The machine drives the four tools (through `ToolSpec.call`, the same path MCP uses) for two
-accounts, with the clock moving (prices fall, listings open and close), idempotency keys
-reused, and Token Vault failing now and then. After every step the books must balance
+The machine drives the five tools (through `ToolSpec.call`, the same path MCP uses) for two
+accounts, with the clock moving (prices fall, listings open and close, grants end),
+idempotency keys reused, and Token Vault failing now and then. call_api reaches the demo's
+provider API. After every step the books must balance
 (`check_invariants`) and the tools must agree with the model. `TVM_SLOW=1` runs it longer.
 """
 
@@ -26,15 +27,17 @@ from mcp.types import CallToolResult
 from server import market
 from server.app import Runtime, open_runtime
 from server.clock import ManualClock
-from server.config import load_config
+from server.config import DEFAULT_GRANT_TTL, load_config
+from server.demo import DEMO_ISSUER
 from server.invariants import check_invariants
 from server.principal import Principal, SubjectToken
-from tools import buy_quota, check_balance, request_token
+from tools import buy_quota, call_api, check_balance, request_token
 
 SLOW = os.environ.get("TVM_SLOW") == "1"
 T0 = datetime(2027, 3, 1, tzinfo=UTC)
 ACCOUNTS = ("auth0|alice", "auth0|bob")
-SCOPES = ("read:market", "read:balance", "buy:quota", "request:token")
+SCOPES = ("read:market", "read:balance", "buy:quota", "request:token", "call:api")
+API = DEMO_ISSUER + "provider/github"
 LISTINGS: list[dict[str, Any]] = [
     {"id": "gh-read", "title": "r", "connection": "github", "scopes": ["repo:read"], "supply": 8,
      "start_price": 10, "floor_price": 2, "opens_at": T0, "closes_at": T0 + timedelta(days=10)},
@@ -42,7 +45,10 @@ LISTINGS: list[dict[str, Any]] = [
      "start_price": 30, "floor_price": 10, "opens_at": T0 + timedelta(days=1), "closes_at": T0 + timedelta(days=20)},
     {"id": "st-ro", "title": "s", "connection": "stripe", "scopes": ["read_only"], "supply": 6,
      "start_price": 5, "floor_price": 5, "opens_at": T0 - timedelta(days=1), "closes_at": T0 + timedelta(days=5)},
+    {"id": "gh-api", "title": "a", "connection": "github", "scopes": ["repo:read"], "supply": 6, "start_price": 4,
+     "floor_price": 1, "opens_at": T0, "closes_at": T0 + timedelta(days=10), "delivery": "proxy", "api": [API]},
 ]
+CALL_ASKS = [["repo:read"], ["repo:read", "repo:write"]]
 ASKS = [("github", ["repo:read"]), ("github", ["repo:write"]), ("github", ["repo:read", "repo:write"]),
         ("stripe", ["read_only"]), ("stripe", ["read_write"]), ("google-oauth2", ["x"])]
 
@@ -64,6 +70,8 @@ class Model:
     holdings: dict[str, dict[str, list[int]]] = field(default_factory=lambda: {a: {} for a in ACCOUNTS})
     receipts: dict[tuple[str, str], tuple[tuple[str, int, int], dict[str, Any]]] = field(default_factory=dict)
     created: int = 0
+    # (account, scopes) -> (grant id, when it ends)
+    grants: dict[tuple[str, tuple[str, ...]], tuple[str, datetime]] = field(default_factory=dict)
 
 
 class BrokerMachine(RuleBasedStateMachine):
@@ -96,7 +104,7 @@ class BrokerMachine(RuleBasedStateMachine):
     def run(self, coro: Any) -> Any:
         return self.loop.run_until_complete(coro)
 
-    def call(self, spec: Any, account: str, args: dict[str, Any]) -> Any:
+    def call_tool(self, spec: Any, account: str, args: dict[str, Any]) -> Any:
         async def principals(_: object) -> Principal:
             return self.principals[account]
 
@@ -140,7 +148,7 @@ class BrokerMachine(RuleBasedStateMachine):
         args = {"listing_id": item["id"], "units": units, "max_unit_price": max_price}
         if key is not None:
             args["idempotency_key"] = key
-        result = self.call(buy_quota.SPEC, account, args)
+        result = self.call_tool(buy_quota.SPEC, account, args)
         expected = self.expect_buy(account, item, units, max_price, price, key, now)
         if isinstance(expected, str):
             assert isinstance(result, CallToolResult) and result.is_error, (expected, result)
@@ -195,13 +203,13 @@ class BrokerMachine(RuleBasedStateMachine):
         elif fault == "revoked" and connection in ("github", "stripe"):
             state.revoke_connection(account, connection)
         try:
-            result = self.call(request_token.SPEC, account, args)
+            result = self.call_tool(request_token.SPEC, account, args)
         finally:
             state.faults.clear()
             if fault == "revoked" and connection in ("github", "stripe"):
                 granted = ["repo:read", "repo:write"] if connection == "github" else ["read_only"]
                 state.connect_account(account, connection, granted)
-        refusal, chosen = self.expect_holding(account, connection, scopes)
+        refusal, chosen = self.expect_holding(account, connection, scopes, tokens=True)
         if refusal is not None:
             assert isinstance(result, CallToolResult) and result.content[0].text.startswith(f"[{refusal}] ")
             return
@@ -216,7 +224,9 @@ class BrokerMachine(RuleBasedStateMachine):
         assert result.units_remaining == self.model.holdings[account][chosen][0]
         self.balance_matches_the_model(account)  # the right holding paid
 
-    def expect_holding(self, account: str, connection: str, scopes: list[str]) -> tuple[str | None, str]:
+    def expect_holding(
+        self, account: str, connection: str, scopes: list[str], *, tokens: bool = False, api: bool = False
+    ) -> tuple[str | None, str]:
         """(the refusal code, or None and the listing whose holding pays)."""
         held = [(lid, h) for lid, h in self.model.holdings[account].items()
                 if _listing(lid)["connection"] == connection]
@@ -225,20 +235,74 @@ class BrokerMachine(RuleBasedStateMachine):
         covering = [(lid, h) for lid, h in held if set(scopes) <= set(_listing(lid)["scopes"])]
         if not covering:
             return "scope_not_covered", ""
+        if tokens:
+            covering = [(lid, h) for lid, h in covering if _listing(lid).get("delivery", "token") == "token"]
+            if not covering:
+                return "proxy_only", ""
+        if api:
+            covering = [(lid, h) for lid, h in covering if _listing(lid).get("api")]
+            if not covering:
+                return "api_not_allowed", ""
         usable = [(lid, h) for lid, h in covering if h[0] > 0]
         if not usable:
             return "no_quota", ""
         return None, min(usable, key=lambda item: (len(_listing(item[0])["scopes"]), item[1][1]))[0]
 
+    @rule(account=st.sampled_from(ACCOUNTS), scopes=st.sampled_from(CALL_ASKS),
+          fault=st.sampled_from([None, None, None, "outage", "revoked"]))
+    def call(self, account: str, scopes: list[str], fault: str | None) -> None:
+        now = self.clock.now()
+        key = (account, tuple(scopes))
+        live = self.model.grants.get(key)
+        live = live if live is not None and live[1] > now else None
+        state = self.tenant.state
+        if fault == "outage":
+            state.faults.fail_next(503, count=50)
+        elif fault == "revoked":
+            state.revoke_connection(account, "github")
+        args = {"connection": "github", "scopes": scopes, "method": "GET", "url": API + "/repos/acme/x",
+                "purpose": "property test"}
+        try:
+            result = self.call_tool(call_api.SPEC, account, args)
+        finally:
+            state.faults.clear()
+            if fault == "revoked":
+                state.connect_account(account, "github", ["repo:read", "repo:write"])
+        if live is not None:  # inside the grant: its token is in memory, nothing is spent, no fault matters
+            assert not isinstance(result, CallToolResult), result.content[0].text
+            assert result.grant_id == live[0] and result.status == 200
+            self.balance_matches_the_model(account)
+            return
+        refusal, chosen = self.expect_holding(account, "github", scopes, api=True)
+        if refusal is not None:
+            assert isinstance(result, CallToolResult) and result.content[0].text.startswith(f"[{refusal}] "), (
+                refusal, result.content[0].text)
+            return
+        if fault is not None:
+            code = {"outage": "vault_unavailable", "revoked": "account_not_connected"}[fault]
+            assert isinstance(result, CallToolResult) and result.content[0].text.startswith(f"[{code}] ")
+            self.balance_matches_the_model(account)  # refunded
+            return
+        assert not isinstance(result, CallToolResult), result.content[0].text
+        assert result.status == 200
+        self.model.holdings[account][chosen][0] -= 1
+        assert result.units_remaining == self.model.holdings[account][chosen][0]
+        self.model.grants[key] = (result.grant_id, now + timedelta(seconds=DEFAULT_GRANT_TTL))
+        self.balance_matches_the_model(account)
+
     @precondition(lambda self: True)
     @rule(account=st.sampled_from(ACCOUNTS))
     def balance_matches_the_model(self, account: str) -> None:
-        result = self.call(check_balance.SPEC, account, {})
+        result = self.call_tool(check_balance.SPEC, account, {})
         assert not isinstance(result, CallToolResult)
         assert result.balance == self.model.balances[account]
         assert {h.listing_id: h.units_remaining for h in result.holdings} == {
             lid: h[0] for lid, h in self.model.holdings[account].items()
         }
+        now = self.clock.now()
+        assert sorted(g.grant_id for g in result.grants) == sorted(
+            gid for (owner, _), (gid, ends) in self.model.grants.items() if owner == account and ends > now
+        )
 
     @invariant()
     def books_balance(self) -> None:

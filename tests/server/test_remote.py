@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,12 @@ import pytest
 from joserfc import jwt
 from joserfc.jwk import RSAKey
 
-from server import audit
+from server import audit, market
 from server.auth0_client import TOKEN_VAULT_GRANT
 from server.clock import ManualClock
 from server.store import AuditFilter
 from tests.conftest import DEMO_NOW, held, ok, refused
+from tests.server.provider_harness import provider_api
 from tests.server.remote_harness import ALL_SCOPES, Remote, remote_server
 from tests.server.test_cli import run
 
@@ -312,3 +314,33 @@ async def test_a_write_lock_held_by_another_process_stalls_no_client_and_loses_n
     assert sorted((e["tool"], e["outcome"]) for e in audited) == sorted(
         [("buy_quota", "ok")] * 8 + [("check_balance", "ok")] * 8
     )
+
+
+async def test_call_api_end_to_end_the_provider_gets_alices_vault_token_and_no_client_sees_it(
+    remote: Remote,
+) -> None:
+    async with provider_api() as provider:
+        specs = market.parse_listings({"listing": [{
+            "id": "github-api", "title": "GitHub API", "connection": "github", "scopes": ["repo:read"],
+            "supply": 10, "start_price": 10, "floor_price": 2, "delivery": "proxy", "api": [provider.base_url],
+            "opens_at": datetime(2026, 1, 1, tzinfo=UTC), "closes_at": datetime(2030, 1, 1, tzinfo=UTC),
+        }]})
+        await remote.runtime.db.write(lambda tx: market.load(tx, specs))
+        bearer = remote.token("auth0|alice")
+        call = {"connection": "github", "scopes": ["repo:read"], "method": "GET", "purpose": "remote e2e",
+                "url": provider.base_url + "/echo/repos/acme/x"}
+        async with held(remote.client(bearer)) as client:
+            await ok(client, "buy_quota", {"listing_id": "github-api", "units": 1, "max_unit_price": 100})
+            first = await ok(client, "call_api", call)
+            second = await ok(client, "call_api", {**call, "url": provider.base_url + "/token-in-body"})
+    assert first["grant_id"] == second["grant_id"] and second["units_remaining"] == 0
+    [token] = {t for t in provider.tokens if t}
+    issue = remote.tenant.state.vault_tokens[token]
+    assert (issue.sub, issue.connection, issue.scopes) == ("auth0|alice", "github", ("repo:read",))
+    assert token != bearer and bearer not in {s.headers.get("authorization", "") for s in provider.seen}
+    assert token not in json.dumps([first, second]) and second["body"].count("[redacted]") == 2
+    [exchange] = [r for r in remote.tenant.state.requests if r.grant_type == TOKEN_VAULT_GRANT]
+    assert exchange.fields["subject_token"] == bearer and exchange.fields["scope"] == "repo:read"
+    events = await remote.runtime.db.read(lambda tx: tx.find_audit(AuditFilter(tool="call_api")))
+    assert [json.loads(e.args)["new_grant"] for e in events] == [True, False]
+    assert all(e.transport == remote.transport for e in events)

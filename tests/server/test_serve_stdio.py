@@ -12,6 +12,7 @@ from typing import Any
 from mcp import Client, StdioServerParameters
 
 from tests.conftest import held, ok
+from tests.server.provider_harness import provider_api
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -95,5 +96,56 @@ def test_stdout_is_only_json_rpc_and_the_token_leaks_nowhere(tmp_path: Path) -> 
     text = stderr.decode()
     assert "DEMO MODE" in text
     assert token not in text
+    for file in tmp_path.iterdir():
+        assert token.encode() not in file.read_bytes(), f"token found in {file.name}"
+
+
+PROXY_MARKET = """
+[[listing]]
+id = "github-api"
+title = "GitHub API, brokered"
+connection = "github"
+scopes = ["repo:read"]
+supply = 10
+start_price = 10
+floor_price = 2
+opens_at = 2026-01-01T00:00:00Z
+closes_at = 2030-01-01T00:00:00Z
+delivery = "proxy"
+api = ["{base}"]
+"""
+
+
+async def test_call_api_over_real_stdio_keeps_the_token_out_of_results_stderr_and_the_database(
+    tmp_path: Path,
+) -> None:
+    async with provider_api() as provider:
+        (tmp_path / "market.toml").write_text(PROXY_MARKET.format(base=provider.base_url), encoding="utf-8")
+        errors = tmp_path / "stderr.txt"
+        env = {**server_env(tmp_path), "TVM_MARKET_FILE": str(tmp_path / "market.toml"), "TVM_LOG_LEVEL": "DEBUG"}
+        params = StdioServerParameters(  # the shell only sends the server's stderr (DEBUG logs) to a file
+            command="sh", args=["-c", f'exec "{sys.executable}" -m server serve 2>"{errors}"'], env=env,
+            cwd=str(tmp_path),
+        )
+        results: list[str] = []
+        async with held(Client(params)) as client:
+            await ok(client, "buy_quota", {"listing_id": "github-api", "units": 2, "max_unit_price": 100})
+            for path in ("/echo/repos/a?page=2", "/token-in-body", "/token-in-header"):
+                args = {"connection": "github", "scopes": ["repo:read"], "method": "GET", "purpose": "stdio",
+                        "url": provider.base_url + path}
+                result = await client.call_tool("call_api", args)
+                assert not result.is_error, result
+                results.append(result.model_dump_json())
+            balance = await ok(client, "check_balance", {})
+        assert balance["holdings"][0]["units_remaining"] == 1  # three calls, one grant, one unit
+        assert len(balance["grants"]) == 1
+    tokens = {t for t in provider.tokens if t}
+    assert len(tokens) == 1 and len(provider.seen) == 3
+    [token] = tokens
+    assert token.startswith("gho_")  # the emulator's Token Vault issued it for github
+    assert token not in "".join(results)
+    assert "[redacted]" in "".join(results)
+    text = errors.read_text()
+    assert "DEMO MODE" in text and token not in text
     for file in tmp_path.iterdir():
         assert token.encode() not in file.read_bytes(), f"token found in {file.name}"
