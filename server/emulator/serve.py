@@ -110,6 +110,10 @@ def print_settings(demo: DemoTenant, out: TextIO) -> None:
     }
     out.write(f"# Auth0 emulator (demo tenant, not a real Auth0) at {demo.issuer}\n")
     out.write(f"# demo account {demo.account}; device-flow login client {demo.login_client_id}\n")
+    out.write(
+        f"# provider API for call_api at {demo.issuer}provider/CONNECTION/...: a market listing with\n"
+        f'#   delivery = "proxy" and api = ["{demo.issuer}provider/github"] calls it with Token Vault tokens\n'
+    )
     for name, value in settings.items():
         out.write(f"export {name}={shlex.quote(value)}\n")
     out.flush()
