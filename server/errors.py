@@ -19,6 +19,10 @@
     ├── ProxyOnly                proxy_only             denied  (use call_api: the listing keeps its token)
     ├── ApiNotAllowed            api_not_allowed        denied  (url or method outside the listing's api)
     ├── ApiUnavailable           api_unavailable        error   (the provider did not answer in time)
+    ├── AgentBlocked             agent_blocked          denied  (the operator's kill switch; says why)
+    ├── PolicyDenied             policy_denied          denied  (names the policy rule)
+    ├── ApprovalDenied           approval_denied        denied  (the account's owner said no; unit refunded)
+    ├── ApprovalTimeout          approval_timeout       error   (no answer in time; unit refunded)
     ├── AuditUnavailable         audit_unavailable      error
     └── InternalError            internal               error   (no details leaked)
 
@@ -137,6 +141,25 @@ class ApiNotAllowed(BrokerError):
 
 class ApiUnavailable(BrokerError):
     code = "api_unavailable"
+
+
+class AgentBlocked(BrokerError):
+    code = "agent_blocked"
+    outcome = "denied"
+
+
+class PolicyDenied(BrokerError):
+    code = "policy_denied"
+    outcome = "denied"
+
+
+class ApprovalDenied(BrokerError):
+    code = "approval_denied"
+    outcome = "denied"
+
+
+class ApprovalTimeout(BrokerError):
+    code = "approval_timeout"
 
 
 class AuditUnavailable(BrokerError):
