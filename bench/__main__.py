@@ -13,13 +13,15 @@ import shlex
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from bench import coldstart, growth, latency, report, throughput, workload
-from bench.procs import ROOT, child_env, floor_cmd, product_cmd, product_env, start
+from bench.procs import ROOT, Server, child_env, floor_cmd, product_cmd, product_env, start, start_provider
 
 PHASES = ("latency", "throughput", "coldstart", "growth")
+THROUGHPUT_CASES = ("check_balance", "buy_quota", "request_token", "call_api")
 FULL = {
     "calls": 600, "batch": 5, "warmup": 30, "levels": "1,8,32,64", "seconds": 1.5, "rounds": 6,
     "coldstarts": 20, "events": "10000,1000000", "repeat": 300,
@@ -65,33 +67,78 @@ def _say(text: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
-async def _networked(args: argparse.Namespace, workdir: Path, env: dict[str, str], answers: Path,
-                     phases: set[str], transports: list[str], results: report.Results, stack: ExitStack) -> None:
-    database = Path(env["TVM_DATABASE"])
-    floor_env = child_env(workdir)
-    cases = [c for c in args.cases.split(",") if c]
-    for transport in transports:
+@contextmanager
+def _pair(transport: str, workdir: Path, env: dict[str, str], answers: Path) -> Iterator[tuple[Server, Server]]:
+    """The product and its floor serving over `transport`; both stopped on the way out."""
+    with ExitStack() as stack:
         product = start("product", transport, workdir, product_cmd("serve"), env)
         stack.callback(product.stop)
-        floor = start("floor", transport, workdir, floor_cmd(answers), floor_env)
+        floor = start("floor", transport, workdir, floor_cmd(answers), child_env(workdir))
         stack.callback(floor.stop)
-        if "latency" in phases:
-            _say(f"sequential latency over {transport}")
-            results.latency += await latency.sequential(product, floor, cases, args.calls, args.batch, args.warmup)
-        if transport == "http" and "throughput" in phases:
-            _say("throughput over Streamable HTTP")
-            keys = ["check_balance", "buy_quota", "request_token"]
-            results.throughput = await throughput.concurrent(
-                product, floor, database, _ints(args.levels), keys, args.seconds, args.rounds
-            )
-        product.stop()
-        floor.stop()
+        yield product, floor
 
 
-def _units_needed(args: argparse.Namespace, transports: list[str]) -> int:
+async def _networked(args: argparse.Namespace, workdir: Path, env: dict[str, str], answers: Path,
+                     phases: set[str], transports: list[str], results: report.Results) -> None:
+    database = Path(env["TVM_DATABASE"])
+    cases = [c for c in args.cases.split(",") if c] if "latency" in phases else []
+    late = [c for c in cases if c in workload.LEAVES_GRANTS]  # after everything check_balance is timed in
+    for transport in transports:
+        with _pair(transport, workdir, env, answers) as (product, floor):
+            if early := [c for c in cases if c not in late]:
+                _say(f"sequential latency over {transport}")
+                results.latency += await latency.sequential(product, floor, early, args.calls, args.batch,
+                                                            args.warmup)
+            if transport == "http" and "throughput" in phases:
+                _say("throughput over Streamable HTTP")
+                results.throughput = await throughput.concurrent(
+                    product, floor, database, _ints(args.levels), list(THROUGHPUT_CASES), args.seconds, args.rounds
+                )
+    for transport in transports if late else []:
+        with _pair(transport, workdir, env, answers) as (product, floor):
+            _say(f"sequential latency over {transport}: {', '.join(late)}")
+            results.latency += await latency.sequential(product, floor, late, args.calls, args.batch, args.warmup)
+    results.latency.sort(key=lambda r: (transports.index(r.transport), cases.index(r.case)))
+
+
+def _units_needed(args: argparse.Namespace, transports: list[str]) -> tuple[int, int]:
+    """Units to buy first: (request_token's listing, call_api's proxy listing)."""
     sequential = len(transports) * 2 * (args.calls + args.warmup)
     concurrent = sum(_ints(args.levels)) * 0 + len(_ints(args.levels)) * (args.rounds * args.seconds + 1) * 600
-    return int(sequential + concurrent + 1000)
+    # one unit per opened grant: every call of "opening a grant", one grant per agent inside a grant (plus
+    # the units of first calls that raced and were refunded)
+    grants = len(transports) * (args.calls + args.warmup) + len(transports) + sum(_ints(args.levels))
+    return int(sequential + concurrent + 1000), grants + 100
+
+
+def _measure_product(args: argparse.Namespace, workdir: Path, phases: set[str], transports: list[str],
+                     results: report.Results) -> None:
+    """Every phase that talks to the product: its provider API, market and wallet first, then the runs."""
+    provider = start_provider(workdir)
+    try:
+        assert provider.url is not None
+        workload.use_provider(provider.url)
+        market = workload.write_market(workdir, provider.url)
+        database = workdir / "product.db"
+        env = product_env(workdir, database, market)
+        _say(f"preparing the product (database {database}, provider API {provider.url})")
+        workload.fund(workdir, database, market)
+        stdio = start("product", "stdio", workdir, product_cmd("serve"), env)
+        try:
+            asyncio.run(workload.stock_up(stdio, *_units_needed(args, transports)))
+            answers, tools = asyncio.run(workload.capture(stdio, workdir))
+        finally:
+            stdio.stop()
+        if phases & {"latency", "throughput"}:
+            asyncio.run(_networked(args, workdir, env, answers, phases, transports, results))
+        if "coldstart" in phases:
+            _say("cold start over stdio")
+            results.cold = coldstart.cold_starts(
+                (product_cmd("serve"), env), (floor_cmd(answers, "--tools", str(tools)), child_env(workdir)),
+                workdir, args.coldstarts,
+            )
+    finally:
+        provider.stop()
 
 
 def run(args: argparse.Namespace, workdir: Path) -> report.Results:
@@ -107,27 +154,8 @@ def run(args: argparse.Namespace, workdir: Path) -> report.Results:
     results.settings = {k: getattr(args, k) for k in ("calls", "batch", "warmup", "levels", "seconds", "rounds",
                                                       "coldstarts", "events", "repeat")}
     began = time.perf_counter()
-    market = workload.write_market(workdir)
-    database = workdir / "product.db"
-    env = product_env(workdir, database, market)
     if phases & {"latency", "throughput", "coldstart"}:
-        _say(f"preparing the product (database {database})")
-        workload.fund(workdir, database, market)
-        stdio = start("product", "stdio", workdir, product_cmd("serve"), env)
-        try:
-            asyncio.run(workload.stock_up(stdio, _units_needed(args, transports)))
-            answers, tools = asyncio.run(workload.capture(stdio, workdir))
-        finally:
-            stdio.stop()
-        if phases & {"latency", "throughput"}:
-            with ExitStack() as stack:
-                asyncio.run(_networked(args, workdir, env, answers, phases, transports, results, stack))
-        if "coldstart" in phases:
-            _say("cold start over stdio")
-            results.cold = coldstart.cold_starts(
-                (product_cmd("serve"), env), (floor_cmd(answers, "--tools", str(tools)), child_env(workdir)),
-                workdir, args.coldstarts,
-            )
+        _measure_product(args, workdir, phases, transports, results)
     if "growth" in phases:
         _say(f"growth: {args.events} events")
         results.growth = growth.growth(workdir, _ints(args.events), args.repeat)

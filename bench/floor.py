@@ -1,7 +1,11 @@
 """The floor: a bare `MCPServer` whose tools have the product's names and schemas and answer at once.
 
 Each tool returns an answer captured from the real product (a JSON file), so the SDK moves
-the very same bytes; nothing runs behind it. Two ways to build the tools:
+the very same bytes; nothing runs behind it — except `call_api`, whose work is a provider's
+answer: the floor's `call_api` sends the same request (method, URL, headers, a bearer token)
+with one pooled httpx client to the same loopback provider (bench/provider.py) and returns
+what it answered (status, the product's header subset, body) in the product's output model.
+Two ways to build the tools:
 
 - models (default): the product's own pydantic input and output models (`tools/*.py`), so the
   SDK validates the arguments and the result exactly as it would for any pydantic tool; plus
@@ -18,9 +22,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 from mcp.server import MCPServer
 from mcp.server.mcpserver.tools import Tool
 from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase, FuncMetadata
@@ -44,13 +50,14 @@ def model_tools(answers: dict[str, Any]) -> list[Tool]:
         args = type(spec.input_model.__name__ + "Args", (spec.input_model, ArgModelBase), {"__module__": __name__})
         built.append(
             Tool(
-                fn=_answering(answer),
+                fn=_calling_provider(answer) if spec.name == "call_api" else _answering(answer),
                 name=spec.name,
                 title=spec.title,
                 description=spec.description,
                 parameters=spec.input_model.model_json_schema(),
                 fn_metadata=FuncMetadata(arg_model=args, output_model=spec.output_model),
                 is_async=True,
+                context_kwarg=None,
                 annotations=spec.annotations,
             )
         )
@@ -82,6 +89,7 @@ def schema_tools(listed: list[dict[str, Any]], answers: dict[str, Any]) -> list[
                 parameters=item["inputSchema"],
                 fn_metadata=FuncMetadata(arg_model=_AnyArgs, output_schema=item.get("outputSchema")),
                 is_async=True,
+                context_kwarg=None,
                 annotations=ToolAnnotations.model_validate(item["annotations"]) if item.get("annotations") else None,
             )
         )
@@ -93,6 +101,44 @@ def _answering(answer: BaseModel | CallToolResult) -> Any:
         return answer
 
     return answer_it
+
+
+def _calling_provider(captured: BaseModel) -> Any:
+    """The floor's call_api: the agent's request sent as is, answered from the provider's response.
+
+    The grant fields (grant_id, token_id, …) are the captured ones: a floor has no grants to keep.
+    """
+    from server.provider import PASSED_HEADERS, PASSED_PREFIXES, USER_AGENT
+    from tools.call_api import CallApiOutput
+
+    assert isinstance(captured, CallApiOutput)
+    pool: list[httpx.AsyncClient] = []  # one client, made in the serving loop at the first call
+
+    async def call_api(*, method: str, url: str, headers: dict[str, str] | None, body: str | None, **rest: Any) -> Any:
+        if not pool:
+            pool.append(httpx.AsyncClient(
+                follow_redirects=False, trust_env=False, timeout=httpx.Timeout(30.0),
+                limits=httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=30),
+                headers={"User-Agent": USER_AGENT},
+            ))
+        sent = {**(headers or {}), "authorization": "Bearer floor-token"}
+        began = time.perf_counter()
+        response = await pool[0].request(method, url, headers=sent, json=rest.get("json"), content=body)
+        elapsed = (time.perf_counter() - began) * 1000
+        return CallApiOutput(
+            status=response.status_code,
+            headers={k: v for k, v in response.headers.items() if k in PASSED_HEADERS or k.startswith(PASSED_PREFIXES)},
+            body=response.text,
+            body_encoding="text",
+            truncated=False,
+            grant_id=captured.grant_id,
+            grant_expires_at=captured.grant_expires_at,
+            token_id=captured.token_id,
+            units_remaining=captured.units_remaining,
+            elapsed_ms=round(elapsed, 3),
+        )
+
+    return call_api
 
 
 def build_floor(answers: dict[str, Any], listed: list[dict[str, Any]] | None = None) -> MCPServer:

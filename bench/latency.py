@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from mcp import Client
 
-from bench.procs import Server, structured
+from bench.procs import Server
 from bench.stats import median, percentile
 from bench.workload import CASES, Case
 
@@ -34,7 +34,7 @@ async def _timed(client: Client, case: Case, count: int, start: int, out: list[f
         began = time.perf_counter()
         result = await client.call_tool(case.tool, args)
         elapsed = time.perf_counter() - began
-        structured(result, case.tool)
+        case.answer(result)
         out.append(elapsed)
 
 

@@ -15,7 +15,7 @@ import time
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, TextIO
 
 from mcp import Client, StdioServerParameters
 from mcp.client.sse import sse_client
@@ -38,8 +38,13 @@ def child_env(workdir: Path, **extra: str) -> dict[str, str]:
     return {**keep, "PYTHONPATH": str(ROOT), **extra}
 
 
+# A call_api grant as long as allowed: it still ends 30 s before its provider token (SPEC §8; the demo
+# Token Vault's last an hour), which outlasts a full run, so "inside a live grant" never opens another.
+GRANT_TTL = "86400"
+
+
 def product_env(workdir: Path, database: Path, market_file: Path) -> dict[str, str]:
-    return child_env(workdir, TVM_DATABASE=str(database), TVM_MARKET_FILE=str(market_file))
+    return child_env(workdir, TVM_DATABASE=str(database), TVM_MARKET_FILE=str(market_file), TVM_GRANT_TTL=GRANT_TTL)
 
 
 def product_cmd(*args: str) -> list[str]:
@@ -48,6 +53,10 @@ def product_cmd(*args: str) -> list[str]:
 
 def floor_cmd(answers: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "bench.floor", "--answers", str(answers), *args]
+
+
+def provider_cmd() -> list[str]:
+    return [sys.executable, "-m", "bench.provider"]
 
 
 def free_port() -> int:
@@ -79,7 +88,7 @@ class Server:
     token: str | None = None
     process: subprocess.Popen[bytes] | None = None
     errlog: Path | None = None
-    _errfile: IO[str] | None = field(default=None, repr=False)
+    _errfile: TextIO | None = field(default=None, repr=False)
 
     def client(self) -> AbstractAsyncContextManager[Client]:
         """A fresh SDK client session to this server (a new child process over stdio)."""
@@ -115,17 +124,34 @@ def start(label: str, transport: str, workdir: Path, cmd: list[str], env: dict[s
     if transport == "stdio":
         return Server(label, transport, workdir, cmd, env, errlog=errlog, _errfile=errfile)
     port = free_port()
-    full = [*cmd, "--transport", transport, "--port", str(port)]
+    server = _launch(label, transport, workdir, [*cmd, "--transport", transport, "--port", str(port)], env, port,
+                     "/mcp" if transport == "http" else "/sse", errlog, errfile)
+    if label == "product":
+        try:
+            server.token = _demo_bearer_token(errlog, offset)
+        except BaseException:
+            server.stop()
+            raise
+    return server
+
+
+def start_provider(workdir: Path) -> Server:
+    """Launch the bench's loopback provider API (bench/provider.py); its `url` is the API base."""
+    errlog = workdir / "provider.stderr"
+    port = free_port()
+    return _launch("provider", "http", workdir, [*provider_cmd(), "--port", str(port)], child_env(workdir), port, "",
+                   errlog, errlog.open("a", encoding="utf-8"))
+
+
+def _launch(label: str, transport: str, workdir: Path, full: list[str], env: dict[str, str], port: int, path: str,
+            errlog: Path, errfile: TextIO) -> Server:
     process = subprocess.Popen(full, env=env, cwd=workdir, stdin=subprocess.DEVNULL, stdout=errfile, stderr=errfile)
-    base = f"http://127.0.0.1:{port}"
     server = Server(
-        label, transport, workdir, full, env, url=base + ("/mcp" if transport == "http" else "/sse"),
-        process=process, errlog=errlog, _errfile=errfile,
+        label, transport, workdir, full, env, url=f"http://127.0.0.1:{port}{path}", process=process, errlog=errlog,
+        _errfile=errfile,
     )
     try:
         _wait_until_listening(server, port)
-        if label == "product":
-            server.token = _demo_bearer_token(errlog, offset)
     except BaseException:
         server.stop()
         raise

@@ -10,11 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.procs import DEMO_ACCOUNT, Server, product_env, run_cli, structured
+from bench.procs import DEMO_ACCOUNT, BenchError, Server, product_env, run_cli, structured
 
 LISTINGS = 100
 TOKEN_LISTING = "bench-000"  # github, exactly [repo:read]: what request_token spends
 BUY_LISTING = "bench-001"  # what buy_quota buys, one unit a call
+PROXY_LISTING = f"bench-{LISTINGS - 1:03d}"  # github, exactly [read:user], delivery "proxy": what call_api spends
+PROXY_SCOPES = ["read:user"]  # no other holding of the bench covers them, so call_api spends only PROXY_LISTING
 MAX_BUY = 10_000  # buy_quota's largest order
 FUNDS = 10**12
 
@@ -29,20 +31,26 @@ _SCOPES = {
 _CONNECTIONS = ["github", "stripe", "google-oauth2"]
 
 
-def market_toml(count: int = LISTINGS) -> str:
-    """`count` open listings (ids bench-000…), on the demo tenant's connected accounts, with ample supply."""
+def market_toml(api_base: str, count: int = LISTINGS) -> str:
+    """`count` open listings (ids bench-000…), on the demo tenant's connected accounts, with ample supply.
+
+    The last one is the proxy listing call_api spends: its `api` is the bench's loopback provider at
+    `api_base` (plain http on loopback is allowed because this market file names it, SPEC §8).
+    """
     tables = []
     for n in range(count):
-        connection = _CONNECTIONS[n % 3]
+        proxy = n == count - 1
+        connection = "github" if proxy else _CONNECTIONS[n % 3]
         choices = _SCOPES[connection]
-        scopes = choices[(n // 3) % len(choices)] if n != 0 else ["repo:read"]
+        scopes = PROXY_SCOPES if proxy else ["repo:read"] if n == 0 else choices[(n // 3) % len(choices)]
         tables.append(
             "[[listing]]\n"
             f'id = "bench-{n:03d}"\n'
             f'title = "Bench listing {n}: {connection} {" ".join(scopes)}"\n'
             f'connection = "{connection}"\n'
             f"scopes = {json.dumps(scopes)}\n"
-            "supply = 1000000000\n"
+            + (f'delivery = "proxy"\napi = [{json.dumps(api_base)}]\n' if proxy else "")
+            + "supply = 1000000000\n"
             f"start_price = {100 + n}\n"
             f"floor_price = {10 + n % 7}\n"
             "opens_at = 2026-01-01T00:00:00Z\n"
@@ -58,6 +66,14 @@ class Case:
     label: str
     tool: str
     args: Callable[[int], dict[str, Any]]
+    status: int | None = None  # the provider's status a call_api answer must carry (the provider got its token)
+
+    def answer(self, result: Any) -> dict[str, Any]:
+        """The structured answer of a successful call. Raises BenchError for an error result or a wrong status."""
+        answer = structured(result, self.tool)
+        if self.status is not None and answer.get("status") != self.status:
+            raise BenchError(f"{self.tool}: the provider answered {answer.get('status')}, not {self.status}")
+        return answer
 
 
 _hints = itertools.count()
@@ -70,7 +86,30 @@ def _fresh_hint(_: int) -> str:
     return f"bench-{_RUN}-{next(_hints)}@example.com"
 
 
+@dataclass
+class _Provider:
+    base: str = "http://127.0.0.1:9"  # replaced by use_provider() before any call_api is made
+
+
+_provider = _Provider()
+
+
+def use_provider(base: str) -> None:
+    """Point the call_api cases at the loopback provider API running at `base`."""
+    _provider.base = base
+
+
+def _api_args(login_hint: str | None) -> dict[str, Any]:
+    return {
+        **API_ARGS, "url": f"{_provider.base}/repos/acme/widgets", **({"login_hint": login_hint} if login_hint else {})
+    }
+
+
 TOKEN_ARGS = {"connection": "github", "scopes": ["repo:read"], "purpose": "bench: sequential and concurrent calls"}
+API_ARGS = {
+    "connection": "github", "scopes": PROXY_SCOPES, "method": "GET", "headers": {"Accept": "application/json"},
+    "purpose": "bench: brokered calls",
+}
 CASES: dict[str, Case] = {
     "list_market": Case("list_market (100 listings)", "list_market", lambda i: {"limit": LISTINGS}),
     "check_balance": Case("check_balance", "check_balance", lambda i: {}),
@@ -81,12 +120,21 @@ CASES: dict[str, Case] = {
     "request_token_fresh": Case(
         "request_token, fresh exchange", "request_token", lambda i: {**TOKEN_ARGS, "login_hint": _fresh_hint(i)}
     ),
+    # The same terms every call: the first opens a grant (TVM_GRANT_TTL outlasts the run), the rest spend nothing.
+    "call_api": Case("call_api, inside a live grant", "call_api", lambda i: _api_args(None), status=200),
+    # A new login_hint every call is a new grant key: a unit spent, a fresh Token Vault exchange, a grant opened.
+    "call_api_fresh": Case(
+        "call_api, opening a grant", "call_api", lambda i: _api_args(_fresh_hint(i)), status=200
+    ),
 }
+# Cases that leave a live grant behind per call. check_balance lists the caller's live grants, so these run
+# after every other case and the throughput phase, on every transport (HTTP and SSE share one agent).
+LEAVES_GRANTS = frozenset({"call_api_fresh"})
 
 
-def write_market(workdir: Path) -> Path:
+def write_market(workdir: Path, api_base: str) -> Path:
     path = workdir / "market.toml"
-    path.write_text(market_toml(), encoding="utf-8")
+    path.write_text(market_toml(api_base), encoding="utf-8")
     return path
 
 
@@ -95,15 +143,16 @@ def fund(workdir: Path, database: Path, market_file: Path) -> None:
     run_cli(workdir, product_env(workdir, database, market_file), "wallet", "credit", DEMO_ACCOUNT, str(FUNDS))
 
 
-async def stock_up(server: Server, token_units: int) -> None:
-    """Buy enough request_token units (and one unit of the buy listing) through the product's own tools."""
+async def stock_up(server: Server, token_units: int, proxy_units: int) -> None:
+    """Buy enough request_token and call_api units (and one unit of the buy listing) through the product's tools."""
     async with server.client() as client:
-        remaining = token_units
-        while remaining > 0:
-            units = min(MAX_BUY, remaining)
-            args = {"listing_id": TOKEN_LISTING, "units": units, "max_unit_price": 1000}
-            structured(await client.call_tool("buy_quota", args), "buy_quota")
-            remaining -= units
+        for listing, units in ((TOKEN_LISTING, token_units), (PROXY_LISTING, proxy_units)):
+            remaining = units
+            while remaining > 0:
+                order = min(MAX_BUY, remaining)
+                args = {"listing_id": listing, "units": order, "max_unit_price": 1000}
+                structured(await client.call_tool("buy_quota", args), "buy_quota")
+                remaining -= order
         buy = CASES["buy_quota"]
         structured(await client.call_tool(buy.tool, buy.args(0)), buy.tool)
 
@@ -113,9 +162,10 @@ async def capture(server: Server, workdir: Path) -> tuple[Path, Path]:
     async with server.client() as client:
         listed = await client.list_tools()
         answers = {}
-        for key in ("list_market", "check_balance", "buy_quota", "request_token"):
+        # call_api first: it opens the stdio agent's grant, which check_balance then shows, as it will when timed
+        for key in ("call_api", "list_market", "check_balance", "buy_quota", "request_token"):
             case = CASES[key]
-            answers[case.tool] = structured(await client.call_tool(case.tool, case.args(0)), case.tool)
+            answers[case.tool] = case.answer(await client.call_tool(case.tool, case.args(0)))
     tools = [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in listed.tools]
     answers_path, tools_path = workdir / "answers.json", workdir / "tools.json"
     answers_path.write_text(json.dumps(answers, indent=1), encoding="utf-8")

@@ -24,10 +24,11 @@ def test_smoke_run_writes_every_table_with_no_errors_and_every_call_audited(tmp_
     for heading in ("## 1. Sequential latency", "## 2. Throughput", "## 3. Cold start", "## 4. Growth"):
         assert heading in report
     for transport in ("stdio", "http", "sse"):
-        assert f"| {transport} | request_token, fresh exchange |" in report
+        for case in ("request_token, fresh exchange", "call_api, inside a live grant", "call_api, opening a grant"):
+            assert f"| {transport} | {case} |" in report
     throughput = report.split("## 2. Throughput", 1)[1].split("## 3.", 1)[0]
     rows = [line for line in throughput.splitlines() if line.startswith("| ") and "calls/s" not in line]
-    assert len(rows) == 3
+    assert [row.split("|")[1].strip() for row in rows] == ["check_balance", "buy_quota", "request_token", "call_api"]
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[6] == "0", row  # errors
