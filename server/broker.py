@@ -19,11 +19,14 @@ from server.allowlist import keys_only
 from server.audit import Event
 from server.clock import Clock, SystemClock, rfc3339
 from server.config import DEFAULT_GRANT_TTL
+from server.control import Control
 from server.errors import (
+    AgentBlocked,
     ApiUnavailable,
     AuditUnavailable,
     BrokerError,
     InternalError,
+    RateLimited,
     Unauthenticated,
     describe_failure,
 )
@@ -46,6 +49,7 @@ class Call:
     transport: str
     args: Mapping[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+    admitted: bool = False  # the kill switch and the rate limit let this call in (checked once per call)
 
     def event(self, now: datetime, principal: Principal | None, error: BrokerError | None, **extra: Any) -> Event:
         return Event(
@@ -175,6 +179,13 @@ class Broker:
         self.provider = provider
         self.grant_ttl = grant_ttl
         self.grant_tokens = grants.GrantTokens()
+        self.control = Control(on_change=self._blocked_now)
+
+    def _blocked_now(self, agents: set[str]) -> None:
+        """Agents the operator just blocked: their cached tokens go at once (their grants are closed)."""
+        self.grant_tokens.drop_agents(agents)
+        if self.vault is not None:
+            self.vault.clear()
 
     # ---- the generic audited step ---------------------------------------------------------
     async def _run(
@@ -192,6 +203,9 @@ class Broker:
 
         def job(tx: Tx) -> R | _Failed:
             now = self.clock.now()
+            refused = self._admit(tx, call, principal, now)
+            if refused is not None:
+                return refused
             mark = None if reads_only else tx.savepoint()  # (a plain call: this runs for every tool call)
             try:
                 result = op(tx, now)
@@ -222,16 +236,38 @@ class Broker:
             raise outcome.error
         return outcome
 
-    async def record(self, call: Call, principal: Principal | None, error: BrokerError) -> None:
-        """Write the event of a call refused before any work (bad input, no auth, no scope)."""
+    def _admit(self, tx: Tx, call: Call, principal: Principal | None, now: datetime) -> _Failed | None:
+        """The kill switch and the rate limit, once per tool call, in its transaction. A refusal's event is
+        folded: at most one a second per principal, `args.suppressed` counting the ones left out."""
+        if call.admitted or call.scope is None or principal is None:  # operator actions are not tool calls
+            return None
+        try:
+            self.control.admit(tx, principal, now)
+        except (AgentBlocked, RateLimited) as error:
+            suppressed = self.control.fold((error.code, principal.account, principal.agent or ""), time.monotonic())
+            if suppressed is not None:
+                audit.append(tx, call.event(now, principal, error, args={"suppressed": suppressed}))
+            return _Failed(error)
+        call.admitted = True
+        return None
 
-        def job(tx: Tx) -> None:
-            audit.append(tx, call.event(self.clock.now(), principal, error))
+    async def record(self, call: Call, principal: Principal | None, error: BrokerError) -> BrokerError:
+        """Write the event of a call refused before any work (bad input, no auth, no scope); return the
+        refusal to answer with (a blocked or rate-limited caller hears that instead)."""
+
+        def job(tx: Tx) -> BrokerError:
+            now = self.clock.now()
+            refused = self._admit(tx, call, principal, now)
+            if refused is not None:
+                return refused.error
+            audit.append(tx, call.event(now, principal, error))
+            return error
 
         try:
-            await self.db.write(job)
+            return await self.db.write(job)
         except Exception as exc:  # the refusal stands; only its record is missing
             log.error("could not record a refused %s call: %s", call.tool, type(exc).__name__)
+            return error
 
     # ---- tools ---------------------------------------------------------------------------
     async def list_market(
@@ -263,11 +299,13 @@ class Broker:
         self, call: Call, principal: Principal, *, listing_id: str, units: int, max_unit_price: int,
         idempotency_key: str | None,
     ) -> Receipt:
-        return await self._run(
-            call,
-            principal,
-            lambda tx, now: ledger.buy(tx, principal.account, listing_id, units, max_unit_price, idempotency_key, now),
-        )
+        def op(tx: Tx, now: datetime) -> Receipt:
+            return ledger.buy(
+                tx, principal.account, listing_id, units, max_unit_price, idempotency_key, now,
+                lambda listing, total: self.control.spend(tx, principal, listing, total, now),
+            )
+
+        return await self._run(call, principal, op)
 
     async def request_token(
         self, call: Call, principal: Principal, *, connection: str, scopes: list[str], login_hint: str | None
@@ -287,14 +325,15 @@ class Broker:
         reused = vault.reusable(principal.account, connection, scopes, login_hint)
         if reused is not None:
             return await self._spend_on(call, principal, connection, scopes, reused)
-        reservation_id, holding = await self._run(
-            call,
-            principal,
-            lambda tx, now: ledger.reserve(
+        def reserve(tx: Tx, now: datetime) -> tuple[str, Holding]:
+            hour = self.control.count_grant(tx, principal, connection, now)
+            rid, holding = ledger.reserve(
                 tx, principal.account, connection, scopes, self.owner, now, ledger.tokens_may_leave(connection)
-            ),
-            audit_ok=False,
-        )
+            )
+            tx.mark_reservation(rid, principal.agent or "", hour)
+            return rid, holding
+
+        reservation_id, holding = await self._run(call, principal, reserve, audit_ok=False)
         try:
             token = await vault.fetch(principal.account, principal.subject, connection, scopes, login_hint)
         except BrokerError as error:
@@ -326,13 +365,12 @@ class Broker:
         Nothing waits between reserving and committing, so there is nothing to refund either.
         """
         token_id = audit.token_fingerprint(self.db.hmac_key, token.access_token)
+        def spend(tx: Tx, now: datetime) -> tuple[str, int]:
+            self.control.count_grant(tx, principal, connection, now)
+            return ledger.spend(tx, principal.account, connection, scopes, now, ledger.tokens_may_leave(connection))
+
         _, remaining = await self._run(
-            call,
-            principal,
-            lambda tx, now: ledger.spend(
-                tx, principal.account, connection, scopes, now, ledger.tokens_may_leave(connection)
-            ),
-            ok_extra=lambda spent: _token_event(token_id, spent[0], token),
+            call, principal, spend, ok_extra=lambda spent: _token_event(token_id, spent[0], token)
         )
         return _issued(token, token_id, connection, remaining)
 
@@ -359,7 +397,15 @@ class Broker:
             error = Unauthenticated("this session has no Auth0 token to exchange; sign in again")
             await self.record(call, principal, error)
             raise error
-        plan = await self._run(call, principal, lambda tx, now: grants.plan(tx, ask, self.owner, now), audit_ok=False)
+        def plan_call(tx: Tx, now: datetime) -> grants.Plan:
+            self.control.check_connection(tx, principal, ask.connection)
+            plan = grants.plan(tx, ask, self.owner, now)
+            if plan.reservation_id is not None:  # a new grant counts against max_grants_per_hour
+                hour = self.control.count_grant(tx, principal, ask.connection, now)
+                tx.mark_reservation(plan.reservation_id, ask.agent, hour)
+            return plan
+
+        plan = await self._run(call, principal, plan_call, audit_ok=False)
         call.args = {**call.args, "url": plan.admitted.audit_url}
         sent = ProviderRequest(
             request.method, plan.admitted.url, request.headers, request.content, request.content_type

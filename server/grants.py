@@ -144,13 +144,13 @@ class GrantTokens:
     def __init__(self, clock: Callable[[], float] = time.time, limit: int = 10_000) -> None:
         self._clock = clock
         self._limit = limit
-        self._tokens: dict[str, tuple[VaultToken, datetime]] = {}
+        self._tokens: dict[str, tuple[VaultToken, datetime, str]] = {}  # grant id → (token, ends, agent)
 
     def get(self, grant_id: str, now: datetime) -> VaultToken | None:
         held = self._tokens.get(grant_id)
         if held is None:
             return None
-        token, ends = held
+        token, ends, _ = held
         if now >= ends or token.expires_at - self._clock() <= NOT_WITHIN:
             del self._tokens[grant_id]
             return None
@@ -159,10 +159,14 @@ class GrantTokens:
     def put(self, grant: Grant, token: VaultToken) -> None:
         if len(self._tokens) >= self._limit:  # many grants at once: forget the oldest (they re-exchange)
             del self._tokens[next(iter(self._tokens))]
-        self._tokens[grant.id] = (token, grant.expires_at)
+        self._tokens[grant.id] = (token, grant.expires_at, grant.agent)
 
     def drop(self, grant_id: str) -> None:
         self._tokens.pop(grant_id, None)
+
+    def drop_agents(self, agents: set[str]) -> None:
+        """Forget the tokens of these agents' grants (the operator blocked them)."""
+        self._tokens = {gid: held for gid, held in self._tokens.items() if held[2] not in agents}
 
     def __len__(self) -> int:
         return len(self._tokens)

@@ -25,7 +25,7 @@ from server.errors import (
     SoldOut,
     UnknownListing,
 )
-from server.models import Holding, Receipt
+from server.models import Holding, Listing, Receipt
 from server.pricing import is_open, price_at
 from server.store import Tx
 
@@ -65,11 +65,13 @@ def buy(
     max_unit_price: int,
     idempotency_key: str | None,
     now: datetime,
+    admit: Callable[[Listing, int], None] | None = None,
 ) -> Receipt:
     """Spend wallet credits on `units` of a listing at today's price.
 
+    `admit(listing, total)` may refuse a new purchase (the operator's policy) before anything moves.
     Raises IdempotencyKeyReused, UnknownListing, ListingClosed, PriceAboveLimit,
-    SoldOut or InsufficientFunds; nothing is changed when it raises.
+    SoldOut or InsufficientFunds, or what `admit` raises; nothing is changed when it raises.
     """
     # what a retry with the same key must repeat exactly (only kept when there is a key to retry with)
     request = fingerprint(listing_id, units, max_unit_price) if idempotency_key is not None else ""
@@ -105,6 +107,8 @@ def buy(
         raise InsufficientFunds(
             f"{units} units of {listing_id} cost {total} credits; the wallet holds {balance}"
         )
+    if admit is not None:
+        admit(listing, total)
     ts = rfc3339(now)
     purchase_id = "pur_" + secrets.token_hex(12)
     if not tx.add_sold(listing_id, units):  # pragma: no cover - guarded above inside the same transaction

@@ -68,6 +68,10 @@ class TokenVault:
 
         return await self._flights.do(key, exchange)
 
+    def clear(self) -> None:
+        """Reuse nothing fetched so far (an agent was blocked: its answers must not be handed out again)."""
+        self._cache.clear()
+
     def forget(self, account: str, connection: str, scopes: list[str], login_hint: str | None) -> None:
         """Stop reusing the answer for this ask (the provider refused its token)."""
         self._cache.pop((account, connection, frozenset(scopes), login_hint), None)

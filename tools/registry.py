@@ -73,8 +73,7 @@ class ToolSpec(Generic[In, Out]):
                 raise InvalidArgument(describe_validation(exc)) from None
             call.args = params.model_dump(exclude_none=True)
         except BrokerError as error:
-            await broker.record(call, principal, error)
-            return error_result(error)
+            return error_result(await broker.record(call, principal, error))
         try:
             return await self.run(Invocation(broker, principal, call), params)
         except BrokerError as error:

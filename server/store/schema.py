@@ -193,6 +193,36 @@ MIGRATIONS: list[str] = [
     CREATE INDEX grants_live ON grants(account, agent, connection, scopes, login_hint, expires_at)
         WHERE closed_at IS NULL;
     """,
+    # 5: operator control (§9). Blocked agents; per (account, agent) rate-limit buckets and usage counters
+    # (credits spent per UTC day, tokens and grants per UTC hour) that the policy caps; which agent holds a
+    # reservation and which hour's grant count it took, so a refund gives that count back. The policy
+    # itself is one document in meta ('policy'); 'control_version' changes with every block, unblock or load.
+    """
+    CREATE TABLE agent_blocks (
+        agent      TEXT PRIMARY KEY,
+        reason     TEXT NOT NULL,
+        blocked_at TEXT NOT NULL,
+        blocked_by TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE rate_buckets (
+        account    TEXT NOT NULL,
+        agent      TEXT NOT NULL,
+        tokens     REAL NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (account, agent)
+    ) WITHOUT ROWID;
+    CREATE TABLE usage (
+        account TEXT NOT NULL,
+        agent   TEXT NOT NULL,
+        kind    TEXT NOT NULL CHECK (kind IN ('spend', 'grants')),
+        period  TEXT NOT NULL,
+        amount  INTEGER NOT NULL CHECK (amount >= 0),
+        PRIMARY KEY (account, agent, kind, period)
+    ) WITHOUT ROWID;
+    ALTER TABLE reservations ADD COLUMN agent TEXT;
+    ALTER TABLE reservations ADD COLUMN counted TEXT;
+    INSERT INTO meta(key, value) VALUES ('control_version', 0) ON CONFLICT(key) DO NOTHING;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -292,6 +292,12 @@ class Tx:
             move = "units_consumed = units_consumed + 1"
         else:
             move = "units_held = units_held + 1"
+            self._c.execute(  # the token or grant it counted against max_grants_per_hour did not happen
+                "UPDATE usage SET amount = max(amount - 1, 0) WHERE kind = 'grants' AND (account, agent, period) = "
+                "(SELECT h.account, r.agent, r.counted FROM reservations r JOIN holdings h ON h.id = r.holding_id "
+                "WHERE r.id = ? AND r.counted IS NOT NULL)",
+                (reservation_id,),
+            )
         self._c.execute(
             f"UPDATE holdings SET units_reserved = units_reserved - 1, {move} "
             "WHERE id = (SELECT holding_id FROM reservations WHERE id = ?)",
@@ -306,6 +312,98 @@ class Tx:
             "WHERE r.status = 'pending' ORDER BY r.created_at"
         ).fetchall()
         return [Reservation(r[0], r[1], r[2], r[3], r[4], _strings(r[5]), r[6], r[7]) for r in rows]
+
+    # ---- operator control (§9) --------------------------------------------------------------
+    def control_version(self) -> int:
+        row = self._c.execute("SELECT value FROM meta WHERE key = 'control_version'").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def bump_control_version(self) -> None:
+        self._c.execute(
+            "INSERT INTO meta(key, value) VALUES ('control_version', 1) "
+            "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+        )
+
+    def block_reason(self, agent: str) -> str | None:
+        row = self._c.execute("SELECT reason FROM agent_blocks WHERE agent = ?", (agent,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def blocks(self) -> list[tuple[str, str, str, str]]:
+        """(agent, reason, blocked_at, blocked_by) of every blocked agent."""
+        rows = self._c.execute("SELECT agent, reason, blocked_at, blocked_by FROM agent_blocks ORDER BY agent")
+        return [(str(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in rows]
+
+    def set_block(self, agent: str, reason: str, ts: str, by: str) -> None:
+        self._c.execute(
+            "INSERT INTO agent_blocks(agent, reason, blocked_at, blocked_by) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(agent) DO UPDATE SET reason = excluded.reason, blocked_at = excluded.blocked_at, "
+            "blocked_by = excluded.blocked_by",
+            (agent, reason, ts, by),
+        )
+
+    def clear_block(self, agent: str) -> bool:
+        return self._c.execute("DELETE FROM agent_blocks WHERE agent = ?", (agent,)).rowcount == 1
+
+    def close_grants_of(self, agent: str, now: datetime) -> int:
+        return self._c.execute(
+            "UPDATE grants SET closed_at = ? WHERE agent = ? AND closed_at IS NULL AND expires_at > ?",
+            (to_micros(now), agent, to_micros(now)),
+        ).rowcount
+
+    def take_rate_token(self, account: str, agent: str, per_minute: int, now: datetime) -> float:
+        """Take one token of the (account, agent) bucket (capacity `per_minute`, refilled at per_minute/60
+        a second): 0 when taken, else the seconds until one is there (nothing taken)."""
+        at = to_micros(now)
+        row = self._c.execute(
+            "SELECT tokens, updated_at FROM rate_buckets WHERE account = ? AND agent = ?", (account, agent)
+        ).fetchone()
+        tokens = float(per_minute) if row is None else float(row[0])
+        if row is not None and at > row[1]:
+            tokens = min(float(per_minute), tokens + (at - int(row[1])) / 60e6 * per_minute)
+        tokens = min(tokens, float(per_minute))  # the policy may have lowered the rate
+        if tokens < 1.0:
+            return (1.0 - tokens) * 60.0 / per_minute
+        self._c.execute(
+            "INSERT INTO rate_buckets(account, agent, tokens, updated_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(account, agent) DO UPDATE SET tokens = excluded.tokens, "
+            "updated_at = max(updated_at, excluded.updated_at)",
+            (account, agent, tokens - 1.0, at),
+        )
+        return 0.0
+
+    def usage(self, account: str, agent: str, kind: str, period: str) -> int:
+        row = self._c.execute(
+            "SELECT amount FROM usage WHERE account = ? AND agent = ? AND kind = ? AND period = ?",
+            (account, agent, kind, period),
+        ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def add_usage(self, account: str, agent: str, kind: str, period: str, amount: int) -> None:
+        self._c.execute(
+            "INSERT INTO usage(account, agent, kind, period, amount) VALUES (?, ?, ?, ?, max(?, 0)) "
+            "ON CONFLICT(account, agent, kind, period) DO UPDATE SET amount = max(amount + ?, 0)",
+            (account, agent, kind, period, amount, amount),
+        )
+
+    def mark_reservation(self, reservation_id: str, agent: str, counted: str | None) -> None:
+        """Who holds a reservation and which hour's grant count it took (given back if it is refunded)."""
+        self._c.execute(
+            "UPDATE reservations SET agent = ?, counted = ? WHERE id = ?", (agent, counted, reservation_id)
+        )
+
+    def agents_seen(self) -> list[tuple[str, int, str, list[str]]]:
+        """(agent, calls, last call, accounts) of every agent in the audit log (one pass over it)."""
+        seen: dict[str, tuple[int, str, list[str]]] = {}
+        names = self.audit_names()
+        rows = self._c.execute(
+            "SELECT agent, account, count(*), max(ts) FROM audit WHERE agent IS NOT NULL GROUP BY agent, account"
+        )
+        for agent_id, account_id, calls, last in rows:
+            agent = names.get(agent_id, str(agent_id))
+            before = seen.get(agent, (0, "", []))
+            accounts = before[2] + ([names.get(account_id, str(account_id))] if account_id is not None else [])
+            seen[agent] = (before[0] + int(calls), max(before[1], str(last)), accounts)
+        return [(agent, calls, last, sorted(accounts)) for agent, (calls, last, accounts) in sorted(seen.items())]
 
     # ---- grants (§8) ----------------------------------------------------------------------
     def insert_grant(self, grant: Grant) -> None:

@@ -70,8 +70,8 @@ class Model:
     holdings: dict[str, dict[str, list[int]]] = field(default_factory=lambda: {a: {} for a in ACCOUNTS})
     receipts: dict[tuple[str, str], tuple[tuple[str, int, int], dict[str, Any]]] = field(default_factory=dict)
     created: int = 0
-    # (account, scopes) -> (grant id, when it ends)
-    grants: dict[tuple[str, tuple[str, ...]], tuple[str, datetime]] = field(default_factory=dict)
+    # (account, scopes, login_hint) -> (grant id, when it ends)
+    grants: dict[tuple[str, tuple[str, ...], str | None], tuple[str, datetime]] = field(default_factory=dict)
 
 
 class BrokerMachine(RuleBasedStateMachine):
@@ -252,7 +252,11 @@ class BrokerMachine(RuleBasedStateMachine):
           fault=st.sampled_from([None, None, None, "outage", "revoked"]))
     def call(self, account: str, scopes: list[str], fault: str | None) -> None:
         now = self.clock.now()
-        key = (account, tuple(scopes))
+        hint = None
+        if fault is not None:  # a fresh ask (a grant of its own), so neither a grant nor reuse hides the failure
+            self.hint += 1
+            hint = f"u{self.hint}@example.com"
+        key = (account, tuple(scopes), hint)
         live = self.model.grants.get(key)
         live = live if live is not None and live[1] > now else None
         state = self.tenant.state
@@ -261,7 +265,7 @@ class BrokerMachine(RuleBasedStateMachine):
         elif fault == "revoked":
             state.revoke_connection(account, "github")
         args = {"connection": "github", "scopes": scopes, "method": "GET", "url": API + "/repos/acme/x",
-                "purpose": "property test"}
+                "purpose": "property test", **({"login_hint": hint} if hint else {})}
         try:
             result = self.call_tool(call_api.SPEC, account, args)
         finally:
@@ -301,7 +305,7 @@ class BrokerMachine(RuleBasedStateMachine):
         }
         now = self.clock.now()
         assert sorted(g.grant_id for g in result.grants) == sorted(
-            gid for (owner, _), (gid, ends) in self.model.grants.items() if owner == account and ends > now
+            gid for (owner, _, _), (gid, ends) in self.model.grants.items() if owner == account and ends > now
         )
 
     @invariant()

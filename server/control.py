@@ -1,0 +1,151 @@
+"""Operator control in every call's transaction (SPEC §9): kill switch, policy, rate limits, flood folding.
+
+Everything the operator sets lives in the database, so every process that shares it (stdio servers,
+remote servers, replicas) applies it on the next call: blocks and the policy are read inside the
+call's own transaction, and rate-limit buckets are rows updated there. What is per process is only
+a cache of the parsed policy (keyed by the database's control version) and the folding of floods
+of refusals into one audit event a second per source.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from server.errors import AgentBlocked, PolicyDenied, RateLimited
+from server.models import Listing
+from server.policy import AgentRule, Policy
+from server.principal import Principal
+from server.store import Tx
+from server.textsafe import escape_controls
+
+FOLD_SECONDS = 1.0  # at most one refusal event per source per this many seconds
+
+
+@dataclass
+class _Fold:
+    until: float  # no further event for this source before this time (seconds)
+    suppressed: int  # refusals not written since the last event
+
+
+class Control:
+    """Applies the operator's rules; one per process (it caches the policy and the folds)."""
+
+    def __init__(self, on_change: Callable[[set[str]], None] | None = None) -> None:
+        self._version: int | None = None
+        self._policy = Policy()
+        self._blocked: set[str] = set()
+        self._folds: dict[tuple[str, ...], _Fold] = {}
+        self._on_change = on_change  # drop cached tokens of newly blocked agents
+
+    # ---- the policy, as the database has it now ------------------------------------------
+    def policy(self, tx: Tx) -> Policy:
+        version = tx.control_version()
+        if version != self._version:
+            stored = tx.get_meta("policy")
+            text = stored.decode() if isinstance(stored, bytes) else stored
+            self._policy = Policy.from_json(text) if text else Policy()
+            blocked = {agent for agent, *_ in tx.blocks()}
+            newly = blocked - self._blocked
+            self._blocked = blocked
+            self._version = version
+            if newly and self._on_change is not None:
+                self._on_change(newly)
+        return self._policy
+
+    def rule(self, tx: Tx, principal: Principal) -> AgentRule:
+        return self.policy(tx).rule_for(principal.agent)
+
+    # ---- every call ------------------------------------------------------------------------
+    def admit(self, tx: Tx, principal: Principal, now: datetime) -> None:
+        """A tool call may go on: its agent is not blocked and its (account, agent) bucket has a token.
+
+        Raises AgentBlocked (with the operator's reason) or RateLimited (with the seconds to wait).
+        """
+        rule = self.rule(tx, principal)
+        agent = principal.agent or ""
+        reason = tx.block_reason(agent)
+        if reason is not None:
+            raise AgentBlocked(
+                f"the operator blocked agent {escape_controls(agent) or '(none)'}: {escape_controls(reason)}"
+            )
+        wait = tx.take_rate_token(principal.account, agent, rule.calls_per_minute, now)
+        if wait > 0:
+            seconds = max(1, math.ceil(wait))
+            raise RateLimited(
+                f"too many calls: at most {rule.calls_per_minute} a minute for this agent and account; "
+                f"retry in {seconds} s",
+                seconds,
+            )
+
+    # ---- rules of particular tools --------------------------------------------------------
+    def check_connection(self, tx: Tx, principal: Principal, connection: str) -> AgentRule:
+        rule = self.rule(tx, principal)
+        if not rule.may_use(connection):
+            allowed = " ".join(rule.connections or ()) or "none"
+            raise PolicyDenied(
+                f"policy rule connections of agent {_shown(rule)} does not allow {connection} (it allows {allowed})"
+            )
+        return rule
+
+    def spend(self, tx: Tx, principal: Principal, listing: Listing, total: int, now: datetime) -> None:
+        """buy_quota may spend `total` on `listing`: its connection is allowed and the day's cap holds."""
+        rule = self.check_connection(tx, principal, listing.connection)
+        day = now.strftime("%Y-%m-%d")
+        agent = principal.agent or ""
+        if rule.max_spend_per_day is not None:
+            spent = tx.usage(principal.account, agent, "spend", day)
+            if spent + total > rule.max_spend_per_day:
+                raise PolicyDenied(
+                    f"policy rule max_spend_per_day of agent {_shown(rule)} is {rule.max_spend_per_day} credits: "
+                    f"{spent} spent today (UTC), this purchase costs {total}"
+                )
+        if total > 0:
+            tx.add_usage(principal.account, agent, "spend", day, total)
+
+    def count_grant(self, tx: Tx, principal: Principal, connection: str, now: datetime) -> str:
+        """One more token or grant this hour for (account, agent), within max_grants_per_hour; the hour."""
+        rule = self.check_connection(tx, principal, connection)
+        hour = now.strftime("%Y-%m-%dT%H")
+        agent = principal.agent or ""
+        if rule.max_grants_per_hour is not None:
+            used = tx.usage(principal.account, agent, "grants", hour)
+            if used >= rule.max_grants_per_hour:
+                raise PolicyDenied(
+                    f"policy rule max_grants_per_hour of agent {_shown(rule)} is {rule.max_grants_per_hour}: "
+                    f"{used} tokens and grants this hour (UTC); try again next hour"
+                )
+        tx.add_usage(principal.account, agent, "grants", hour, 1)
+        return hour
+
+    def needs_approval(self, tx: Tx, principal: Principal, listing_approval: str) -> bool:
+        """Whether a new token or grant must be approved by the account's owner (the listing or the policy)."""
+        mode = self.rule(tx, principal).approval
+        if mode == "always":
+            return True
+        if mode == "never":
+            return False
+        return listing_approval in ("grant", "writes")
+
+    def writes_need_approval(self, tx: Tx, principal: Principal, listing_approval: str) -> bool:
+        mode = self.rule(tx, principal).approval
+        return mode != "never" and listing_approval == "writes"
+
+    # ---- floods -----------------------------------------------------------------------------
+    def fold(self, source: tuple[str, ...], now: float) -> int | None:
+        """Whether a refusal from `source` gets an event now: the count of refusals folded into it, or None."""
+        fold = self._folds.get(source)
+        if fold is not None and now < fold.until:
+            fold.suppressed += 1
+            return None
+        suppressed = fold.suppressed if fold is not None else 0
+        self._folds[source] = _Fold(now + FOLD_SECONDS, 0)
+        if len(self._folds) > 10_000:  # many sources: forget the ones whose second is over
+            self._folds = {k: v for k, v in self._folds.items() if v.until > now}
+        return suppressed
+
+
+def _shown(rule: AgentRule) -> str:
+    return escape_controls(rule.id)
