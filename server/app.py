@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,8 +19,10 @@ from server.emulator import DemoTenant
 from server.errors import ConfigError
 from server.identity import StdioIdentity
 from server.login import read_credentials
+from server.policy import Policy, PolicyFileError, read_policy_file
 from server.provider import ProviderClient
 from server.store import Database, Tx
+from server.textsafe import escape_controls
 from server.token_verifier import JwtVerifier
 from server.vault import TokenVault
 from tools import ALL_TOOLS
@@ -50,7 +53,14 @@ class Runtime:
     identity: StdioIdentity
     tenant: DemoTenant | None
 
+    async def housekeeping(self, every: float = 1.0) -> None:
+        """Work a serving process does on its own, once a second: write the counts of folded refusals."""
+        while True:
+            await asyncio.sleep(every)
+            await self.broker.flush_refusals()
+
     async def aclose(self) -> None:
+        await self.broker.flush_refusals(everything=True)
         await self.auth0.aclose()
         await self.provider.aclose()
         await self.db.close()
@@ -71,6 +81,12 @@ async def open_runtime(
             file_specs = market.read_market_file(config.market_file)
         except market.MarketFileError as exc:
             raise ConfigError(f"TVM_MARKET_FILE: {exc}") from None
+    start_policy: Policy | None = None
+    if config.policy_file is not None:  # read before anything opens, like the market file
+        try:
+            start_policy = read_policy_file(config.policy_file)
+        except PolicyFileError as exc:
+            raise ConfigError(f"TVM_POLICY_FILE: {escape_controls(str(exc))}") from None
     tenant: DemoTenant | None = None
     client_id, secret, audience, refresh = (
         config.client_id, config.client_secret, config.audience, config.refresh_token,
@@ -113,6 +129,8 @@ async def open_runtime(
                 await db.write(lambda tx: market.load(tx, specs))
             except market.MarketFileError as exc:
                 raise ConfigError(f"TVM_MARKET_FILE: {exc}") from None
+        if start_policy is not None:
+            await broker.load_policy(start_policy, by="startup", transport="startup")
         if tenant is not None:
             await _fund_demo_wallet(broker, tenant.account)
     except BaseException:

@@ -49,7 +49,11 @@ KEPT_ARGS = frozenset(
         "grant_id",
         "new_grant",
         "status",
+        # operator control (§9)
         "suppressed",
+        "agent",
+        "grants_closed",
+        "rules",
     }
 )
 REDACTED = "[redacted]"

@@ -31,6 +31,7 @@ from server.errors import (
     describe_failure,
 )
 from server.models import Grant, Holding, Receipt
+from server.policy import Policy
 from server.principal import Principal
 from server.provider import ProviderAnswer, ProviderClient, ProviderRequest, ProviderUnreachable
 from server.store import Database, StoreUnavailable, Tx
@@ -131,6 +132,20 @@ def _issued(token: VaultToken, token_id: bytes, connection: str, remaining: int)
         token_id=token_id.hex(),
         units_remaining=remaining,
     )
+
+
+class _NotBlocked(BrokerError):
+    """Nothing to unblock (not an answer to an agent: the CLI says so itself)."""
+
+    code = "invalid_argument"
+    outcome = "denied"
+
+    def __init__(self) -> None:
+        super().__init__("that agent is not blocked")
+
+
+def _operator(by: str) -> Principal:
+    return Principal(account=by, agent="operator", scopes=frozenset())
 
 
 def process_owner() -> str:
@@ -244,12 +259,33 @@ class Broker:
         try:
             self.control.admit(tx, principal, now)
         except (AgentBlocked, RateLimited) as error:
-            suppressed = self.control.fold((error.code, principal.account, principal.agent or ""), time.monotonic())
+            source = (error.code, principal.account, principal.agent or "")
+            suppressed = self.control.fold(source, time.monotonic(), (call, principal, error))
             if suppressed is not None:
                 audit.append(tx, call.event(now, principal, error, args={"suppressed": suppressed}))
             return _Failed(error)
         call.admitted = True
         return None
+
+    async def flush_refusals(self, everything: bool = False) -> int:
+        """Write the folded refusals whose second is over: one event per source saying how many (its
+        `args.suppressed`), so a flood that stops is counted too. Returns the events written."""
+        due = self.control.due(time.monotonic(), everything)
+        if not due:
+            return 0
+
+        def job(tx: Tx) -> int:
+            now = self.clock.now()
+            for count, (call, principal, error) in due:
+                folded = Call(call.tool, call.scope, call.transport, {**call.args, "suppressed": count - 1})
+                audit.append(tx, folded.event(now, principal, error))
+            return len(due)
+
+        try:
+            return await self.db.write(job)
+        except Exception as exc:  # the counts are lost, the refusals stood
+            log.error("could not record %d folded refusal counts: %s", len(due), type(exc).__name__)
+            return 0
 
     async def record(self, call: Call, principal: Principal | None, error: BrokerError) -> BrokerError:
         """Write the event of a call refused before any work (bad input, no auth, no scope); return the
@@ -572,6 +608,47 @@ class Broker:
             return refunded
 
         return await self.db.write(job)
+
+    # ---- operator control (§9) ------------------------------------------------------------
+    async def block_agent(self, agent: str, reason: str, by: str, transport: str = "cli") -> int:
+        """Block `agent` on every process sharing the database; close its live grants. Audited (tool
+        agent_block, account = who did it, agent `operator`). Returns the number of grants closed."""
+
+        def op(tx: Tx, now: datetime) -> int:
+            tx.set_block(agent, reason, rfc3339(now), by)
+            tx.bump_control_version()
+            return tx.close_grants_of(agent, now)
+
+        call = Call(tool="agent_block", scope=None, transport=transport, args={"agent": agent, "reason": reason})
+        closed = await self._run(call, _operator(by), op, ok_extra=lambda n: {"args": {"grants_closed": n}})
+        self._blocked_now({agent})
+        return closed
+
+    async def unblock_agent(self, agent: str, by: str, transport: str = "cli") -> bool:
+        """Lift a block; False when the agent was not blocked (the attempt is audited as denied)."""
+
+        def op(tx: Tx, now: datetime) -> bool:
+            if not tx.clear_block(agent):
+                raise _NotBlocked()
+            tx.bump_control_version()
+            return True
+
+        call = Call(tool="agent_unblock", scope=None, transport=transport, args={"agent": agent})
+        try:
+            return await self._run(call, _operator(by), op)
+        except _NotBlocked:
+            return False
+
+    async def load_policy(self, policy: Policy, by: str, transport: str = "cli") -> int:
+        """Replace the whole policy (every process applies it on its next call). Audited (tool policy_load)."""
+
+        def op(tx: Tx, now: datetime) -> int:
+            tx.set_meta("policy", policy.to_json())
+            tx.bump_control_version()
+            return len(policy.agents)
+
+        call = Call(tool="policy_load", scope=None, transport=transport, args={"rules": len(policy.agents)})
+        return await self._run(call, _operator(by), op)
 
     async def credit(self, account: str, amount: int, transport: str = "cli", once_key: str | None = None) -> int:
         """Operator credit from `mint`, with its own audit event; return the new balance.

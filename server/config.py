@@ -28,6 +28,8 @@ DEFAULT_API_TIMEOUT = 30.0  # seconds one provider call may take
 MAX_API_TIMEOUT = 600.0
 DEFAULT_API_MAX_BYTES = 262_144  # a provider answer's body is cut beyond this
 MAX_API_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_APPROVAL_TIMEOUT = 300  # seconds the account's owner has to approve (SPEC §9)
+MAX_APPROVAL_TIMEOUT = 900
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class Config:
     grant_ttl: int = DEFAULT_GRANT_TTL  # TVM_GRANT_TTL
     api_timeout: float = DEFAULT_API_TIMEOUT  # TVM_API_TIMEOUT
     api_max_bytes: int = DEFAULT_API_MAX_BYTES  # TVM_API_MAX_BYTES
+    policy_file: Path | None = None  # TVM_POLICY_FILE
+    approval_timeout: int = DEFAULT_APPROVAL_TIMEOUT  # TVM_APPROVAL_TIMEOUT
 
     @property
     def demo(self) -> bool:
@@ -91,6 +95,10 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv: bool = True) -
     grant_ttl = int(_seconds(env, "TVM_GRANT_TTL", DEFAULT_GRANT_TTL, MAX_GRANT_TTL, whole=True))
     api_timeout = _seconds(env, "TVM_API_TIMEOUT", DEFAULT_API_TIMEOUT, MAX_API_TIMEOUT)
     api_max_bytes = _whole(env, "TVM_API_MAX_BYTES", DEFAULT_API_MAX_BYTES, MAX_API_MAX_BYTES)
+    approval_timeout = _whole(env, "TVM_APPROVAL_TIMEOUT", DEFAULT_APPROVAL_TIMEOUT, MAX_APPROVAL_TIMEOUT)
+    policy_file = Path(env["TVM_POLICY_FILE"]).expanduser() if "TVM_POLICY_FILE" in env else None
+    if policy_file is not None and not policy_file.is_file():
+        raise ConfigError(f"TVM_POLICY_FILE points to {policy_file}, which is not a readable file")
     level = env.get("TVM_LOG_LEVEL", "WARNING").upper()
     if level not in LOG_LEVELS:
         raise ConfigError(f"TVM_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {env['TVM_LOG_LEVEL']!r}")
@@ -126,6 +134,8 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv: bool = True) -
         grant_ttl=grant_ttl,
         api_timeout=api_timeout,
         api_max_bytes=api_max_bytes,
+        policy_file=policy_file,
+        approval_timeout=approval_timeout,
         credentials_file=Path(
             env.get("TVM_CREDENTIALS_FILE", str(Path(user_config_dir(APP_NAME, appauthor=False)) / "credentials.json"))
         ).expanduser(),

@@ -10,9 +10,11 @@ of refusals into one audit event a second per source.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from server.errors import AgentBlocked, PolicyDenied, RateLimited
 from server.models import Listing
@@ -22,12 +24,15 @@ from server.store import Tx
 from server.textsafe import escape_controls
 
 FOLD_SECONDS = 1.0  # at most one refusal event per source per this many seconds
+AUTH_FAILURES = 30  # rejected authentications from one address in AUTH_WINDOW seconds before 429s
+AUTH_WINDOW = 60.0
 
 
 @dataclass
 class _Fold:
     until: float  # no further event for this source before this time (seconds)
     suppressed: int  # refusals not written since the last event
+    last: Any = None  # what the last folded refusal was (the caller's), to write their count later
 
 
 class Control:
@@ -38,6 +43,7 @@ class Control:
         self._policy = Policy()
         self._blocked: set[str] = set()
         self._folds: dict[tuple[str, ...], _Fold] = {}
+        self.fold_seconds = FOLD_SECONDS
         self._on_change = on_change  # drop cached tokens of newly blocked agents
 
     # ---- the policy, as the database has it now ------------------------------------------
@@ -134,18 +140,59 @@ class Control:
         return mode != "never" and listing_approval == "writes"
 
     # ---- floods -----------------------------------------------------------------------------
-    def fold(self, source: tuple[str, ...], now: float) -> int | None:
-        """Whether a refusal from `source` gets an event now: the count of refusals folded into it, or None."""
+    def fold(self, source: tuple[str, ...], now: float, last: Any = None) -> int | None:
+        """Whether a refusal from `source` gets an event now: the count of earlier refusals folded into it,
+        or None (folded: `last` describes it, for the event that `due` hands out once its second is over)."""
         fold = self._folds.get(source)
         if fold is not None and now < fold.until:
             fold.suppressed += 1
+            fold.last = last
             return None
         suppressed = fold.suppressed if fold is not None else 0
-        self._folds[source] = _Fold(now + FOLD_SECONDS, 0)
-        if len(self._folds) > 10_000:  # many sources: forget the ones whose second is over
-            self._folds = {k: v for k, v in self._folds.items() if v.until > now}
+        self._folds[source] = _Fold(now + self.fold_seconds, 0)
+        if len(self._folds) > 10_000:  # many sources: forget the ones whose second is over and nothing folded
+            self._folds = {k: v for k, v in self._folds.items() if v.until > now or v.suppressed}
         return suppressed
+
+    def due(self, now: float, everything: bool = False) -> list[tuple[int, Any]]:
+        """Folded refusals whose second is over (or all of them): (how many, the last one), each once."""
+        out: list[tuple[int, Any]] = []
+        for source, fold in list(self._folds.items()):
+            if fold.suppressed and (everything or now >= fold.until):
+                out.append((fold.suppressed, fold.last))
+                self._folds[source] = _Fold(now + self.fold_seconds, 0)
+        return out
 
 
 def _shown(rule: AgentRule) -> str:
     return escape_controls(rule.id)
+
+
+class AuthFailures:
+    """Rejected HTTP authentications per remote address over the last minute (per process).
+
+    After AUTH_FAILURES of them an address is answered 429 before any token is parsed, until the oldest
+    falls out of the window: a flood costs the broker a dictionary lookup, not a signature check.
+    """
+
+    def __init__(self, limit: int = AUTH_FAILURES, window: float = AUTH_WINDOW) -> None:
+        self.limit = limit
+        self.window = window
+        self._failures: dict[str, deque[float]] = {}
+
+    def retry_after(self, address: str, now: float) -> int | None:
+        """Seconds `address` must wait, or None when it may try."""
+        seen = self._failures.get(address)
+        if seen is None:
+            return None
+        while seen and seen[0] <= now - self.window:
+            seen.popleft()
+        if len(seen) < self.limit:
+            return None
+        return max(1, math.ceil(seen[0] + self.window - now))
+
+    def failed(self, address: str, now: float) -> None:
+        seen = self._failures.setdefault(address, deque(maxlen=self.limit))
+        seen.append(now)
+        if len(self._failures) > 100_000:  # a spread-out flood: keep the addresses that are still counting
+            self._failures = {a: d for a, d in self._failures.items() if d and d[-1] > now - self.window}

@@ -90,7 +90,7 @@ def parse_policy(data: dict[str, object], source: str = "policy") -> Policy:
         raise PolicyFileError(f"{source}: expected [[agent]] tables")
     rules: list[AgentRule] = []
     for number, table in enumerate(tables, start=1):
-        name = json.dumps(table.get("id", f"#{number}")) if isinstance(table, dict) else f"#{number}"
+        name = json.dumps(table["id"]) if isinstance(table, dict) and "id" in table else f"#{number}"
         if isinstance(table, dict) and isinstance(table.get("connections"), list):
             table = {**table, "connections": tuple(table["connections"])}  # strict mode wants the frozen form
         try:

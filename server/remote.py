@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from server.app import Runtime, build_mcp
 from server.broker import Call
 from server.config import Config
-from server.errors import Unauthenticated
+from server.control import AuthFailures
+from server.errors import BrokerError, RateLimited, Unauthenticated
 from server.principal import Principal, SubjectToken
 from server.token_verifier import InvalidToken
 from tools import ALL_TOOLS
@@ -178,10 +180,15 @@ class BearerAuth:
         self.app = app
         self.runtime = runtime
         self.settings = settings
+        self.failures = AuthFailures()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not _under(scope["path"], self.settings.protected_paths):
             await self.app(scope, receive, send)
+            return
+        wait = self.failures.retry_after(_address(scope), time.monotonic())
+        if wait is not None:  # an address that keeps failing: answered before any token is parsed
+            await self._too_many(scope, send, wait)
             return
         authorization = _headers(scope).get("authorization", "")
         scheme, _, token = authorization.partition(" ")
@@ -204,18 +211,40 @@ class BearerAuth:
         scope[PRINCIPAL_KEY] = principal
         await self.app(scope, receive, send)
 
+    async def _audit(self, scope: Scope, known: Principal | None, error: BrokerError) -> None:
+        """The refusal's event, folded: at most one a second per remote address, `suppressed` counting the rest."""
+        client = scope.get("client")
+        remote = f"{client[0]}:{client[1]}" if client else None
+        call = Call(tool=None, scope=None, transport=self.settings.transport,
+                    args={"reason": error.message, "remote": remote})
+        suppressed = self.runtime.broker.control.fold(("auth", _address(scope)), time.monotonic(), (call, known, error))
+        if suppressed is None:
+            return
+        call.args = {**call.args, "suppressed": suppressed}
+        await self.runtime.broker.record(call, known, error)
+
+    async def _too_many(self, scope: Scope, send: Send, wait: int) -> None:
+        message = f"too many rejected authentications from this address; retry in {wait} s"
+        await self._audit(scope, None, RateLimited(message, wait))
+        body = json.dumps({"error": "too_many_requests", "error_description": message}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 429,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"retry-after", str(wait).encode()),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
     async def _refuse(
         self, scope: Scope, send: Send, reason: str, known: Principal | None, error: str | None = "invalid_token"
     ) -> None:
-        client = scope.get("client")
-        remote = f"{client[0]}:{client[1]}" if client else None
-        call = Call(
-            tool=None,
-            scope=None,
-            transport=self.settings.transport,
-            args={"reason": reason, "remote": remote},
-        )
-        await self.runtime.broker.record(call, known, Unauthenticated(reason))
+        self.failures.failed(_address(scope), time.monotonic())
+        await self._audit(scope, known, Unauthenticated(reason))
         challenge = 'Bearer realm="token-vault-mcp"'
         if error is not None:
             challenge += f', error="{error}", error_description="{_quoted(reason)}"'
@@ -247,6 +276,12 @@ def _claimed(claims: dict[str, Any] | None) -> Principal | None:
 
 def _origin_allowed(origin: str, allowed: frozenset[str]) -> bool:
     return origin in allowed or is_loopback_origin(origin)
+
+
+def _address(scope: Scope) -> str:
+    """The remote address a request came from (its host, not its port: one client opens many)."""
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
 
 
 def _headers(scope: Scope) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 
@@ -28,7 +29,11 @@ async def serve_stdio(config: Config) -> None:
         if refunded:
             log.warning("refunded %d reservation(s) left by a process that died", refunded)
         mcp = build_mcp(runtime, runtime.identity.for_request, "stdio")
-        await mcp.run_stdio_async()
+        chores = asyncio.create_task(runtime.housekeeping())
+        try:
+            await mcp.run_stdio_async()
+        finally:
+            chores.cancel()
     finally:
         await runtime.aclose()
 
@@ -56,6 +61,10 @@ async def serve_remote(config: Config, transport: str, host: str, port: int) -> 
         if runtime.tenant is not None:
             demo.banner(runtime.tenant.account, str(config.database))
             demo.remote_banner(runtime.tenant, f"http://{host}:{port}", transport)
-        await server.serve()
+        chores = asyncio.create_task(runtime.housekeeping())
+        try:
+            await server.serve()
+        finally:
+            chores.cancel()
     finally:
         await runtime.aclose()

@@ -19,6 +19,8 @@ import httpx
 import pytest
 from joserfc import jwt
 from joserfc.jwk import RSAKey
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 
 from server import audit, market
 from server.auth0_client import TOKEN_VAULT_GRANT
@@ -137,6 +139,7 @@ def bad_tokens(remote: Remote) -> dict[str, str]:
 
 
 async def test_bad_tokens_get_401_with_metadata_and_are_audited(remote: Remote) -> None:
+    remote.runtime.broker.control.fold_seconds = 0  # every refusal its own event here (folding: its own test)
     cases = bad_tokens(remote)
     async with httpx.AsyncClient(base_url=remote.base_url) as http:
         none = await http.post(remote.endpoint, json={})
@@ -344,3 +347,48 @@ async def test_call_api_end_to_end_the_provider_gets_alices_vault_token_and_no_c
     events = await remote.runtime.db.read(lambda tx: tx.find_audit(AuditFilter(tool="call_api")))
     assert [json.loads(e.args)["new_grant"] for e in events] == [True, False]
     assert all(e.transport == remote.transport for e in events)
+
+
+async def test_a_flood_of_bad_tokens_adds_one_event_a_second_and_does_not_slow_other_clients(tmp_path: Path) -> None:
+    async with held(remote_server(tmp_path, "http", ManualClock(DEMO_NOW))) as remote:
+        other_address = httpx.AsyncHTTPTransport(local_address="127.0.0.2")  # another machine's client
+        headers = {"Authorization": f"Bearer {remote.token('auth0|bob')}"}
+        http_client = httpx.AsyncClient(transport=other_address, headers=headers, timeout=30)
+        calm = Client(streamable_http_client(remote.endpoint, http_client=http_client))
+
+        async def latencies(client: Client, n: int) -> list[float]:
+            out = []
+            for _ in range(n):
+                started = time.perf_counter()
+                await ok(client, "check_balance", {})
+                out.append(time.perf_counter() - started)
+            return sorted(out)
+
+        statuses: list[int] = []
+
+        async def flood(http: httpx.AsyncClient, count: int) -> None:
+            for _ in range(count):
+                answer = await http.post(remote.endpoint, json={}, headers={"Authorization": "Bearer not.a.jwt"})
+                statuses.append(answer.status_code)
+                if answer.status_code == 429:
+                    assert int(answer.headers["retry-after"]) >= 1
+
+        async with held(calm) as client:
+            before = await latencies(client, 40)
+            started = time.monotonic()
+            async with httpx.AsyncClient(base_url=remote.base_url) as http:
+                floods = [asyncio.create_task(flood(http, 100)) for _ in range(20)]
+                during = await latencies(client, 40)
+                await asyncio.gather(*floods)
+            elapsed = time.monotonic() - started
+        await remote.runtime.broker.flush_refusals(everything=True)
+        records = await remote.runtime.db.read(lambda tx: tx.find_audit(AuditFilter()))
+    median_before, median_during = before[len(before) // 2], during[len(during) // 2]
+    print(f"other client's median check_balance: {median_before * 1000:.2f} ms before, "
+          f"{median_during * 1000:.2f} ms during a flood of 2000 bad tokens ({elapsed:.1f} s)")
+    assert median_during <= max(3 * median_before, median_before + 0.02)
+    assert len(statuses) == 2000 and statuses.count(401) == 30 and statuses.count(429) == 1970
+    refusals = [r for r in records if r.tool is None]
+    assert len(refusals) <= elapsed + 2  # one a second, and one last count
+    assert sum(json.loads(r.args)["suppressed"] for r in refusals) + len(refusals) == 2000
+    assert {r.code for r in refusals} <= {"unauthenticated", "rate_limited"}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -149,3 +151,29 @@ async def test_call_api_over_real_stdio_keeps_the_token_out_of_results_stderr_an
     assert "DEMO MODE" in text and token not in text
     for file in tmp_path.iterdir():
         assert token.encode() not in file.read_bytes(), f"token found in {file.name}"
+
+
+async def test_a_block_from_the_cli_stops_a_running_stdio_server_within_a_second_and_unblock_restores_it(
+    tmp_path: Path,
+) -> None:
+    env = server_env(tmp_path)
+    params = StdioServerParameters(command=sys.executable, args=["-m", "server", "serve"], env=env, cwd=str(tmp_path))
+
+    async def cli(*args: str) -> int:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "server", *args, env=env, cwd=tmp_path,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )
+        return await proc.wait()
+
+    async with held(Client(params)) as client:
+        await ok(client, "check_balance", {})
+        assert await cli("agent", "block", "token-vault-mcp-demo", "--reason", "incident 42") == 0
+        blocked_at = time.monotonic()
+        refusal = await client.call_tool("check_balance", {})
+        assert time.monotonic() - blocked_at < 1.0
+        assert refusal.is_error and refusal.content[0].text == (  # type: ignore[union-attr]
+            "[agent_blocked] the operator blocked agent token-vault-mcp-demo: incident 42"
+        )
+        assert await cli("agent", "unblock", "token-vault-mcp-demo") == 0
+        await ok(client, "check_balance", {})
