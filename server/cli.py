@@ -215,6 +215,8 @@ def _emulator_flags(p: argparse.ArgumentParser) -> None:
                         help="the demo user's connected account at CONNECTION was revoked (repeatable)")
     p.add_argument("--auto-approve", action="store_true", help="approve device logins at once as the demo user")
     p.add_argument("--device-interval", type=int, metavar="SECONDS", help="device flow polling interval")
+    p.add_argument("--ciba", choices=("approve", "deny", "manual"), default="approve",
+                   help="how the demo user answers CIBA approval requests (manual: POST /emulator/approvals/ID)")
 
 
 def _emulator(config: Config, args: argparse.Namespace) -> int:
@@ -230,7 +232,7 @@ def _emulator(config: Config, args: argparse.Namespace) -> int:
     try:
         faults = FaultSettings(**given) if given else None
         serve(args.port, args.host, faults=faults, revoke=args.revoke, auto_approve=args.auto_approve,
-              device_interval=args.device_interval)
+              device_interval=args.device_interval, ciba=args.ciba)
     except ValidationError as exc:
         problems = "; ".join(
             f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" if e["loc"] else e["msg"] for e in exc.errors()

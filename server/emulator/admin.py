@@ -1,12 +1,12 @@
 """The emulator's test API (not Auth0's), for driving a running emulator from outside:
 mint access tokens for any account, connect and revoke accounts, play the user in the device
-flow, and inject faults. JSON in, JSON out; errors are Auth0-shaped `invalid_request`.
+flow and in CIBA approvals, and inject faults. JSON in, JSON out; errors are Auth0-shaped `invalid_request`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError
 from starlette.requests import Request
@@ -49,6 +49,12 @@ class DenyRequest(BaseModel):
     """`POST /emulator/device/deny`."""
 
     user_code: str = Field(min_length=1)
+
+
+class DecisionRequest(BaseModel):
+    """`POST /emulator/approvals/{auth_req_id}`: the user's answer to a pending CIBA request."""
+
+    decision: Literal["approve", "deny"]
 
 
 class RevokeRequest(BaseModel):
@@ -118,6 +124,29 @@ def admin_routes(state: EmulatorState) -> list[Route]:
             return error_response(error)
         return JSONResponse({"user_code": body.user_code, "status": "denied"})
 
+    async def approvals(request: Request) -> Response:
+        pending = [
+            {
+                "auth_req_id": grant.auth_req_id,
+                "sub": grant.sub,
+                "binding_message": grant.binding_message,
+                "authorization_details": grant.authorization_details,
+            }
+            for grant in state.pending_ciba()
+        ]
+        return JSONResponse({"approvals": pending})
+
+    async def decide(request: Request) -> Response:
+        auth_req_id = request.path_params["auth_req_id"]
+        try:
+            body = _parse(DecisionRequest, await request.body())
+            decide = state.approve_ciba if body.decision == "approve" else state.deny_ciba
+            _act(lambda: decide(auth_req_id))
+        except OAuthError as error:
+            return error_response(error)
+        status = "approved" if body.decision == "approve" else "denied"
+        return JSONResponse({"auth_req_id": auth_req_id, "status": status})
+
     async def revoke(request: Request) -> Response:
         try:
             body = _parse(RevokeRequest, await request.body())
@@ -158,6 +187,8 @@ def admin_routes(state: EmulatorState) -> list[Route]:
         Route("/emulator/faults", faults, methods=["POST"]),
         Route("/emulator/device/approve", approve, methods=["POST"]),
         Route("/emulator/device/deny", deny, methods=["POST"]),
+        Route("/emulator/approvals", approvals, methods=["GET"]),
+        Route("/emulator/approvals/{auth_req_id}", decide, methods=["POST"]),
     ]
 
 

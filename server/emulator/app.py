@@ -1,4 +1,5 @@
-"""The tenant's HTTP face: discovery, JWKS, `/oauth/token` and `/oauth/device/code`, Auth0-shaped.
+"""The tenant's HTTP face: discovery, JWKS, `/oauth/token`, `/oauth/device/code` and `/bc-authorize`,
+Auth0-shaped.
 
 Bodies may be `application/x-www-form-urlencoded` or JSON (Auth0's SDKs send both). Every
 request to the POST endpoints is recorded in `state.requests`, failed ones included.
@@ -18,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from server.emulator.ciba import start_backchannel_authorization
 from server.emulator.client_auth import AuthenticatedClient, authenticate_client
 from server.emulator.device import start_device_authorization
 from server.emulator.errors import NO_STORE, OAuthError, error_response, invalid_request
@@ -41,6 +43,7 @@ def create_app(state: EmulatorState, *, admin: bool = True) -> Starlette:
         Route("/oauth/token", endpoints.token, methods=["POST"]),
         Route("/oauth/device/code", endpoints.device_code, methods=["POST"]),
         Route("/oauth/revoke", endpoints.revoke, methods=["POST"]),
+        Route("/bc-authorize", endpoints.bc_authorize, methods=["POST"]),
     ]
     routes += provider_routes(state)
     if admin:
@@ -61,6 +64,8 @@ class _Endpoints:
                 "issuer": issuer,
                 "token_endpoint": issuer + "oauth/token",
                 "device_authorization_endpoint": issuer + "oauth/device/code",
+                "backchannel_authentication_endpoint": issuer + "bc-authorize",
+                "backchannel_token_delivery_modes_supported": ["poll"],
                 "jwks_uri": issuer + ".well-known/jwks.json",
                 "grant_types_supported": list(GRANTS),
                 "response_types_supported": ["code"],
@@ -105,6 +110,13 @@ class _Endpoints:
             recorded.client = authenticate_client(self.state, fields, request.headers)
             revoke_refresh_token(self.state, fields, recorded.client.client)
             return {}
+
+        return await self._serve(request, answer)
+
+    async def bc_authorize(self, request: Request) -> Response:
+        def answer(fields: dict[str, str], recorded: _Recorder) -> dict[str, Any]:
+            recorded.client = authenticate_client(self.state, fields, request.headers)
+            return start_backchannel_authorization(self.state, fields, recorded.client.client)
 
         return await self._serve(request, answer)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.responses import JSONResponse
 
 
@@ -15,16 +17,18 @@ class OAuthError(Exception):
         description: str,
         *,
         headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(f"{status} {error}: {description}")
         self.status = status
         self.error = error
         self.description = description
         self.headers = headers or {}
+        self.extra = extra or {}  # more body fields, e.g. CIBA's new `interval` on slow_down
 
-    def body(self) -> dict[str, str]:
+    def body(self) -> dict[str, Any]:
         """The JSON body of the error response."""
-        return {"error": self.error, "error_description": self.description}
+        return {"error": self.error, "error_description": self.description, **self.extra}
 
 
 def invalid_request(description: str) -> OAuthError:

@@ -1,7 +1,8 @@
 """Switches that make the tenant misbehave, so the broker's retry, rate-limit and timeout paths run.
 
-Faults apply to the POST endpoints (`/oauth/token`, `/oauth/device/code`, `/oauth/revoke`);
-a faulted request is still recorded in `state.requests`, so tests can count the broker's attempts.
+Faults apply to the POST endpoints (`/oauth/token`, `/oauth/device/code`, `/oauth/revoke`,
+`/bc-authorize`); a faulted request is still recorded in `state.requests`, so tests can count the
+broker's attempts.
 
 Two ways to fault a request, queued faults first:
 
@@ -110,9 +111,12 @@ class Faults:
         count: int = 1,
         error: str = SERVER_ERROR[0],
         description: str = SERVER_ERROR[1],
+        retry_after: int | None = None,
     ) -> None:
-        """Answer the next `count` requests with `status` and an Auth0-shaped error."""
-        self._queue.extend(Fault(status, error, description) for _ in range(count))
+        """Answer the next `count` requests with `status` and an Auth0-shaped error (with a
+        `Retry-After` header when `retry_after` is set, e.g. on CIBA's `slow_down`)."""
+        fault = Fault(status, error, description, retry_after=retry_after)
+        self._queue.extend(fault for _ in range(count))
 
     def rate_limit_next(self, *, count: int = 1, reset_in: int | None = 1, retry_after: int | None = None) -> None:
         """Answer the next `count` requests with 429 `too_many_requests` and rate-limit headers.

@@ -1,5 +1,6 @@
 """The grants `/oauth/token` serves, by `grant_type`, and the two simple ones: client credentials
-and refresh token. The device-code and Token Vault grants live in `device.py` and `vault.py`.
+and refresh token. The device-code, CIBA and Token Vault grants live in `device.py`, `ciba.py`
+and `vault.py`.
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from server.emulator.ciba import CIBA_GRANT, poll_ciba_grant
 from server.emulator.device import DEVICE_CODE_GRANT, poll_device_grant
 from server.emulator.errors import OAuthError, unauthorized_client
 from server.emulator.state import Client, EmulatorState
@@ -83,5 +85,6 @@ GRANTS: dict[str, Grant] = {
     "client_credentials": client_credentials,
     "refresh_token": refresh_token,
     DEVICE_CODE_GRANT: poll_device_grant,
+    CIBA_GRANT: poll_ciba_grant,
     TOKEN_VAULT_GRANT: exchange,
 }

@@ -12,6 +12,7 @@ from typing import TextIO
 from server.emulator.app import create_app
 from server.emulator.demo import DemoTenant, demo_tenant
 from server.emulator.faults import FaultSettings
+from server.emulator.state import CibaMode
 
 
 def serve(
@@ -22,15 +23,17 @@ def serve(
     revoke: Sequence[str] = (),
     auto_approve: bool = False,
     device_interval: int | None = None,
+    ciba: CibaMode = "approve",
 ) -> None:
     """Serve a demo tenant at `http://{host}:{port}/` until interrupted (blocking).
 
     Port 0 picks a free port; the settings printed to stderr carry the real one. `faults`
     sets fault rates and latency from the start, `revoke` makes the demo user's connected
     accounts at those connections stale, `auto_approve` approves device logins at once as
-    the demo user, `device_interval` sets the device flow's polling interval in seconds.
+    the demo user, `device_interval` sets the device flow's polling interval in seconds, `ciba`
+    how the demo user answers CIBA approval requests (`manual`: through `/emulator/approvals`).
     Raises ValueError for a host that is not loopback (the emulator hands out tokens to
-    anyone), an unknown connection or fault rates adding up to more than 1.
+    anyone), an unknown connection or CIBA mode, or fault rates adding up to more than 1.
     """
     if not is_loopback(host):
         raise ValueError(f"the emulator serves loopback only; {host!r} is not a loopback address")
@@ -46,12 +49,17 @@ def serve(
     url_host = f"[{bare_host}]" if ":" in bare_host else bare_host
     demo = demo_tenant(f"http://{url_host}:{bound_port}/")
     try:
-        configure(demo, faults=faults, revoke=revoke, auto_approve=auto_approve, device_interval=device_interval)
+        configure(
+            demo, faults=faults, revoke=revoke, auto_approve=auto_approve, device_interval=device_interval, ciba=ciba
+        )
     except ValueError:
         sock.close()
         raise
     if faults is not None or revoke:
         print(f"# injecting faults: {describe(demo)}", file=sys.stderr, flush=True)
+    if ciba != "approve":
+        where = "; decide with POST /emulator/approvals/{auth_req_id}" if ciba == "manual" else ""
+        print(f"# CIBA approval requests: {ciba}{where}", file=sys.stderr, flush=True)
     print_settings(demo, sys.stderr)
     import uvicorn  # only the standalone emulator needs it (not the in-process demo tenant)
 
@@ -69,8 +77,11 @@ def configure(
     revoke: Sequence[str] = (),
     auto_approve: bool = False,
     device_interval: int | None = None,
+    ciba: CibaMode = "approve",
 ) -> None:
     """Apply the `serve` switches to a demo tenant. Raises ValueError (see `serve`)."""
+    if ciba not in ("approve", "deny", "manual"):
+        raise ValueError(f"--ciba must be approve, deny or manual, not {ciba!r}")
     if faults is not None:
         demo.state.faults.configure(faults)
     for connection in revoke:
@@ -79,6 +90,7 @@ def configure(
         demo.state.auto_approve_sub = demo.account
     if device_interval is not None:
         demo.state.device_interval = device_interval
+    demo.state.ciba_mode = ciba
 
 
 def describe(demo: DemoTenant) -> str:

@@ -19,6 +19,8 @@ from server.emulator.keys import SigningKeys
 
 OFFLINE_ACCESS = "offline_access"
 AuthMethod = Literal["client_secret_post", "client_secret_basic", "private_key_jwt", "none"]
+# How the emulated user answers a CIBA request: at once yes, at once no, or only when a test says.
+CibaMode = Literal["approve", "deny", "manual"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,33 @@ class DeviceGrant:
     sub: str | None = None
 
 
+@dataclass
+class CibaGrant:
+    """One backchannel authentication request (CIBA), from `/bc-authorize` to approval, denial or expiry.
+
+    `approve_at` (state.clock seconds) is when the emulated user taps "approve" by themself
+    (mode `approve`); None leaves the decision to `approve_ciba` / `deny_ciba`.
+    """
+
+    auth_req_id: str
+    client_id: str
+    sub: str
+    scopes: tuple[str, ...]
+    audience: str
+    binding_message: str
+    authorization_details: list[dict[str, Any]] | None
+    expires_at: float
+    interval: int
+    last_poll: float
+    approve_at: float | None = None
+    status: Literal["pending", "approved", "denied", "consumed"] = "pending"
+
+    def settle(self, now: float) -> None:
+        """Apply the user's scheduled approval if its time has come (and the request has not expired)."""
+        if self.status == "pending" and self.approve_at is not None and self.approve_at <= now < self.expires_at:
+            self.status = "approved"
+
+
 @dataclass(frozen=True)
 class VaultIssue:
     """One provider token handed out, so tests can trace a token back to its exchange."""
@@ -100,7 +129,8 @@ class ProviderRequestSeen:
 
 @dataclass(frozen=True)
 class RecordedRequest:
-    """One request to `/oauth/token`, `/oauth/device/code` or `/oauth/revoke`, as the emulator received it."""
+    """One request to `/oauth/token`, `/oauth/device/code`, `/oauth/revoke` or `/bc-authorize`, as the
+    emulator received it."""
 
     path: str
     grant_type: str | None
@@ -134,6 +164,7 @@ class EmulatorState:
         self.accounts: dict[str, dict[str, ConnectedAccount]] = {}
         self.refresh_tokens: dict[str, RefreshGrant] = {}
         self.devices: dict[str, DeviceGrant] = {}
+        self.ciba_requests: dict[str, CibaGrant] = {}  # by auth_req_id
         self.used_assertions: set[tuple[str, str]] = set()
         self.requests: list[RecordedRequest] = []
         self.vault_issues: list[VaultIssue] = []
@@ -149,6 +180,10 @@ class EmulatorState:
         self.overgrant = False
         # When set, device authorizations are approved at once as this user (a headless `login`).
         self.auto_approve_sub: str | None = None
+        # CIBA: polling interval, how the user answers, and (mode approve) after how many seconds.
+        self.ciba_interval = 5
+        self.ciba_mode: CibaMode = "approve"
+        self.ciba_approve_after: float | None = None
 
     # --- tenant setup -------------------------------------------------------------------------
     def record_vault_issue(self, issue: VaultIssue) -> None:
@@ -312,6 +347,23 @@ class EmulatorState:
         now = self.clock()
         return [g.user_code for g in self.devices.values() if g.status == "pending" and now < g.expires_at]
 
+    # --- CIBA (the user's side, which Auth0 runs in Guardian or by email) -----------------------
+
+    def approve_ciba(self, auth_req_id: str) -> None:
+        """The user approves the pending CIBA request `auth_req_id`. Raises ValueError when it is not pending."""
+        self._pending_ciba(auth_req_id).status = "approved"
+
+    def deny_ciba(self, auth_req_id: str) -> None:
+        """The user denies the pending CIBA request `auth_req_id`. Raises ValueError when it is not pending."""
+        self._pending_ciba(auth_req_id).status = "denied"
+
+    def pending_ciba(self) -> list[CibaGrant]:
+        """CIBA requests still waiting for the user (not decided, not expired), oldest first."""
+        now = self.clock()
+        for grant in self.ciba_requests.values():
+            grant.settle(now)
+        return [g for g in self.ciba_requests.values() if g.status == "pending" and now < g.expires_at]
+
     # --- helpers ------------------------------------------------------------------------------
 
     def _require_user(self, sub: str) -> None:
@@ -325,3 +377,12 @@ class EmulatorState:
             if grant.user_code == normalized and grant.status == "pending" and now < grant.expires_at:
                 return grant
         raise ValueError(f"no pending device authorization with user code {user_code}")
+
+    def _pending_ciba(self, auth_req_id: str) -> CibaGrant:
+        grant = self.ciba_requests.get(auth_req_id)
+        now = self.clock()
+        if grant is not None:
+            grant.settle(now)
+        if grant is None or grant.status != "pending" or now >= grant.expires_at:
+            raise ValueError(f"no pending CIBA request {auth_req_id}")
+        return grant
