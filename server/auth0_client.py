@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 TOKEN_VAULT_GRANT = "urn:auth0:params:oauth:grant-type:token-exchange:federated-connection-access-token"
 FEDERATED_TOKEN_TYPE = "http://auth0.com/oauth/token-type/federated-connection-access-token"
 DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+CIBA_GRANT = "urn:openid:params:grant-type:ciba"
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 USER_AGENT = "token-vault-mcp/0.1"
 RENEW_BEFORE = 60.0  # renew a cached Auth0 token this long before it expires
@@ -45,7 +46,8 @@ class Auth0Error(Exception):
     """Auth0 answered with an error, or could not be reached (status None).
 
     Carries Auth0's `error` code and description, never a token. `retry_after` is the wait
-    Auth0 asked for (429), in seconds.
+    Auth0 asked for (a `Retry-After` or rate-limit header), in seconds; `interval` a new polling
+    interval sent in the body (CIBA's `slow_down`).
     """
 
     def __init__(
@@ -56,12 +58,14 @@ class Auth0Error(Exception):
         error: str | None = None,
         description: str | None = None,
         retry_after: float | None = None,
+        interval: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.error = error
         self.description = description
         self.retry_after = retry_after
+        self.interval = interval
 
     @property
     def unreachable(self) -> bool:
@@ -70,8 +74,8 @@ class Auth0Error(Exception):
 
     @property
     def retryable(self) -> bool:
-        """Worth another attempt: network errors, timeouts, 5xx and 429 (but not the device flow's
-        `slow_down`, a protocol answer the poller handles). Other 4xx would fail again the same way.
+        """Worth another attempt: network errors, timeouts, 5xx and 429 (but not the device flow's or
+        CIBA's `slow_down`, a protocol answer the poller handles). Other 4xx would fail again the same way.
         """
         if self.status is None or self.status >= 500:
             return True
@@ -157,6 +161,15 @@ class DeviceAuthorization:
     user_code: str
     verification_uri: str
     verification_uri_complete: str | None
+    expires_in: int
+    interval: int
+
+
+@dataclass(frozen=True)
+class CibaRequest:
+    """A started backchannel authentication (CIBA): what to poll with, for how long, how often."""
+
+    auth_req_id: str = field(repr=False)
     expires_in: int
     interval: int
 
@@ -291,6 +304,44 @@ class Auth0Client:
         form = {"grant_type": DEVICE_CODE_GRANT, "device_code": device_code, "client_id": client_id}
         return self._token_set(await self._request("POST", "/oauth/token", form))
 
+    async def bc_authorize(
+        self,
+        *,
+        login_sub: str,
+        binding_message: str,
+        authorization_details: list[dict[str, Any]],
+        requested_expiry: int,
+        scope: str = "openid",
+    ) -> CibaRequest:
+        """Ask the user `login_sub` to approve on their device (CIBA `/bc-authorize`, SPEC §9), as this
+        confidential client. Empty `authorization_details` are left out. Raises Auth0Error.
+        """
+        hint = {"format": "iss_sub", "iss": self.issuer, "sub": login_sub}
+        form = {
+            "scope": scope,
+            "login_hint": json.dumps(hint, separators=(",", ":")),
+            "binding_message": binding_message,
+            "requested_expiry": str(requested_expiry),
+        }
+        if authorization_details:
+            form["authorization_details"] = json.dumps(authorization_details, separators=(",", ":"))
+        data = await self._request("POST", "/bc-authorize", form, self._client_auth())
+        try:
+            return CibaRequest(
+                auth_req_id=str(data["auth_req_id"]),
+                expires_in=int(data.get("expires_in", requested_expiry)),
+                interval=int(data.get("interval", 5)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise Auth0Error("Auth0 sent a backchannel authorization without the expected fields", status=200) from exc
+
+    async def poll_ciba(self, auth_req_id: str) -> TokenSet:
+        """One poll of a CIBA request. Raises Auth0Error: `authorization_pending`, `slow_down` (with the
+        new `interval` or `retry_after` when Auth0 sent one) and `access_denied` are answers for the
+        poller, never retried here; network errors and 5xx are, within the deadline.
+        """
+        return self._token_set(await self._post_token({"grant_type": CIBA_GRANT, "auth_req_id": auth_req_id}))
+
     async def revoke_refresh_token(self, refresh_token: str, client_id: str) -> None:
         """Revoke a refresh token at the tenant (`/oauth/revoke`) as the public client it was issued to.
 
@@ -414,16 +465,20 @@ def _parse(response: httpx.Response, expect_json: bool = True) -> dict[str, Any]
         if not isinstance(data, dict):
             raise Auth0Error("Auth0 sent an answer that is not a JSON object", status=response.status_code)
         return data
-    error = description = None
+    error = description = interval = None
     if isinstance(data, dict):
         error = str(data.get("error")) if data.get("error") is not None else None
         description = str(data.get("error_description", ""))[:300] or None
+        value = data.get("interval")
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            interval = value
     raise Auth0Error(
         f"Auth0 answered {response.status_code}" + (f" {error}" if error else ""),
         status=response.status_code,
         error=error,
         description=description,
         retry_after=retry_after(response.headers),
+        interval=interval,
     )
 
 

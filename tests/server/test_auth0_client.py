@@ -4,11 +4,12 @@ and how long it waits."""
 from __future__ import annotations
 
 import base64
+import json
 import time
 
 import pytest
 
-from server.auth0_client import TOKEN_VAULT_GRANT, Auth0Error, RetryPolicy, renew_at
+from server.auth0_client import CIBA_GRANT, TOKEN_VAULT_GRANT, Auth0Error, RetryPolicy, renew_at
 from server.errors import ConfigError
 from tests.server.tenant import (
     AUDIENCE,
@@ -261,3 +262,100 @@ def test_backoff_doubles_with_equal_jitter_and_is_capped() -> None:
 def test_tokens_renew_a_minute_early_or_halfway_when_short_lived() -> None:
     assert renew_at(0, 3600) == 3540
     assert renew_at(0, 60) == 30
+
+
+# ---- CIBA ---------------------------------------------------------------------------------------
+
+DETAILS = [{"type": "token_vault_grant", "connection": "github", "scopes": ["repo:read"]}]
+AUTH_FIELDS = {"client_id", "client_secret", "client_assertion", "client_assertion_type"}
+
+
+@pytest.mark.parametrize("method", METHODS)
+async def test_bc_authorize_sends_exactly_the_ciba_fields_with_the_client_authentication(method: str) -> None:
+    state = make_tenant()
+    auth0 = auth0_client(state, method=method)
+    try:
+        started = await auth0.bc_authorize(
+            login_sub=USER, binding_message="Approve agent-x: github", authorization_details=DETAILS,
+            requested_expiry=120,
+        )
+        tokens = await auth0.poll_ciba(started.auth_req_id)
+    finally:
+        await auth0.aclose()
+    sent = state.requests[0]
+    assert sent.path == "/bc-authorize" and (sent.client_id, sent.auth_method) == (BROKER_ID, method)
+    fields = {name: value for name, value in sent.fields.items() if name not in AUTH_FIELDS}
+    assert fields == {
+        "scope": "openid",
+        "login_hint": json.dumps({"format": "iss_sub", "iss": "https://tenant.test/", "sub": USER},
+                                 separators=(",", ":")),
+        "binding_message": "Approve agent-x: github",
+        "requested_expiry": "120",
+        "authorization_details": json.dumps(DETAILS, separators=(",", ":")),
+    }
+    assert (started.expires_in, started.interval) == (120, 5) and started.auth_req_id not in repr(started)
+    poll = state.requests[1]
+    assert (poll.grant_type, poll.fields["auth_req_id"], poll.auth_method) == (CIBA_GRANT, started.auth_req_id, method)
+    assert tokens.access_token and tokens.scope == "openid"
+
+
+async def test_bc_authorize_leaves_out_empty_authorization_details() -> None:
+    state = make_tenant()
+    auth0 = auth0_client(state)
+    try:
+        await auth0.bc_authorize(login_sub=USER, binding_message="Approve x: github", authorization_details=[],
+                                 requested_expiry=60)
+    finally:
+        await auth0.aclose()
+    assert "authorization_details" not in state.requests[0].fields
+
+
+async def test_ciba_pending_and_slow_down_are_answers_for_the_poller_not_retried() -> None:
+    state = make_tenant()
+    state.ciba_mode = "manual"
+    sleeps = Sleeps()
+    auth0 = auth0_client(state, sleep=sleeps)
+    try:
+        started = await auth0.bc_authorize(login_sub=USER, binding_message="Approve x: github",
+                                           authorization_details=DETAILS, requested_expiry=60)
+        state.ciba_requests[started.auth_req_id].last_poll -= 5  # as if the interval had passed
+        with pytest.raises(Auth0Error) as pending:
+            await auth0.poll_ciba(started.auth_req_id)
+        with pytest.raises(Auth0Error) as slow:
+            await auth0.poll_ciba(started.auth_req_id)
+    finally:
+        await auth0.aclose()
+    assert (pending.value.status, pending.value.error, pending.value.interval) == (400, "authorization_pending", None)
+    assert (slow.value.status, slow.value.error, slow.value.interval) == (400, "slow_down", 10)
+    assert not pending.value.retryable and not slow.value.retryable
+    assert len(token_requests(state, CIBA_GRANT)) == 2 and sleeps.calls == []
+
+
+async def test_a_ciba_slow_down_with_retry_after_carries_the_wait() -> None:
+    state = make_tenant()
+    state.faults.fail_next(429, error="slow_down", description="slow down", retry_after=12)
+    sleeps = Sleeps()
+    auth0 = auth0_client(state, sleep=sleeps)
+    try:
+        with pytest.raises(Auth0Error) as caught:
+            await auth0.poll_ciba("some-id")
+    finally:
+        await auth0.aclose()
+    assert (caught.value.error, caught.value.retry_after, caught.value.interval) == ("slow_down", 12, None)
+    assert len(state.requests) == 1 and sleeps.calls == []
+
+
+async def test_bc_authorize_and_ciba_polls_retry_server_errors_within_the_deadline() -> None:
+    state = make_tenant()
+    state.faults.fail_next(503)
+    sleeps = Sleeps()
+    auth0 = auth0_client(state, sleep=sleeps)
+    try:
+        started = await auth0.bc_authorize(login_sub=USER, binding_message="Approve x: github",
+                                           authorization_details=DETAILS, requested_expiry=60)
+        state.faults.reset_next()
+        tokens = await auth0.poll_ciba(started.auth_req_id)
+    finally:
+        await auth0.aclose()
+    assert [r.path for r in state.requests] == ["/bc-authorize"] * 2 + ["/oauth/token"] * 2
+    assert tokens.access_token and len(sleeps.calls) == 2
