@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
 
-from server import audit, market
+from server import audit, market, policy
 from server.clock import SystemClock, parse_rfc3339, rfc3339
 from server.config import Config, configure_logging, is_loopback_host, load_config
 from server.errors import BrokerError, ConfigError
@@ -38,8 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"token-vault-mcp: configuration error: {exc}", file=sys.stderr)
         return USAGE
-    except market.MarketFileError as exc:
-        print(f"token-vault-mcp: {exc}", file=sys.stderr)
+    except (market.MarketFileError, policy.PolicyFileError) as exc:
+        print(f"token-vault-mcp: {escape_controls(str(exc))}", file=sys.stderr)
         return USAGE
     except BrokerError as exc:
         print(f"token-vault-mcp: {exc.render()}", file=sys.stderr)
@@ -104,6 +105,26 @@ def _parser() -> argparse.ArgumentParser:
     mload = mkt.add_parser("load", help="upsert listings from a TOML file")
     mload.add_argument("file")
     mload.set_defaults(handler=_market_load)
+
+    agents = _group(sub, "agent", "see and stop agents (the kill switch)")
+    al = agents.add_parser("list", help="every agent seen: accounts, calls, last call, blocked and why")
+    al.add_argument("--json", action="store_true")
+    al.set_defaults(handler=_agent_list)
+    ab = agents.add_parser("block", help="refuse every call of AGENT on every server sharing the database")
+    ab.add_argument("agent", metavar="AGENT", help="the agent's id (its tokens' azp / client_id)")
+    ab.add_argument("--reason", default="blocked by the operator", help="told to the agent with every refusal")
+    ab.set_defaults(handler=_agent_block)
+    au = agents.add_parser("unblock", help="let AGENT call again")
+    au.add_argument("agent", metavar="AGENT")
+    au.set_defaults(handler=_agent_unblock)
+
+    pol = _group(sub, "policy", "the per-agent policy (connections, rates, caps, approval)")
+    pl = pol.add_parser("load", help="replace the policy with a TOML file")
+    pl.add_argument("file")
+    pl.set_defaults(handler=_policy_load)
+    ps = pol.add_parser("show", help="the policy in force")
+    ps.add_argument("--json", action="store_true")
+    ps.set_defaults(handler=_policy_show)
     return p
 
 
@@ -479,3 +500,110 @@ def _market_load(config: Config, args: argparse.Namespace) -> int:
 
     return _with_db(config, work, create=True)
 
+
+
+# ---- agents and policy (§9) ----------------------------------------------------------------------
+
+def operator_name() -> str:
+    """Who runs this command, for the audit log's account of an operator action."""
+    try:
+        return "cli:" + getpass.getuser()
+    except (KeyError, OSError):  # pragma: no cover - no user name (a container without a passwd entry)
+        return "cli:operator"
+
+
+def _agent_list(config: Config, args: argparse.Namespace) -> int:
+    async def work(db: Database) -> int:
+        def read(tx: Tx) -> tuple[list[tuple[str, int, str, list[str]]], list[tuple[str, str, str, str]]]:
+            return tx.agents_seen(), tx.blocks()
+
+        seen, blocks = await db.read(read)
+        blocked = {agent: (reason, at, by) for agent, reason, at, by in blocks}
+        rows: list[dict[str, Any]] = [
+            {"agent": agent, "accounts": accounts, "calls": calls, "last_call": last, "blocked": agent in blocked,
+             "reason": blocked.get(agent, (None,))[0]}
+            for agent, calls, last, accounts in seen
+        ]
+        rows += [{"agent": agent, "accounts": [], "calls": 0, "last_call": None, "blocked": True, "reason": reason}
+                 for agent, (reason, _, _) in sorted(blocked.items()) if agent not in {r["agent"] for r in rows}]
+        if args.json:
+            for row in rows:
+                print(_json_line(row))
+            return OK
+        print(_table(["agent", "accounts", "calls", "last call", "blocked", "reason"],
+                     [[r["agent"], ",".join(r["accounts"]), r["calls"], r["last_call"] or "",
+                       "yes" if r["blocked"] else "", r["reason"] or ""] for r in rows]))
+        return OK
+
+    return _with_db(config, work)
+
+
+def _agent_block(config: Config, args: argparse.Namespace) -> int:
+    agent, reason = _operator_text(args.agent, "AGENT"), _operator_text(args.reason, "--reason", 500)
+
+    async def work(db: Database) -> int:
+        from server.broker import Broker
+
+        closed = await Broker(db).block_agent(agent, reason, operator_name())
+        print(f"blocked {escape_controls(agent)}; {closed} live grants closed")
+        return OK
+
+    return _with_db(config, work, create=True)
+
+
+def _agent_unblock(config: Config, args: argparse.Namespace) -> int:
+    agent = _operator_text(args.agent, "AGENT")
+
+    async def work(db: Database) -> int:
+        from server.broker import Broker
+
+        if not await Broker(db).unblock_agent(agent, operator_name()):
+            print(f"token-vault-mcp: agent {escape_controls(agent)} is not blocked", file=sys.stderr)
+            return NO
+        print(f"unblocked {escape_controls(agent)}")
+        return OK
+
+    return _with_db(config, work)
+
+
+def _policy_load(config: Config, args: argparse.Namespace) -> int:
+    loaded = policy.read_policy_file(args.file)
+
+    async def work(db: Database) -> int:
+        from server.broker import Broker
+
+        count = await Broker(db).load_policy(loaded, operator_name())
+        print(f"loaded {count} agent rules from {args.file}")
+        return OK
+
+    return _with_db(config, work, create=True)
+
+
+def _policy_show(config: Config, args: argparse.Namespace) -> int:
+    async def work(db: Database) -> int:
+        stored = await db.read(lambda tx: tx.get_meta("policy"))
+        text = stored.decode() if isinstance(stored, bytes) else stored
+        current = policy.Policy.from_json(text) if text else policy.Policy()
+        rules = [r.model_dump(mode="json", exclude_none=True) for r in current.agents]
+        if args.json:
+            print(_json_line({"agents": rules, "default": policy.DEFAULT_RULE.model_dump(mode="json",
+                                                                                      exclude_none=True)}))
+            return OK
+        if not rules:
+            print(f"no policy loaded: every agent gets the defaults (calls_per_minute "
+                  f"{policy.DEFAULT_CALLS_PER_MINUTE}, every connection, no caps, approval as each listing says)")
+            return OK
+        print(_table(
+            ["agent", "connections", "calls/min", "spend/day", "grants/hour", "approval"],
+            [[r["id"], " ".join(r.get("connections", [])) or "all", r["calls_per_minute"],
+              r.get("max_spend_per_day", ""), r.get("max_grants_per_hour", ""), r["approval"]] for r in rules],
+        ))
+        return OK
+
+    return _with_db(config, work)
+
+
+def _operator_text(text: str, name: str, limit: int = 200) -> str:
+    if not text.strip() or len(text) > limit or any(ch in text for ch in "\r\n\x00"):
+        raise ConfigError(f"{name} must be 1 to {limit} characters on one line")
+    return text

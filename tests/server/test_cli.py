@@ -520,3 +520,78 @@ def test_a_command_group_without_its_subcommand_prints_its_own_help(tmp_path: Pa
         assert result.code == 2 and result.out == ""
         assert f"usage: token-vault-mcp {group} [-h] COMMAND" in result.err
     assert "usage: token-vault-mcp [-h]" in done[3].err and done[3].code == 2
+
+
+# ---- agents and policy (§9) ------------------------------------------------------------------------
+
+POLICY = """
+[[agent]]
+id = "*"
+calls_per_minute = 120
+
+[[agent]]
+id = "ci-bot"
+connections = ["github"]
+max_spend_per_day = 5000
+approval = "always"
+"""
+
+
+def test_policy_load_then_show_as_a_table_and_as_json(tmp_path: Path) -> None:
+    (tmp_path / "policy.toml").write_text(POLICY, encoding="utf-8")
+    empty = run(tmp_path, "policy", "show")
+    assert empty.code == 2  # no database yet: nothing to show
+    loaded = run(tmp_path, "policy", "load", "policy.toml")
+    assert loaded.code == 0, loaded.err
+    assert "loaded 2 agent rules" in loaded.out
+    shown, as_json = run_all(tmp_path, ["policy", "show"], ["policy", "show", "--json"])
+    rows = table(shown.out, ["agent", "connections", "calls/min", "spend/day", "grants/hour", "approval"])
+    assert rows == [["*", "all", "120", "", "", "listing"], ["ci-bot", "github", "600", "5000", "", "always"]]
+    document = json.loads(as_json.out)
+    assert [a["id"] for a in document["agents"]] == ["*", "ci-bot"]
+    assert document["default"]["calls_per_minute"] == 600
+    [event] = [e for e in map(json.loads, run(tmp_path, "audit", "export").out.splitlines())
+               if e["tool"] == "policy_load"]
+    assert event["agent"] == "operator" and event["account"].startswith("cli:") and event["args"] == {"rules": 2}
+
+
+def test_a_bad_policy_file_exits_2_in_one_line_and_keeps_the_policy_in_force(tmp_path: Path) -> None:
+    (tmp_path / "policy.toml").write_text(POLICY, encoding="utf-8")
+    assert run(tmp_path, "policy", "load", "policy.toml").code == 0
+    (tmp_path / "bad.toml").write_text('[[agent]]\nid = "x"\ncalls_per_minute = "lots"\n', encoding="utf-8")
+    bad = run(tmp_path, "policy", "load", "bad.toml")
+    assert bad.code == 2 and bad.out == ""
+    assert bad.err.count("\n") == 1 and 'agent "x": calls_per_minute' in bad.err
+    assert len(json.loads(run(tmp_path, "policy", "show", "--json").out)["agents"]) == 2
+
+
+def test_serve_refuses_to_start_with_a_bad_policy_file(tmp_path: Path) -> None:
+    (tmp_path / "bad.toml").write_text('[[agent]]\nid = "x"\nsurprise = 1\n', encoding="utf-8")
+    done = run(tmp_path, "serve", env={"TVM_POLICY_FILE": "bad.toml"})
+    assert done.code == 2 and done.out == ""
+    assert "TVM_POLICY_FILE" in done.err and 'agent "x": surprise: unknown key' in done.err
+
+
+def test_agent_block_list_and_unblock_with_exit_codes_and_events(tmp_path: Path) -> None:
+    seed(tmp_path / "vault.db", tool_event(1, agent="agent-a", account="auth0|alice"),
+         tool_event(2, agent="agent-a", account="auth0|bob"), tool_event(3, agent="agent-b", account="auth0|bob"))
+    blocked = run(tmp_path, "agent", "block", "agent-a", "--reason", "looping on buy_quota")
+    assert blocked.code == 0 and "blocked agent-a; 0 live grants closed" in blocked.out
+    listed, as_json = run_all(tmp_path, ["agent", "list"], ["agent", "list", "--json"])
+    rows = table(listed.out, ["agent", "accounts", "calls", "last call", "blocked", "reason"])
+    assert [r[0] for r in rows] == ["agent-a", "agent-b", "operator"]
+    assert rows[0][1:3] == ["auth0|alice,auth0|bob", "2"] and rows[0][4:] == ["yes", "looping on buy_quota"]
+    agents = {a["agent"]: a for a in map(json.loads, as_json.out.splitlines())}
+    assert agents["agent-b"]["blocked"] is False and agents["agent-a"]["reason"] == "looping on buy_quota"
+    assert run(tmp_path, "agent", "unblock", "agent-a").code == 0
+    again = run(tmp_path, "agent", "unblock", "agent-a")
+    assert again.code == 1 and "is not blocked" in again.err
+    assert run(tmp_path, "agent", "block", "bad\nname").code == 2
+    tools = [e["tool"] for e in map(json.loads, run(tmp_path, "audit", "export").out.splitlines())]
+    assert tools.count("agent_block") == 1 and tools.count("agent_unblock") == 2
+
+
+def test_agent_list_escapes_hostile_agent_names(tmp_path: Path) -> None:
+    seed(tmp_path / "vault.db", tool_event(1, agent="evil\x1b[2J\u202e", account="auth0|alice"))
+    listed = run(tmp_path, "agent", "list")
+    assert "\x1b" not in listed.out and "\u202e" not in listed.out and "\\x1b[2J" in listed.out
