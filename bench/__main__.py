@@ -120,9 +120,9 @@ def _measure_product(args: argparse.Namespace, workdir: Path, phases: set[str], 
         workload.use_provider(provider.url)
         market = workload.write_market(workdir, provider.url)
         database = workdir / "product.db"
-        env = product_env(workdir, database, market)
+        env = product_env(workdir, database, market, workload.write_policy(workdir))
         _say(f"preparing the product (database {database}, provider API {provider.url})")
-        workload.fund(workdir, database, market)
+        workload.fund(workdir, env)
         stdio = start("product", "stdio", workdir, product_cmd("serve"), env)
         try:
             asyncio.run(workload.stock_up(stdio, *_units_needed(args, transports)))

@@ -43,8 +43,11 @@ def child_env(workdir: Path, **extra: str) -> dict[str, str]:
 GRANT_TTL = "86400"
 
 
-def product_env(workdir: Path, database: Path, market_file: Path) -> dict[str, str]:
-    return child_env(workdir, TVM_DATABASE=str(database), TVM_MARKET_FILE=str(market_file), TVM_GRANT_TTL=GRANT_TTL)
+def product_env(workdir: Path, database: Path, market_file: Path, policy_file: Path) -> dict[str, str]:
+    return child_env(
+        workdir, TVM_DATABASE=str(database), TVM_MARKET_FILE=str(market_file), TVM_POLICY_FILE=str(policy_file),
+        TVM_GRANT_TTL=GRANT_TTL,
+    )
 
 
 def product_cmd(*args: str) -> list[str]:

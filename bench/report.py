@@ -121,7 +121,9 @@ def render(results: Results, notes: str) -> str:
         "SDK's floor); the product checks a bearer JWT on every request (its RS256 signature once per token, "
         "remembered 5 minutes; its claims every time). The product runs "
         "`token-vault-mcp serve` in demo mode (the Auth0 emulator in process), durable as always (WAL, "
-        "`synchronous=FULL`), every call audited. Servers and the measuring client are separate processes.",
+        "`synchronous=FULL`), every call audited, with a policy file that lifts the per-agent call rate to its "
+        "maximum (every call still passes the policy's checks in its transaction; the default 600 calls a "
+        "minute would refuse most of a run). Servers and the measuring client are separate processes.",
         "",
     ]
     if results.latency:

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.procs import DEMO_ACCOUNT, BenchError, Server, product_env, run_cli, structured
+from bench.procs import DEMO_ACCOUNT, BenchError, Server, run_cli, structured
+from server.policy import MAX_RATE
 
 LISTINGS = 100
 TOKEN_LISTING = "bench-000"  # github, exactly [repo:read]: what request_token spends
@@ -138,9 +139,20 @@ def write_market(workdir: Path, api_base: str) -> Path:
     return path
 
 
-def fund(workdir: Path, database: Path, market_file: Path) -> None:
+# The bench times each call, not the operator's caps: every agent may call as fast as the policy allows
+# (the default, 600 calls a minute per agent and account, would refuse most of a run's calls).
+POLICY_TOML = f'[[agent]]\nid = "*"\ncalls_per_minute = {MAX_RATE}\n'
+
+
+def write_policy(workdir: Path) -> Path:
+    path = workdir / "policy.toml"
+    path.write_text(POLICY_TOML, encoding="utf-8")
+    return path
+
+
+def fund(workdir: Path, env: dict[str, str]) -> None:
     """Fund the demo account through the operator's command (`wallet credit`, audited like any credit)."""
-    run_cli(workdir, product_env(workdir, database, market_file), "wallet", "credit", DEMO_ACCOUNT, str(FUNDS))
+    run_cli(workdir, env, "wallet", "credit", DEMO_ACCOUNT, str(FUNDS))
 
 
 async def stock_up(server: Server, token_units: int, proxy_units: int) -> None:
