@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 import httpx
 from mcp.server import MCPServer
 
-from server import demo, market
+from server import approval, demo, market
 from server.auth0_client import Auth0Client
 from server.broker import Broker
 from server.clock import Clock
@@ -121,7 +122,8 @@ async def open_runtime(
     try:
         verifier = JwtVerifier(auth0, audience)
         vault = TokenVault(auth0)
-        broker = Broker(db, vault, clock, provider, config.grant_ttl)
+        approver = functools.partial(approval.await_approval, auth0, timeout=config.approval_timeout)
+        broker = Broker(db, vault, clock, provider, config.grant_ttl, approver)
         identity = StdioIdentity(auth0, verifier, refresh, refresh_client)
         specs = (demo.demo_listings() if config.demo else []) + file_specs
         if specs:

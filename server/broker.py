@@ -9,13 +9,14 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from server import audit, grants, ledger, market
 from server.allowlist import keys_only
+from server.approval import Progress
 from server.audit import Event
 from server.clock import Clock, SystemClock, rfc3339
 from server.config import DEFAULT_GRANT_TTL
@@ -23,6 +24,7 @@ from server.control import Control
 from server.errors import (
     AgentBlocked,
     ApiUnavailable,
+    ApprovalDenied,
     AuditUnavailable,
     BrokerError,
     InternalError,
@@ -39,6 +41,9 @@ from server.vault import TokenVault, VaultToken
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
+# Asks the account's owner to approve one token or grant (server.approval.await_approval, bound to this
+# broker's Auth0 client and TVM_APPROVAL_TIMEOUT); raises ApprovalDenied / ApprovalTimeout / ….
+Approver = Callable[..., Awaitable[None]]
 
 
 @dataclass
@@ -51,6 +56,7 @@ class Call:
     args: Mapping[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     admitted: bool = False  # the kill switch and the rate limit let this call in (checked once per call)
+    progress: Progress | None = None  # tells the client how a long wait (an approval) goes, if it asked
 
     def event(self, now: datetime, principal: Principal | None, error: BrokerError | None, **extra: Any) -> Event:
         return Event(
@@ -186,6 +192,7 @@ class Broker:
         clock: Clock | None = None,
         provider: ProviderClient | None = None,
         grant_ttl: float = DEFAULT_GRANT_TTL,
+        approver: Approver | None = None,
     ) -> None:
         self.db = db
         self.vault = vault
@@ -195,6 +202,7 @@ class Broker:
         self.grant_ttl = grant_ttl
         self.grant_tokens = grants.GrantTokens()
         self.control = Control(on_change=self._blocked_now)
+        self.approver = approver  # asks the account's owner (Auth0 CIBA); None: nothing can be approved
 
     def _blocked_now(self, agents: set[str]) -> None:
         """Agents the operator just blocked: their cached tokens go at once (their grants are closed)."""
@@ -209,7 +217,7 @@ class Broker:
         principal: Principal | None,
         op: Callable[[Tx, datetime], R],
         *,
-        audit_ok: bool = True,
+        audit_ok: bool | Callable[[R], bool] = True,
         ok_extra: Callable[[R], dict[str, Any]] | None = None,
         reads_only: bool = False,
     ) -> R:
@@ -232,7 +240,7 @@ class Broker:
             # any other exception fails the whole job: the store rolls all of it back
             if mark is not None:
                 tx.release_savepoint()
-            if audit_ok:
+            if audit_ok(result) if callable(audit_ok) else audit_ok:
                 audit.append(tx, call.event(now, principal, None, **(ok_extra(result) if ok_extra else {})))
             return result
 
@@ -360,17 +368,23 @@ class Broker:
             raise error
         reused = vault.reusable(principal.account, connection, scopes, login_hint)
         if reused is not None:
-            return await self._spend_on(call, principal, connection, scopes, reused)
-        def reserve(tx: Tx, now: datetime) -> tuple[str, Holding]:
+            issued = await self._spend_on(call, principal, connection, scopes, reused)
+            if issued is not None:
+                return issued
+            # the token must be approved first: reserve and ask, as for a fresh exchange
+
+        def reserve(tx: Tx, now: datetime) -> tuple[str, Holding, bool]:
             hour = self.control.count_grant(tx, principal, connection, now)
             rid, holding = ledger.reserve(
                 tx, principal.account, connection, scopes, self.owner, now, ledger.tokens_may_leave(connection)
             )
             tx.mark_reservation(rid, principal.agent or "", hour)
-            return rid, holding
+            return rid, holding, self.control.needs_approval(tx, principal, holding.approval)
 
-        reservation_id, holding = await self._run(call, principal, reserve, audit_ok=False)
+        reservation_id, holding, approve = await self._run(call, principal, reserve, audit_ok=False)
         try:
+            if approve:
+                await self._approve(call, principal, connection, scopes)
             token = await vault.fetch(principal.account, principal.subject, connection, scopes, login_hint)
         except BrokerError as error:
             await self._refund(call, principal, reservation_id, error)
@@ -395,20 +409,40 @@ class Broker:
 
     async def _spend_on(
         self, call: Call, principal: Principal, connection: str, scopes: list[str], token: VaultToken
-    ) -> IssuedToken:
+    ) -> IssuedToken | None:
         """A reused answer: the unit is spent and the event written in one transaction (one commit, not two).
 
-        Nothing waits between reserving and committing, so there is nothing to refund either.
+        Nothing waits between reserving and committing, so there is nothing to refund either. None (and
+        nothing done) when the holding it would spend needs its owner's approval first.
         """
         token_id = audit.token_fingerprint(self.db.hmac_key, token.access_token)
-        def spend(tx: Tx, now: datetime) -> tuple[str, int]:
-            self.control.count_grant(tx, principal, connection, now)
-            return ledger.spend(tx, principal.account, connection, scopes, now, ledger.tokens_may_leave(connection))
 
-        _, remaining = await self._run(
-            call, principal, spend, ok_extra=lambda spent: _token_event(token_id, spent[0], token)
+        def spend(tx: Tx, now: datetime) -> tuple[str, int] | None:
+            fit = ledger.tokens_may_leave(connection)
+            holding = ledger.choose_holding(tx.holdings_of(principal.account, connection), connection, scopes, fit)
+            if self.control.needs_approval(tx, principal, holding.approval):
+                return None
+            self.control.count_grant(tx, principal, connection, now)
+            return ledger.spend(tx, principal.account, connection, scopes, now, fit)
+
+        spent = await self._run(
+            call, principal, spend, audit_ok=lambda done: done is not None,
+            ok_extra=lambda done: _token_event(token_id, done[0], token) if done else {},
         )
-        return _issued(token, token_id, connection, remaining)
+        return None if spent is None else _issued(token, token_id, connection, spent[1])
+
+    async def _approve(
+        self, call: Call, principal: Principal, connection: str, scopes: Sequence[str],
+        method: str | None = None, url: str | None = None,
+    ) -> None:
+        """Ask the account's owner (Auth0 CIBA) and wait; raises ApprovalDenied / ApprovalTimeout / …"""
+        if self.approver is None:
+            raise ApprovalDenied("this listing needs its owner's approval, and this broker cannot ask for it; "
+                                 "your unit was refunded")
+        await self.approver(
+            account=principal.account, agent=principal.agent, connection=connection, scopes=list(scopes),
+            purpose=str(call.args.get("purpose", "")), method=method, url=url, progress=call.progress,
+        )
 
     async def call_api(self, call: Call, principal: Principal, api: ApiCall) -> ApiResult:
         """Call the provider's API with a brokered token the caller never sees (SPEC §8).
@@ -433,30 +467,37 @@ class Broker:
             error = Unauthenticated("this session has no Auth0 token to exchange; sign in again")
             await self.record(call, principal, error)
             raise error
-        def plan_call(tx: Tx, now: datetime) -> grants.Plan:
+        def plan_call(tx: Tx, now: datetime) -> tuple[grants.Plan, bool]:
             self.control.check_connection(tx, principal, ask.connection)
             plan = grants.plan(tx, ask, self.owner, now)
+            approve = request.method not in ("GET", "HEAD") and self.control.writes_need_approval(
+                tx, principal, plan.holding.approval
+            )  # a write under approval = "writes": its own approval, bound to its method and URL
             if plan.reservation_id is not None:  # a new grant counts against max_grants_per_hour
                 hour = self.control.count_grant(tx, principal, ask.connection, now)
                 tx.mark_reservation(plan.reservation_id, ask.agent, hour)
-            return plan
+                approve = approve or self.control.needs_approval(tx, principal, plan.holding.approval)
+            return plan, approve
 
-        plan = await self._run(call, principal, plan_call, audit_ok=False)
+        plan, approve = await self._run(call, principal, plan_call, audit_ok=False)
         call.args = {**call.args, "url": plan.admitted.audit_url}
         sent = ProviderRequest(
             request.method, plan.admitted.url, request.headers, request.content, request.content_type
         )
         if plan.grant is not None:
-            return await self._call_in_grant(call, principal, ask, plan.grant, sent)
-        return await self._call_opening_grant(call, principal, ask, plan, sent)
+            return await self._call_in_grant(call, principal, ask, plan.grant, sent, approve)
+        return await self._call_opening_grant(call, principal, ask, plan, sent, approve)
 
     async def _call_in_grant(
-        self, call: Call, principal: Principal, ask: grants.GrantAsk, grant: Grant, sent: ProviderRequest
+        self, call: Call, principal: Principal, ask: grants.GrantAsk, grant: Grant, sent: ProviderRequest,
+        approve: bool,
     ) -> ApiResult:
         base = {"grant_id": grant.id, "new_grant": False}
         token = self.grant_tokens.get(grant.id, self.clock.now())
         exchanged = token is None
         try:
+            if approve:
+                await self._approve(call, principal, ask.connection, ask.scopes, sent.method, call.args["url"])
             if token is None:  # a restart, another replica, or a dropped token: re-exchange, spend nothing
                 token = await self._grant_token(principal, ask)
             answer, token, refetched = await self._send(principal, ask, grant.id, sent, token)
@@ -479,11 +520,14 @@ class Broker:
         return ApiResult(answer, grant.id, grant.expires_at, token_id.hex(), remaining)
 
     async def _call_opening_grant(
-        self, call: Call, principal: Principal, ask: grants.GrantAsk, plan: grants.Plan, sent: ProviderRequest
+        self, call: Call, principal: Principal, ask: grants.GrantAsk, plan: grants.Plan, sent: ProviderRequest,
+        approve: bool,
     ) -> ApiResult:
         assert plan.reservation_id is not None
         reservation_id = plan.reservation_id
         try:
+            if approve:
+                await self._approve(call, principal, ask.connection, ask.scopes, sent.method, call.args["url"])
             token = await self._grant_token(principal, ask)
         except BaseException as exc:
             error = exc if isinstance(exc, BrokerError) else InternalError()

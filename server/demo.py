@@ -32,6 +32,11 @@ DEMO_LISTINGS: list[dict[str, Any]] = [
     {"id": "github-repo-read-api", "title": "GitHub API: read repositories (brokered; the token stays here)",
      "connection": "github", "scopes": ["repo:read"], "supply": 1000, "start_price": 10, "floor_price": 2,
      "delivery": "proxy", "api": [DEMO_ISSUER + "provider/github"], **_WINDOW},
+    # human approval in the demo: a new grant, and every write, is approved by the demo user (CIBA, ~1 s)
+    {"id": "github-repo-write-api", "title": "GitHub API: write repositories (each grant and write approved)",
+     "connection": "github", "scopes": ["repo:read", "repo:write"], "supply": 200, "start_price": 40,
+     "floor_price": 10, "delivery": "proxy", "api": [DEMO_ISSUER + "provider/github"],
+     "methods": ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"], "approval": "writes", **_WINDOW},
 ]
 
 
@@ -42,6 +47,8 @@ def demo_listings() -> list[ListingSpec]:
 def start_demo_tenant() -> tuple[DemoTenant, httpx.AsyncBaseTransport]:
     """The in-process emulator tenant and the transport the Auth0 client (and the demo provider API) use."""
     tenant = demo_tenant(DEMO_ISSUER, signing_key=signing_key_in_background())
+    tenant.state.ciba_interval = 1  # the demo user approves on their "phone" after a second
+    tenant.state.ciba_approve_after = 1
     return tenant, httpx.ASGITransport(app=create_app(tenant.state, admin=False))
 
 

@@ -17,6 +17,7 @@ from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase, FuncMetad
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from server.approval import Progress
 from server.broker import Broker, Call
 from server.errors import BrokerError, InternalError, InvalidArgument, describe_failure
 from server.principal import Principal, require_scope
@@ -60,9 +61,10 @@ class ToolSpec(Generic[In, Out]):
         transport: str,
         arguments: dict[str, Any],
         http_scope: Mapping[str, Any] | None = None,
+        progress: Progress | None = None,
     ) -> Out | CallToolResult:
         """Authenticate, check scope, validate, run; any refusal becomes an `isError` result."""
-        call = Call(tool=self.name, scope=self.scope, transport=transport, args=arguments)
+        call = Call(tool=self.name, scope=self.scope, transport=transport, args=arguments, progress=progress)
         principal: Principal | None = None
         try:
             principal = await principals(http_scope)
@@ -86,7 +88,10 @@ class ToolSpec(Generic[In, Out]):
         """The SDK's Tool, with our schema and our validation (the SDK passes arguments through)."""
 
         async def handler(arguments: dict[str, Any], ctx: Context[Any, Any]) -> Out | CallToolResult:
-            return await self.call(broker, principals, transport, arguments, _http_scope(ctx))
+            async def progress(done: float, total: float | None, message: str) -> None:
+                await ctx.report_progress(done, total, message)  # sent only when the request asked for it
+
+            return await self.call(broker, principals, transport, arguments, _http_scope(ctx), progress)
 
         return Tool(
             fn=handler,

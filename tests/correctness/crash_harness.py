@@ -20,6 +20,8 @@ from server.emulator import create_app, demo_tenant
 sock = socket.socket(); sock.bind(("127.0.0.1", 0)); port = sock.getsockname()[1]
 tenant = demo_tenant(f"http://127.0.0.1:{port}/")
 tenant.state.faults.latency = float(sys.argv[1])
+tenant.state.ciba_mode = sys.argv[2]
+tenant.state.ciba_interval = 1
 print(json.dumps({"port": port, "client_id": tenant.client_id, "client_secret": tenant.client_secret,
                   "audience": tenant.audience, "account": tenant.account}), flush=True)
 server = uvicorn.Server(uvicorn.Config(create_app(tenant.state), log_level="warning"))
@@ -52,9 +54,9 @@ def base_env() -> dict[str, str]:
 
 
 class Tenant:
-    def __init__(self, latency: float) -> None:
+    def __init__(self, latency: float, ciba: str = "approve") -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", EMULATOR_SCRIPT, str(latency)], stdout=subprocess.PIPE,
+            [sys.executable, "-c", EMULATOR_SCRIPT, str(latency), ciba], stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, env=base_env(),  # the kills make it log dropped clients
         )
         assert self.proc.stdout is not None
@@ -153,6 +155,6 @@ def _message(text: str) -> dict[str, Any]:
     raise ValueError("no JSON-RPC answer in the stream")
 
 
-def write_market(path: Path) -> Path:
-    path.write_text(MARKET, encoding="utf-8")
+def write_market(path: Path, extra: str = "") -> Path:
+    path.write_text(MARKET + extra, encoding="utf-8")
     return path

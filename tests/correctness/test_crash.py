@@ -93,3 +93,62 @@ async def test_sigkill_under_load_loses_nothing(tmp_path: Path) -> None:
     finally:
         tenant.stop()
     print(f"crash test: {ROUNDS} kills, {counts}, {killed_pending} in-flight reservations refunded")
+
+
+GATED = """
+[[listing]]
+id = "gh-gated"
+title = "GitHub read, approved by the owner"
+connection = "github"
+scopes = ["repo:read", "read:user"]
+supply = 10
+start_price = 1
+floor_price = 1
+opens_at = 2026-01-01T00:00:00Z
+closes_at = 2030-01-01T00:00:00Z
+approval = "grant"
+"""
+
+
+def units_held(database: Path, listing: str) -> int:
+    with sqlite3.connect(database) as db:
+        return int(db.execute("SELECT units_held FROM holdings WHERE listing_id = ?", (listing,)).fetchone()[0])
+
+
+async def test_a_sigkill_while_an_approval_is_pending_leaves_a_refund_at_restart(tmp_path: Path) -> None:
+    tenant = Tenant(latency=0, ciba="manual")  # the owner never answers: the call waits
+    database = tmp_path / "approval.db"
+    env = tenant.env(database, write_market(tmp_path / "market.toml", GATED))
+    serve = None
+    try:
+        assert cli(env, "wallet", "credit", tenant.info["account"], "100").returncode == 0
+        serve = Serve(env, tmp_path)
+        async with httpx.AsyncClient(timeout=30) as http:
+            session = RawSession(http, serve.url, tenant.bearer("agent-0"))
+            await session.start()
+            bought = await session.call("buy_quota", {"listing_id": "gh-gated", "units": 2, "max_unit_price": 1})
+            assert not bought.get("isError"), bought
+            waiting = asyncio.create_task(session.call("request_token", {
+                "connection": "github", "scopes": ["repo:read", "read:user"], "purpose": "crash while approving"}))
+            for _ in range(200):
+                asked = (await http.get(tenant.url + "/emulator/approvals")).json()["approvals"]
+                if asked:
+                    break
+                await asyncio.sleep(0.05)
+            assert len(asked) == 1 and pending(database) == 1 and units_held(database, "gh-gated") == 1
+            serve.kill()
+            serve = None
+            try:
+                await waiting
+            except (httpx.HTTPError, ValueError, KeyError):
+                pass  # the server died mid-call: the client's answer is lost, the unit must not be
+        restarted = Serve(env, tmp_path)
+        restarted.kill()
+        assert pending(database) == 0 and units_held(database, "gh-gated") == 2
+        assert recovered_events(database) == 1
+        verify = cli(env, "audit", "verify", "--ledger")
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+    finally:
+        if serve is not None:
+            serve.kill()
+        tenant.stop()

@@ -3,8 +3,10 @@
 The machine drives the five tools (through `ToolSpec.call`, the same path MCP uses) for two
 accounts, with the clock moving (prices fall, listings open and close, grants end),
 idempotency keys reused, and Token Vault failing now and then. call_api reaches the demo's
-provider API. After every step the books must balance
-(`check_invariants`) and the tools must agree with the model. `TVM_SLOW=1` runs it longer.
+provider API. The operator blocks and unblocks the agent and changes its policy, and the
+account's owner approves, denies or ignores the approvals a gated listing asks for. After
+every step the books must balance (`check_invariants`) and the tools must agree with the
+model. `TVM_SLOW=1` runs it longer.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from server.app import Runtime, open_runtime
 from server.clock import ManualClock
 from server.config import DEFAULT_GRANT_TTL, load_config
 from server.demo import DEMO_ISSUER
+from server.errors import ApprovalDenied, ApprovalTimeout
 from server.invariants import check_invariants
+from server.policy import parse_policy
 from server.principal import Principal, SubjectToken
 from tools import buy_quota, call_api, check_balance, request_token
 
@@ -43,12 +47,14 @@ LISTINGS: list[dict[str, Any]] = [
      "start_price": 10, "floor_price": 2, "opens_at": T0, "closes_at": T0 + timedelta(days=10)},
     {"id": "gh-rw", "title": "rw", "connection": "github", "scopes": ["repo:read", "repo:write"], "supply": 5,
      "start_price": 30, "floor_price": 10, "opens_at": T0 + timedelta(days=1), "closes_at": T0 + timedelta(days=20)},
-    {"id": "st-ro", "title": "s", "connection": "stripe", "scopes": ["read_only"], "supply": 6,
+    {"id": "st-ro", "title": "s", "connection": "stripe", "scopes": ["read_only"], "supply": 6, "approval": "grant",
      "start_price": 5, "floor_price": 5, "opens_at": T0 - timedelta(days=1), "closes_at": T0 + timedelta(days=5)},
     {"id": "gh-api", "title": "a", "connection": "github", "scopes": ["repo:read"], "supply": 6, "start_price": 4,
      "floor_price": 1, "opens_at": T0, "closes_at": T0 + timedelta(days=10), "delivery": "proxy", "api": [API]},
 ]
 CALL_ASKS = [["repo:read"], ["repo:read", "repo:write"]]
+POLICIES = {"none": "", "github-only": '[[agent]]\nid = "agent"\nconnections = ["github"]',
+            "no-approval": '[[agent]]\nid = "agent"\napproval = "never"'}
 ASKS = [("github", ["repo:read"]), ("github", ["repo:write"]), ("github", ["repo:read", "repo:write"]),
         ("stripe", ["read_only"]), ("stripe", ["read_write"]), ("google-oauth2", ["x"])]
 
@@ -72,6 +78,9 @@ class Model:
     created: int = 0
     # (account, scopes, login_hint) -> (grant id, when it ends)
     grants: dict[tuple[str, tuple[str, ...], str | None], tuple[str, datetime]] = field(default_factory=dict)
+    blocked: bool = False
+    policy: str = "none"
+    answer: str = "approve"  # how the account's owner answers an approval
 
 
 class BrokerMachine(RuleBasedStateMachine):
@@ -100,6 +109,13 @@ class BrokerMachine(RuleBasedStateMachine):
             self.run(self.runtime.broker.credit(account, 150))
             self.model.balances[account] += 150
         self.hint = 0
+        self.runtime.broker.approver = self.owner_answers  # the owner's side of CIBA, as the model says
+
+    async def owner_answers(self, **ask: Any) -> None:
+        if self.model.answer == "deny":
+            raise ApprovalDenied("the owner said no; your unit was refunded")
+        if self.model.answer == "ignore":
+            raise ApprovalTimeout("no answer in time; your unit was refunded")
 
     def run(self, coro: Any) -> Any:
         return self.loop.run_until_complete(coro)
@@ -126,6 +142,35 @@ class BrokerMachine(RuleBasedStateMachine):
     def advance_clock(self, delta: timedelta) -> None:
         self.clock.advance(delta)
 
+    @rule()
+    def block(self) -> None:
+        self.run(self.runtime.broker.block_agent("agent", "property test", by="operator"))
+        self.model.blocked = True
+        self.model.grants.clear()  # its live grants close
+
+    @rule()
+    def unblock(self) -> None:
+        assert self.run(self.runtime.broker.unblock_agent("agent", by="operator")) == self.model.blocked
+        self.model.blocked = False
+
+    @rule(name=st.sampled_from(sorted(POLICIES)))
+    def set_policy(self, name: str) -> None:
+        import tomllib
+
+        self.run(self.runtime.broker.load_policy(parse_policy(tomllib.loads(POLICIES[name])), by="operator"))
+        self.model.policy = name
+
+    @rule(answer=st.sampled_from(["approve", "approve", "deny", "ignore"]))
+    def owner_will(self, answer: str) -> None:
+        self.model.answer = answer
+
+    def refused_by_operator(self, result: Any) -> bool:
+        """The kill switch answers first, whatever the call."""
+        if not self.model.blocked:
+            return False
+        assert isinstance(result, CallToolResult) and result.content[0].text.startswith("[agent_blocked] ")
+        return True
+
     @rule(account=st.sampled_from(ACCOUNTS), amount=st.integers(1, 100))
     def credit(self, account: str, amount: int) -> None:
         self.run(self.runtime.broker.credit(account, amount))
@@ -149,7 +194,11 @@ class BrokerMachine(RuleBasedStateMachine):
         if key is not None:
             args["idempotency_key"] = key
         result = self.call_tool(buy_quota.SPEC, account, args)
+        if self.refused_by_operator(result):
+            return
         expected = self.expect_buy(account, item, units, max_price, price, key, now)
+        if expected is None and self.model.policy == "github-only" and item["connection"] != "github":
+            expected = "policy_denied"
         if isinstance(expected, str):
             assert isinstance(result, CallToolResult) and result.is_error, (expected, result)
             assert result.content[0].text.startswith(f"[{expected}] "), (expected, result.content[0].text)
@@ -177,6 +226,8 @@ class BrokerMachine(RuleBasedStateMachine):
         if key is not None and (account, key) in self.model.receipts:
             request, receipt = self.model.receipts[(account, key)]
             return receipt if request == (item["id"], units, max_price) else "idempotency_key_reused"
+        if self.model.blocked:  # pragma: no cover - answered before (refused_by_operator)
+            return "agent_blocked"
         if not item["opens_at"] <= now <= item["closes_at"]:
             return "listing_closed"
         if price > max_price:
@@ -209,9 +260,20 @@ class BrokerMachine(RuleBasedStateMachine):
             if fault == "revoked" and connection in ("github", "stripe"):
                 granted = ["repo:read", "repo:write"] if connection == "github" else ["read_only"]
                 state.connect_account(account, connection, granted)
+        if self.refused_by_operator(result):
+            return
+        if self.model.policy == "github-only" and connection != "github":
+            assert isinstance(result, CallToolResult) and result.content[0].text.startswith("[policy_denied] ")
+            return
         refusal, chosen = self.expect_holding(account, connection, scopes, tokens=True)
         if refusal is not None:
             assert isinstance(result, CallToolResult) and result.content[0].text.startswith(f"[{refusal}] ")
+            return
+        gated = _listing(chosen).get("approval", "none") != "none" and self.model.policy != "no-approval"
+        if gated and self.model.answer != "approve":
+            code = {"deny": "approval_denied", "ignore": "approval_timeout"}[self.model.answer]
+            assert isinstance(result, CallToolResult) and result.content[0].text.startswith(f"[{code}] ")
+            self.balance_matches_the_model(account)  # refunded
             return
         if fault is not None or (connection == "stripe" and "read_write" in scopes):
             assert isinstance(result, CallToolResult) and result.is_error, result
@@ -272,6 +334,8 @@ class BrokerMachine(RuleBasedStateMachine):
             state.faults.clear()
             if fault == "revoked":
                 state.connect_account(account, "github", ["repo:read", "repo:write"])
+        if self.refused_by_operator(result):
+            return
         if live is not None:  # inside the grant: its token is in memory, nothing is spent, no fault matters
             assert not isinstance(result, CallToolResult), result.content[0].text
             assert result.grant_id == live[0] and result.status == 200
@@ -298,6 +362,8 @@ class BrokerMachine(RuleBasedStateMachine):
     @rule(account=st.sampled_from(ACCOUNTS))
     def balance_matches_the_model(self, account: str) -> None:
         result = self.call_tool(check_balance.SPEC, account, {})
+        if self.refused_by_operator(result):
+            return self.stored_books_match_the_model(account)
         assert not isinstance(result, CallToolResult)
         assert result.balance == self.model.balances[account]
         assert {h.listing_id: h.units_remaining for h in result.holdings} == {
@@ -307,6 +373,14 @@ class BrokerMachine(RuleBasedStateMachine):
         assert sorted(g.grant_id for g in result.grants) == sorted(
             gid for (owner, _, _), (gid, ends) in self.model.grants.items() if owner == account and ends > now
         )
+
+    def stored_books_match_the_model(self, account: str) -> None:
+        def read(tx: Any) -> tuple[int | None, dict[str, int]]:
+            return tx.balance(account), {h.listing_id: h.units_held for h in tx.holdings_of(account)}
+
+        balance, held = self.run(self.runtime.db.read(read))
+        assert (balance or 0) == self.model.balances[account]
+        assert held == {lid: h[0] for lid, h in self.model.holdings[account].items()}
 
     @invariant()
     def books_balance(self) -> None:
