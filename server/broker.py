@@ -244,17 +244,7 @@ class Broker:
                 audit.append(tx, call.event(now, principal, None, **(ok_extra(result) if ok_extra else {})))
             return result
 
-        try:
-            outcome = await self.db.write(job)
-        except (AuditUnavailable, StoreUnavailable) as exc:
-            log.error("audit write failed for %s: %s", call.tool, exc)
-            raise AuditUnavailable("the audit log could not be written, so nothing was done; try again") from None
-        except BrokerError:
-            raise
-        except Exception as exc:
-            log.error("unexpected failure in %s: %s", call.tool, describe_failure(exc))
-            await self.record(call, principal, InternalError())
-            raise InternalError() from None
+        outcome = await self._write(call, principal, job, record_failure=True)
         if isinstance(outcome, _Failed):
             raise outcome.error
         return outcome
@@ -556,7 +546,7 @@ class Broker:
             return grant, opened, ledger.units_remaining(tx, principal.account, grant.holding_id)
 
         try:
-            grant, _, remaining = await self._write(call, principal, finish)
+            grant, _, remaining = await self._write(call, principal, lambda tx: finish(tx, self.clock.now()))
         except BrokerError as error:
             await self._refund(call, principal, reservation_id, error)
             raise
@@ -593,10 +583,13 @@ class Broker:
         except ProviderUnreachable as exc:
             raise ApiUnavailable(f"{exc}; nothing was refunded (the grant stays), try again") from None
 
-    async def _write(self, call: Call, principal: Principal, job: Callable[[Tx, datetime], R]) -> R:
-        """A job that writes its own event; a store failure is AuditUnavailable (nothing kept)."""
+    async def _write(
+        self, call: Call, principal: Principal | None, job: Callable[[Tx], R], *, record_failure: bool = False
+    ) -> R:
+        """Run a job that writes its own event. A store failure is AuditUnavailable (nothing kept); any other
+        unexpected failure is InternalError (its event written when `record_failure`)."""
         try:
-            return await self.db.write(lambda tx: job(tx, self.clock.now()))
+            return await self.db.write(job)
         except (AuditUnavailable, StoreUnavailable) as exc:
             log.error("audit write failed for %s: %s", call.tool, exc)
             raise AuditUnavailable("the audit log could not be written, so nothing was done; try again") from None
@@ -604,6 +597,8 @@ class Broker:
             raise
         except Exception as exc:
             log.error("unexpected failure in %s: %s", call.tool, describe_failure(exc))
+            if record_failure:
+                await self.record(call, principal, InternalError())
             raise InternalError() from None
 
     async def _refund(self, call: Call, principal: Principal, reservation_id: str, error: BrokerError) -> None:

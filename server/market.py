@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import tomllib
 from dataclasses import dataclass
 from datetime import date, datetime, time
 from pathlib import Path
@@ -30,6 +29,7 @@ from server.models import Listing
 from server.pricing import is_open, price_at
 from server.store import Tx
 from server.textsafe import escape_controls
+from server.tomlfile import read_toml
 
 ListingId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9-]{1,64}$")]
 Scope = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^\S+$")]
@@ -115,13 +115,7 @@ class MarketFileError(Exception):
 
 def read_market_file(path: str | Path) -> list[ListingSpec]:
     """Parse and validate a market file. Raises MarketFileError."""
-    try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise MarketFileError(f"cannot read market file {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise MarketFileError(f"market file {path} is not valid TOML: {exc}") from exc
-    return parse_listings(data, str(path))
+    return parse_listings(read_toml(path, "market", MarketFileError), str(path))
 
 
 def parse_listings(data: dict[str, object], source: str = "market") -> list[ListingSpec]:

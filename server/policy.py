@@ -14,11 +14,12 @@ A malformed file is refused with one line naming the entry and the key; nothing 
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from server.tomlfile import read_toml
 
 DEFAULT_CALLS_PER_MINUTE = 600
 MAX_RATE = 1_000_000
@@ -70,13 +71,7 @@ class PolicyFileError(Exception):
 
 def read_policy_file(path: str | Path) -> Policy:
     """Parse and check a policy file. Raises PolicyFileError."""
-    try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise PolicyFileError(f"cannot read policy file {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise PolicyFileError(f"policy file {path} is not valid TOML: {exc}") from exc
-    return parse_policy(data, str(path))
+    return parse_policy(read_toml(path, "policy", PolicyFileError), str(path))
 
 
 def parse_policy(data: dict[str, object], source: str = "policy") -> Policy:

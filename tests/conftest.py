@@ -43,14 +43,20 @@ async def db(db_path: Path) -> AsyncIterator[Database]:
         await database.close()
 
 
-@pytest.fixture
-async def runtime(db_path: Path, clock: ManualClock) -> AsyncIterator[Runtime]:
-    config = load_config({"TVM_DATABASE": str(db_path)}, dotenv=False)
-    rt = await open_runtime(config, clock=clock)
+@asynccontextmanager
+async def demo_runtime(db_path: Path, clock: ManualClock, **env: str) -> AsyncIterator[Runtime]:
+    """A demo runtime on the SQLite file `db_path`, configured with `env` (TVM_* variables), closed after."""
+    rt = await open_runtime(load_config({"TVM_DATABASE": str(db_path), **env}, dotenv=False), clock=clock)
     try:
         yield rt
     finally:
         await rt.aclose()
+
+
+@pytest.fixture
+async def runtime(db_path: Path, clock: ManualClock) -> AsyncIterator[Runtime]:
+    async with demo_runtime(db_path, clock) as rt:
+        yield rt
 
 
 @pytest.fixture

@@ -15,15 +15,14 @@ import pytest
 from mcp import Client
 
 from server import audit
-from server.app import Runtime, build_mcp, open_runtime
+from server.app import Runtime, build_mcp
 from server.auth0_client import TOKEN_VAULT_GRANT
 from server.clock import ManualClock
-from server.config import load_config
 from server.emulator import EmulatorState, FaultSettings
 from server.invariants import check_invariants
 from server.store import AuditFilter
 from server.vault import TokenVault
-from tests.conftest import held, ok, refused
+from tests.conftest import demo_runtime, held, ok, refused
 from tests.server.tenant import Sleeps, auth0_client
 
 DEADLINE = 0.6
@@ -32,12 +31,8 @@ ASK = {"connection": "github", "scopes": ["repo:read"], "purpose": "fault drill"
 
 @pytest.fixture
 async def rt(tmp_path: Path, clock: ManualClock) -> AsyncIterator[Runtime]:
-    config = load_config({"TVM_DATABASE": str(tmp_path / "v.db"), "TVM_AUTH0_TIMEOUT": str(DEADLINE)}, dotenv=False)
-    runtime = await open_runtime(config, clock=clock)
-    try:
+    async with demo_runtime(tmp_path / "v.db", clock, TVM_AUTH0_TIMEOUT=str(DEADLINE)) as runtime:
         yield runtime
-    finally:
-        await runtime.aclose()
 
 
 @pytest.fixture

@@ -13,14 +13,13 @@ import pytest
 from mcp import Client
 
 from server import audit, market
-from server.app import Runtime, build_mcp, open_runtime
+from server.app import Runtime, build_mcp
 from server.clock import ManualClock
-from server.config import load_config
 from server.demo import DEMO_ISSUER
 from server.invariants import check_invariants
 from server.policy import parse_policy
 from server.store import AuditFilter
-from tests.conftest import held, ok, refused
+from tests.conftest import demo_runtime, held, ok, refused
 
 API = DEMO_ISSUER + "provider/github"
 WINDOW = {"opens_at": datetime(2026, 1, 1, tzinfo=UTC), "closes_at": datetime(2030, 1, 1, tzinfo=UTC)}
@@ -32,8 +31,11 @@ CALL = {"connection": "github", "scopes": ["repo:read"], "method": "GET", "purpo
 @pytest.fixture
 async def approving(tmp_path: Path, clock: ManualClock) -> AsyncIterator[Runtime]:
     """The demo runtime with listings that need approval; the demo user answers every second."""
-    config = load_config({"TVM_DATABASE": str(tmp_path / "v.db"), "TVM_APPROVAL_TIMEOUT": "3"}, dotenv=False)
-    runtime = await open_runtime(config, clock=clock)
+    async with demo_runtime(tmp_path / "v.db", clock, TVM_APPROVAL_TIMEOUT="3") as runtime:
+        yield await gated(runtime)
+
+
+async def gated(runtime: Runtime) -> Runtime:
     base = {"connection": "github", "scopes": ["repo:read"], "supply": 10, "start_price": 5, "floor_price": 1,
             **WINDOW}
     specs = market.parse_listings({"listing": [
@@ -46,10 +48,7 @@ async def approving(tmp_path: Path, clock: ManualClock) -> AsyncIterator[Runtime
     assert runtime.tenant is not None
     runtime.tenant.state.ciba_interval = 1
     runtime.tenant.state.ciba_approve_after = None
-    try:
-        yield runtime
-    finally:
-        await runtime.aclose()
+    return runtime
 
 
 @pytest.fixture
