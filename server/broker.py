@@ -368,7 +368,7 @@ class Broker:
             rid, holding = ledger.reserve(
                 tx, principal.account, connection, scopes, self.owner, now, ledger.tokens_may_leave(connection)
             )
-            tx.mark_reservation(rid, principal.agent or "", hour)
+            tx.mark_reservation(rid, principal.agent or "", hour, "request_token")
             return rid, holding, self.control.needs_approval(tx, principal, holding.approval)
 
         reservation_id, holding, approve = await self._run(call, principal, reserve, audit_ok=False)
@@ -465,7 +465,7 @@ class Broker:
             )  # a write under approval = "writes": its own approval, bound to its method and URL
             if plan.reservation_id is not None:  # a new grant counts against max_grants_per_hour
                 hour = self.control.count_grant(tx, principal, ask.connection, now)
-                tx.mark_reservation(plan.reservation_id, ask.agent, hour)
+                tx.mark_reservation(plan.reservation_id, ask.agent, hour, "call_api")
                 approve = approve or self.control.needs_approval(tx, principal, plan.holding.approval)
             return plan, approve
 
@@ -637,8 +637,9 @@ class Broker:
                         transport=transport,
                         outcome="error",
                         account=res.account,
-                        tool="request_token",
-                        scope="request:token",
+                        agent=res.agent or None,
+                        tool=res.tool or "request_token",
+                        scope="call:api" if res.tool == "call_api" else "request:token",
                         code="vault_unavailable",
                         args={"reservation_id": res.id, "connection": res.connection, "reason": "owner process died"},
                     ),

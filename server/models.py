@@ -89,6 +89,8 @@ class Reservation:
     scopes: tuple[str, ...]
     owner: str
     created_at: str
+    agent: str | None = None
+    tool: str | None = None  # request_token or call_api (None: reserved before schema 5)
 
 
 class AuditRecord(NamedTuple):

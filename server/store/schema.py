@@ -195,7 +195,7 @@ MIGRATIONS: list[str] = [
     """,
     # 5: operator control (§9). Blocked agents; per (account, agent) rate-limit buckets and usage counters
     # (credits spent per UTC day, tokens and grants per UTC hour) that the policy caps; which agent holds a
-    # reservation and which hour's grant count it took, so a refund gives that count back. The policy
+    # reservation (and for which tool) and which hour's grant count it took, so a refund gives it back. The policy
     # itself is one document in meta ('policy'); 'control_version' changes with every block, unblock or load.
     """
     CREATE TABLE agent_blocks (
@@ -221,6 +221,7 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     ALTER TABLE reservations ADD COLUMN agent TEXT;
     ALTER TABLE reservations ADD COLUMN counted TEXT;
+    ALTER TABLE reservations ADD COLUMN tool TEXT;
     INSERT INTO meta(key, value) VALUES ('control_version', 0) ON CONFLICT(key) DO NOTHING;
     """,
 ]

@@ -307,11 +307,11 @@ class Tx:
 
     def pending_reservations(self) -> list[Reservation]:
         rows = self._c.execute(
-            "SELECT r.id, r.holding_id, h.account, h.listing_id, l.connection, l.scopes, r.owner, r.created_at "
-            "FROM reservations r JOIN holdings h ON h.id = r.holding_id JOIN listings l ON l.id = h.listing_id "
-            "WHERE r.status = 'pending' ORDER BY r.created_at"
+            "SELECT r.id, r.holding_id, h.account, h.listing_id, l.connection, l.scopes, r.owner, r.created_at, "
+            "r.agent, r.tool FROM reservations r JOIN holdings h ON h.id = r.holding_id "
+            "JOIN listings l ON l.id = h.listing_id WHERE r.status = 'pending' ORDER BY r.created_at"
         ).fetchall()
-        return [Reservation(r[0], r[1], r[2], r[3], r[4], _strings(r[5]), r[6], r[7]) for r in rows]
+        return [Reservation(r[0], r[1], r[2], r[3], r[4], _strings(r[5]), r[6], r[7], r[8], r[9]) for r in rows]
 
     # ---- operator control (§9) --------------------------------------------------------------
     def control_version(self) -> int:
@@ -385,10 +385,12 @@ class Tx:
             (account, agent, kind, period, amount, amount),
         )
 
-    def mark_reservation(self, reservation_id: str, agent: str, counted: str | None) -> None:
-        """Who holds a reservation and which hour's grant count it took (given back if it is refunded)."""
+    def mark_reservation(self, reservation_id: str, agent: str, counted: str | None, tool: str) -> None:
+        """Who holds a reservation, for which tool, and which hour's grant count it took (given back if it
+        is refunded)."""
         self._c.execute(
-            "UPDATE reservations SET agent = ?, counted = ? WHERE id = ?", (agent, counted, reservation_id)
+            "UPDATE reservations SET agent = ?, counted = ?, tool = ? WHERE id = ?",
+            (agent, counted, tool, reservation_id),
         )
 
     def agents_seen(self) -> list[tuple[str, int, str, list[str]]]:

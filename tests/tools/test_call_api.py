@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,11 +13,12 @@ from typing import Any
 import pytest
 from mcp import Client
 
-from server import audit, market
+from server import audit, grants, market
 from server.app import Runtime, build_mcp, open_runtime
 from server.auth0_client import TOKEN_VAULT_GRANT
 from server.clock import ManualClock
 from server.config import load_config
+from server.grants import GrantAsk
 from server.invariants import check_invariants
 from server.store import AuditFilter
 from tests.conftest import held, ok, refused, text_of
@@ -405,3 +407,27 @@ async def test_the_token_reaches_no_result_database_wal_or_debug_log(
         assert token not in "".join(results)
         assert token.encode() not in stored
         assert token not in logs and token not in exported
+
+
+async def test_a_grant_reservation_left_by_a_dead_process_is_refunded_at_start_as_a_call_api_event(
+    setup: Setup, provider: Provider
+) -> None:
+    runtime = await setup.start()
+    async with setup.client(runtime) as c:
+        await ok(c, "buy_quota", {"listing_id": LISTING, "units": 1, "max_unit_price": 100})
+    dead = f"{socket.gethostname()}:999999:0"  # a process of this machine that no longer runs
+
+    def strand(tx: Any) -> None:  # what a process that died between reserving and opening its grant left
+        ask_ = GrantAsk("auth0|demo-user", "token-vault-mcp-demo", "github", tuple(SCOPES), None, "GET",
+                        provider.base_url + "/echo/x")
+        reserved = grants.plan(tx, ask_, dead, setup.clock.now())
+        assert reserved.reservation_id is not None
+        tx.mark_reservation(reserved.reservation_id, "token-vault-mcp-demo", None, "call_api")
+
+    await runtime.db.write(strand)
+    assert await runtime.broker.recover_reservations() == 1
+    [event] = await events(runtime, tool="call_api")
+    assert (event["code"], event["scope"], event["agent"]) == ("vault_unavailable", "call:api", "token-vault-mcp-demo")
+    assert event["args"]["reason"] == "owner process died"
+    assert await runtime.db.read(lambda tx: [h.units_held for h in tx.holdings_of("auth0|demo-user")]) == [1]
+    assert await runtime.db.read(check_invariants) == []
