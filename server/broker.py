@@ -6,8 +6,6 @@ Knows nothing of MCP. `tools/` validates input, resolves the principal and calls
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from server import audit, grants, ledger, market
-from server.allowlist import keys_only
+from server.api_calls import ApiCall, ApiCalls, ApiResult
 from server.approval import Progress
 from server.audit import Event
 from server.clock import Clock, SystemClock, rfc3339
@@ -23,7 +21,6 @@ from server.config import DEFAULT_GRANT_TTL
 from server.control import Control
 from server.errors import (
     AgentBlocked,
-    ApiUnavailable,
     ApprovalDenied,
     AuditUnavailable,
     BrokerError,
@@ -33,9 +30,10 @@ from server.errors import (
     describe_failure,
 )
 from server.models import Grant, Holding, Receipt
+from server.owners import owner_alive, process_owner
 from server.policy import Policy
 from server.principal import Principal
-from server.provider import ProviderAnswer, ProviderClient, ProviderRequest, ProviderUnreachable
+from server.provider import ProviderClient
 from server.store import Database, StoreUnavailable, Tx
 from server.vault import TokenVault, VaultToken
 
@@ -81,25 +79,6 @@ class Balance:
     holdings: list[Holding]
     as_of: datetime
     grants: list[Grant] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class ApiCall:
-    """A call_api request, validated: which grant it needs and what to send."""
-
-    connection: str
-    scopes: tuple[str, ...]  # sorted, unique
-    login_hint: str | None
-    request: ProviderRequest
-
-
-@dataclass(frozen=True)
-class ApiResult:
-    answer: ProviderAnswer
-    grant_id: str
-    grant_expires_at: datetime
-    token_id: str
-    units_remaining: int
 
 
 @dataclass(frozen=True)
@@ -154,34 +133,6 @@ def _operator(by: str) -> Principal:
     return Principal(account=by, agent="operator", scopes=frozenset())
 
 
-def process_owner() -> str:
-    """Who holds a reservation: host, pid and the process's start, so a dead owner is recognisable."""
-    return f"{socket.gethostname()}:{os.getpid()}:{_process_start(os.getpid())}"
-
-
-def _process_start(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return "?"
-
-
-def owner_alive(owner: str) -> bool:
-    host, _, rest = owner.partition(":")
-    pid_text, _, start = rest.partition(":")
-    if host != socket.gethostname():
-        return True  # another machine's reservation: not ours to judge
-    try:
-        pid = int(pid_text)
-        os.kill(pid, 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return start in ("?", _process_start(pid))
-
-
 class Broker:
     """Runs each tool's work and its audit event in one transaction."""
 
@@ -203,6 +154,7 @@ class Broker:
         self.grant_tokens = grants.GrantTokens()
         self.control = Control(on_change=self._blocked_now)
         self.approver = approver  # asks the account's owner (Auth0 CIBA); None: nothing can be approved
+        self._api_calls = ApiCalls(self)
 
     def _blocked_now(self, agents: set[str]) -> None:
         """Agents the operator just blocked: their cached tokens go at once (their grants are closed)."""
@@ -435,153 +387,8 @@ class Broker:
         )
 
     async def call_api(self, call: Call, principal: Principal, api: ApiCall) -> ApiResult:
-        """Call the provider's API with a brokered token the caller never sees (SPEC §8).
-
-        Inside a live grant nothing is spent; otherwise one unit is reserved, the grant opens with the
-        call's event (or the unit is refunded with it when no token could be had). A provider's answer,
-        4xx/5xx included, is a result; a provider that cannot be reached is ApiUnavailable (the grant stays).
-        """
-        if self.vault is None or self.provider is None:  # pragma: no cover - only the CLI builds such a broker
-            raise InternalError()
-        request = api.request
-        ask = grants.GrantAsk(
-            principal.account, principal.agent or "", api.connection, api.scopes, api.login_hint, request.method,
-            request.url,
-        )
-        call.args = {
-            "connection": api.connection, "scopes": list(api.scopes), "method": request.method,
-            "url": keys_only(request.url), **({"purpose": call.args["purpose"]} if "purpose" in call.args else {}),
-            **({"login_hint": api.login_hint} if api.login_hint else {}),
-        }
-        if principal.subject is None:
-            error = Unauthenticated("this session has no Auth0 token to exchange; sign in again")
-            await self.record(call, principal, error)
-            raise error
-        def plan_call(tx: Tx, now: datetime) -> tuple[grants.Plan, bool]:
-            self.control.check_connection(tx, principal, ask.connection)
-            plan = grants.plan(tx, ask, self.owner, now)
-            approve = request.method not in ("GET", "HEAD") and self.control.writes_need_approval(
-                tx, principal, plan.holding.approval
-            )  # a write under approval = "writes": its own approval, bound to its method and URL
-            if plan.reservation_id is not None:  # a new grant counts against max_grants_per_hour
-                hour = self.control.count_grant(tx, principal, ask.connection, now)
-                tx.mark_reservation(plan.reservation_id, ask.agent, hour, "call_api")
-                approve = approve or self.control.needs_approval(tx, principal, plan.holding.approval)
-            return plan, approve
-
-        plan, approve = await self._run(call, principal, plan_call, audit_ok=False)
-        call.args = {**call.args, "url": plan.admitted.audit_url}
-        sent = ProviderRequest(
-            request.method, plan.admitted.url, request.headers, request.content, request.content_type
-        )
-        if plan.grant is not None:
-            return await self._call_in_grant(call, principal, ask, plan.grant, sent, approve)
-        return await self._call_opening_grant(call, principal, ask, plan, sent, approve)
-
-    async def _call_in_grant(
-        self, call: Call, principal: Principal, ask: grants.GrantAsk, grant: Grant, sent: ProviderRequest,
-        approve: bool,
-    ) -> ApiResult:
-        base = {"grant_id": grant.id, "new_grant": False}
-        token = self.grant_tokens.get(grant.id, self.clock.now())
-        exchanged = token is None
-        try:
-            if approve:
-                await self._approve(call, principal, ask.connection, ask.scopes, sent.method, call.args["url"])
-            if token is None:  # a restart, another replica, or a dropped token: re-exchange, spend nothing
-                token = await self._grant_token(principal, ask)
-            answer, token, refetched = await self._send(principal, ask, grant.id, sent, token)
-        except BrokerError as error:  # nothing was spent: the event says what went wrong
-            call.args = {**call.args, **base}
-            await self.record(call, principal, error)
-            raise
-        token_id = audit.token_fingerprint(self.db.hmac_key, token.access_token)
-        self.grant_tokens.put(grant, token)
-
-        def finish(tx: Tx, now: datetime) -> int:
-            if exchanged or refetched:
-                tx.set_grant_token(grant.id, token_id)
-            return ledger.units_remaining(tx, principal.account, grant.holding_id)
-
-        remaining = await self._run(
-            call, principal, finish,
-            ok_extra=lambda _: {"token_id": token_id, "args": {**base, "status": answer.status}},
-        )
-        return ApiResult(answer, grant.id, grant.expires_at, token_id.hex(), remaining)
-
-    async def _call_opening_grant(
-        self, call: Call, principal: Principal, ask: grants.GrantAsk, plan: grants.Plan, sent: ProviderRequest,
-        approve: bool,
-    ) -> ApiResult:
-        assert plan.reservation_id is not None
-        reservation_id = plan.reservation_id
-        try:
-            if approve:
-                await self._approve(call, principal, ask.connection, ask.scopes, sent.method, call.args["url"])
-            token = await self._grant_token(principal, ask)
-        except BaseException as exc:
-            error = exc if isinstance(exc, BrokerError) else InternalError()
-            await self._refund(call, principal, reservation_id, error)
-            raise
-        failure: BrokerError | None = None
-        answer: ProviderAnswer | None = None
-        try:
-            answer, token, _ = await self._send(principal, ask, None, sent, token)
-        except ApiUnavailable as exc:  # the unit bought the grant, not the call: the grant opens all the same
-            failure = exc
-        except BaseException as exc:
-            error = exc if isinstance(exc, BrokerError) else InternalError()
-            await self._refund(call, principal, reservation_id, error)
-            raise
-        token_id = audit.token_fingerprint(self.db.hmac_key, token.access_token)
-        left = token.expires_at - time.time()
-
-        def finish(tx: Tx, now: datetime) -> tuple[Grant, bool, int]:
-            grant, opened = grants.open_grant(tx, ask, plan, token_id, self.grant_ttl, left, now)
-            args: dict[str, Any] = {"grant_id": grant.id, "new_grant": opened, "reservation_id": reservation_id}
-            if answer is not None:
-                args["status"] = answer.status
-            event = call.event(now, principal, failure, token_id=token_id, args=args)
-            audit.append(tx, event)
-            return grant, opened, ledger.units_remaining(tx, principal.account, grant.holding_id)
-
-        try:
-            grant, _, remaining = await self._write(call, principal, lambda tx: finish(tx, self.clock.now()))
-        except BrokerError as error:
-            await self._refund(call, principal, reservation_id, error)
-            raise
-        self.grant_tokens.put(grant, token)
-        if failure is not None:
-            raise failure
-        assert answer is not None
-        return ApiResult(answer, grant.id, grant.expires_at, token_id.hex(), remaining)
-
-    async def _grant_token(self, principal: Principal, ask: grants.GrantAsk) -> VaultToken:
-        assert self.vault is not None and principal.subject is not None
-        return await self.vault.fetch(principal.account, principal.subject, ask.connection, list(ask.scopes),
-                                      ask.login_hint)
-
-    async def _send(
-        self, principal: Principal, ask: grants.GrantAsk, grant_id: str | None, sent: ProviderRequest,
-        token: VaultToken,
-    ) -> tuple[ProviderAnswer, VaultToken, bool]:
-        """Send with `token`; on a 401 drop it, re-exchange once and retry once. (answer, token used, refetched).
-
-        The whole of it, retry included, fits in the provider client's timeout (TVM_API_TIMEOUT).
-        """
-        assert self.provider is not None and self.vault is not None
-        deadline = time.monotonic() + self.provider.timeout
-        try:
-            answer = await self.provider.send(sent, token.access_token)
-            if answer.status != 401:
-                return answer, token, False
-            if grant_id is not None:
-                self.grant_tokens.drop(grant_id)
-            self.vault.forget(principal.account, ask.connection, list(ask.scopes), ask.login_hint)
-            token = await self._grant_token(principal, ask)
-            return await self.provider.send(sent, token.access_token, deadline - time.monotonic()), token, True
-        except ProviderUnreachable as exc:
-            raise ApiUnavailable(f"{exc}; nothing was refunded (the grant stays), try again") from None
+        """Call the provider's API with a brokered token the caller never sees (SPEC §8; server.api_calls)."""
+        return await self._api_calls.call(call, principal, api)
 
     async def _write(
         self, call: Call, principal: Principal | None, job: Callable[[Tx], R], *, record_failure: bool = False

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field, JsonValue, field_validator, model_validator
 
-from server.broker import ApiCall
+from server.api_calls import ApiCall
 from server.clock import rfc3339
 from server.provider import ProviderRequest
 from tools.fields import ConnectionName, ScopeList
