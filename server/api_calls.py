@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from server import audit, grants, ledger
+from server import approval, audit, grants, ledger
 from server.allowlist import keys_only
 from server.errors import ApiUnavailable, BrokerError, InternalError, Unauthenticated
 from server.models import Grant
@@ -103,7 +103,10 @@ class ApiCalls:
         exchanged = token is None
         try:
             if approve:
-                await self.b._approve(call, principal, ask.connection, ask.scopes, sent.method, call.args["url"])
+                try:
+                    await self.b._approve(call, principal, ask.connection, ask.scopes, sent.method, call.args["url"])
+                except BrokerError as exc:  # nothing was reserved for a call inside a grant
+                    raise approval.nothing_spent(exc) from None
             if token is None:  # a restart, another replica, or a dropped token: re-exchange, spend nothing
                 token = await self._grant_token(principal, ask)
             answer, token, refetched = await self._send(principal, ask, grant.id, sent, token)

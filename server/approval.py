@@ -9,6 +9,7 @@ says the unit was refunded: the caller refunds it in the same transaction as its
 from __future__ import annotations
 
 import asyncio
+import copy
 import math
 import re
 import string
@@ -160,6 +161,14 @@ async def await_approval(
             )
         if progress is not None:
             await progress(now - started, float(timeout), _waiting(connection))
+
+
+def nothing_spent(error: BrokerError) -> BrokerError:
+    """The same refusal, worded for an approval that had no unit reserved (a write inside a live grant)."""
+    changed = copy.copy(error)
+    changed.message = error.message.replace(REFUNDED, "nothing was spent")
+    changed.args = (changed.message,)
+    return changed
 
 
 def _waiting(connection: str) -> str:

@@ -153,7 +153,7 @@ async def test_under_writes_every_write_needs_its_own_approval_bound_to_method_a
     assert (detail["method"], detail["url"]) == ("POST", API + "/repos/acme/x/issues?x=")
     ciba(approving).ciba_mode = "deny"
     text = await refused(client, "call_api", {**write, "method": "POST", "url": API + "/repos/acme/x/issues"})
-    assert text.startswith("[approval_denied] ")
+    assert text.startswith("[approval_denied] ") and "nothing was spent" in text and "refunded" not in text
     assert await units(approving) == {"gated-writes": 0}  # the grant's one unit; a denied write costs nothing
     assert [e["code"] for e in await events(approving, "call_api")] == [None, None, None, "approval_denied"]
     assert await approving.db.read(check_invariants) == []
