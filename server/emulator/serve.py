@@ -40,11 +40,7 @@ def serve(
     # Listen before printing: the issuer names the port actually bound (port 0 included), and a
     # client that acts on the printed settings at once queues instead of being refused.
     bare_host = host.strip("[]")
-    family = socket.AF_INET6 if ":" in bare_host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((bare_host, port))
-    sock.listen(128)
+    sock = listening_socket(bare_host, port)
     bound_port = sock.getsockname()[1]
     url_host = f"[{bare_host}]" if ":" in bare_host else bare_host
     demo = demo_tenant(f"http://{url_host}:{bound_port}/")
@@ -68,6 +64,18 @@ def serve(
         create_app(demo.state), host=bare_host, port=bound_port, log_level="warning", timeout_graceful_shutdown=2
     )
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket listening on `host:port` (0: any free port), for uvicorn to serve on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say they are TCP, and
+    # with Nagle on, every answer waits ~40 ms for the client's delayed ACK
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    return sock
 
 
 def configure(

@@ -17,7 +17,8 @@ import httpx
 EMULATOR_SCRIPT = """
 import json, socket, sys, uvicorn
 from server.emulator import create_app, demo_tenant
-sock = socket.socket(); sock.bind(("127.0.0.1", 0)); port = sock.getsockname()[1]
+sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # TCP_NODELAY from asyncio
+sock.bind(("127.0.0.1", 0)); port = sock.getsockname()[1]
 tenant = demo_tenant(f"http://127.0.0.1:{port}/")
 tenant.state.faults.latency = float(sys.argv[1])
 tenant.state.ciba_mode = sys.argv[2]

@@ -105,7 +105,7 @@ def _app(provider: Provider) -> Starlette:
 @asynccontextmanager
 async def provider_api() -> AsyncIterator[Provider]:
     """Serve a Provider on 127.0.0.1 until the block ends."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # so asyncio sets TCP_NODELAY
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     provider = Provider(f"http://127.0.0.1:{sock.getsockname()[1]}")

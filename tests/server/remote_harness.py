@@ -73,7 +73,7 @@ async def remote_server(tmp_path: Path, transport: str, clock: ManualClock) -> A
     await runtime.db.write(lambda tx: market.load(tx, specs))
     for sub in ("auth0|alice", "auth0|bob"):
         await runtime.broker.credit(sub, 1000)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # so asyncio sets TCP_NODELAY
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]

@@ -68,3 +68,26 @@ async def test_served_emulator_answers_on_loopback_with_the_printed_settings() -
     assert discovery["issuer"] == env["AUTH0_DOMAIN"] + "/"
     assert token.status_code == 200
     assert token.json()["scope"] == "read:market read:balance buy:quota request:token call:api"
+
+
+async def test_the_served_socket_turns_nagle_off_so_answers_do_not_wait_for_delayed_acks() -> None:
+    import socket as sockets
+
+    from server.emulator.serve import listening_socket
+
+    sock = listening_socket("127.0.0.1", 0)
+    accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raw = writer.get_extra_info("socket")
+        accepted.set_result(raw.getsockopt(sockets.IPPROTO_TCP, sockets.TCP_NODELAY))
+        writer.close()
+
+    server = await asyncio.start_server(connected, sock=sock)
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+        assert await asyncio.wait_for(accepted, 5) != 0
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
