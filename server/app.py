@@ -13,13 +13,14 @@ from mcp.server import MCPServer
 
 from server import approval, demo, market
 from server.auth0_client import Auth0Client
-from server.broker import Broker
+from server.broker import Approver, Broker
 from server.clock import Clock
 from server.config import Config
 from server.emulator import DemoTenant
 from server.errors import ConfigError
 from server.identity import StdioIdentity
 from server.login import read_credentials
+from server.metrics import Metrics
 from server.policy import Policy, PolicyFileError, read_policy_file
 from server.provider import ProviderClient
 from server.store import Database, Tx
@@ -53,6 +54,7 @@ class Runtime:
     broker: Broker
     identity: StdioIdentity
     tenant: DemoTenant | None
+    metrics: Metrics | None = None  # TVM_METRICS_PORT: serving /metrics
 
     async def housekeeping(self, every: float = 1.0) -> None:
         """Work a serving process does on its own, once a second: write the counts of folded refusals."""
@@ -65,6 +67,8 @@ class Runtime:
         await self.auth0.aclose()
         await self.provider.aclose()
         await self.db.close()
+        if self.metrics is not None:
+            await self.metrics.aclose()
 
 
 async def open_runtime(
@@ -108,9 +112,11 @@ async def open_runtime(
         if stored is not None:  # a stored login belongs to the client that made it
             refresh, refresh_client = stored.refresh_token, stored.client_id or refresh_client
     key_pem = config.client_key_file.read_bytes() if config.client_key_file else None
+    metrics = Metrics(spec.name for spec in ALL_TOOLS) if config.metrics_port is not None else None
     auth0 = Auth0Client(
         base_url, client_id, secret, auth_method=config.client_auth_method, private_key_pem=key_pem,
         transport=auth0_transport, timeout=config.auth0_timeout,
+        on_request=None if metrics is None else metrics.auth0_request,
     )
     provider = ProviderClient(timeout=config.api_timeout, max_bytes=config.api_max_bytes, mounts=provider_mounts)
     try:
@@ -121,9 +127,12 @@ async def open_runtime(
         raise
     try:
         verifier = JwtVerifier(auth0, audience)
-        vault = TokenVault(auth0)
-        approver = functools.partial(approval.await_approval, auth0, timeout=config.approval_timeout)
-        broker = Broker(db, vault, clock, provider, config.grant_ttl, approver)
+        vault = TokenVault(auth0, on_reuse=None if metrics is None else metrics.vault_reuse)
+        approver: Approver = functools.partial(approval.await_approval, auth0, timeout=config.approval_timeout)
+        if metrics is not None:
+            approver = metrics.approvals(approver)
+            db.on_batch = metrics.batch_done
+        broker = Broker(db, vault, clock, provider, config.grant_ttl, approver, metrics=metrics)
         identity = StdioIdentity(auth0, verifier, refresh, refresh_client)
         specs = (demo.demo_listings() if config.demo else []) + file_specs
         if specs:
@@ -135,12 +144,15 @@ async def open_runtime(
             await broker.load_policy(start_policy, by="startup", transport="startup")
         if tenant is not None:
             await _fund_demo_wallet(broker, tenant.account)
+        if metrics is not None and config.metrics_port is not None:  # last: a port taken stops the start too
+            metrics.watch_grant_tokens(broker.grant_tokens)
+            metrics.serve(config.metrics_port)
     except BaseException:
         await auth0.aclose()
         await provider.aclose()
         await db.close()
         raise
-    return Runtime(config, db, auth0, provider, verifier, vault, broker, identity, tenant)
+    return Runtime(config, db, auth0, provider, verifier, vault, broker, identity, tenant, metrics)
 
 
 async def _fund_demo_wallet(broker: Broker, account: str) -> None:

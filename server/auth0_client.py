@@ -40,6 +40,13 @@ CIBA_GRANT = "urn:openid:params:grant-type:ciba"
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 USER_AGENT = "token-vault-mcp/0.1"
 RENEW_BEFORE = 60.0  # renew a cached Auth0 token this long before it expires
+# What a request hook (server.metrics) is told of an /oauth/token request: a fixed name, never a form value.
+GRANT_NAMES = {
+    "refresh_token": "refresh_token", TOKEN_VAULT_GRANT: "token_vault", DEVICE_CODE_GRANT: "device_code",
+    CIBA_GRANT: "ciba",
+}
+# Told of every HTTP attempt: (path, grant name or "", status or None for no answer, seconds).
+RequestHook = Callable[[str, str, int | None, float], None]
 
 
 class Auth0Error(Exception):
@@ -208,6 +215,7 @@ class Auth0Client:
         sleep: Sleep = asyncio.sleep,
         random: Callable[[], float] = _random.random,
         clock: Callable[[], float] = time.time,
+        on_request: RequestHook | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.client_id = client_id
@@ -221,6 +229,7 @@ class Auth0Client:
         self._sleep = sleep
         self._random = random
         self._clock = clock
+        self._on_request = on_request
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             transport=transport,
@@ -438,17 +447,24 @@ class Auth0Client:
             if auth is not None:
                 # Per attempt: a private_key_jwt assertion is single-use (its jti), so each try signs anew.
                 url, headers, body = auth.prepare(method, url, headers, body)
+        started, status = time.perf_counter(), None
         try:
             # asyncio.timeout as well as httpx's: a transport may ignore httpx timeouts (ASGI does).
             async with asyncio.timeout(budget):
-                return await self._http.request(
+                response = await self._http.request(
                     method, url, content=None if body is None else body.encode(), headers=headers, timeout=budget
                 )
+            status = response.status_code
+            return response
         except (TimeoutError, httpx.TimeoutException):
             raise Auth0Error("Auth0 did not answer in time") from None
         except (httpx.HTTPError, OSError) as exc:
             # OSError: an in-process transport can surface a socket error without httpx's wrapping.
             raise Auth0Error(f"Auth0 could not be reached ({type(exc).__name__})") from None
+        finally:
+            if self._on_request is not None:
+                grant = GRANT_NAMES.get((form or {}).get("grant_type", ""), "other") if path == "/oauth/token" else ""
+                self._on_request(path, grant, status, time.perf_counter() - started)
 
     def _token_set(self, data: dict[str, Any]) -> TokenSet:
         return _token_set(data, self._clock())

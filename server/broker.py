@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from server import audit, grants, ledger, market
 from server.api_calls import ApiCall, ApiCalls, ApiResult
@@ -36,6 +36,9 @@ from server.principal import Principal
 from server.provider import ProviderClient
 from server.store import Database, StoreUnavailable, Tx
 from server.vault import TokenVault, VaultToken
+
+if TYPE_CHECKING:  # only the type: prometheus_client stays out of the domain
+    from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -144,6 +147,7 @@ class Broker:
         provider: ProviderClient | None = None,
         grant_ttl: float = DEFAULT_GRANT_TTL,
         approver: Approver | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.db = db
         self.vault = vault
@@ -155,6 +159,7 @@ class Broker:
         self.control = Control(on_change=self._blocked_now)
         self.approver = approver  # asks the account's owner (Auth0 CIBA); None: nothing can be approved
         self._api_calls = ApiCalls(self)
+        self.metrics = metrics  # told of each tool call's answer by tools/registry (None: no metrics)
 
     def _blocked_now(self, agents: set[str]) -> None:
         """Agents the operator just blocked: their cached tokens go at once (their grants are closed)."""

@@ -55,6 +55,7 @@ class Config:
     api_max_bytes: int = DEFAULT_API_MAX_BYTES  # TVM_API_MAX_BYTES
     policy_file: Path | None = None  # TVM_POLICY_FILE
     approval_timeout: int = DEFAULT_APPROVAL_TIMEOUT  # TVM_APPROVAL_TIMEOUT
+    metrics_port: int | None = None  # TVM_METRICS_PORT: /metrics on 127.0.0.1 (SPEC §12); None = no metrics
 
     @property
     def demo(self) -> bool:
@@ -96,6 +97,7 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv: bool = True) -
     api_timeout = _seconds(env, "TVM_API_TIMEOUT", DEFAULT_API_TIMEOUT, MAX_API_TIMEOUT)
     api_max_bytes = _whole(env, "TVM_API_MAX_BYTES", DEFAULT_API_MAX_BYTES, MAX_API_MAX_BYTES)
     approval_timeout = _whole(env, "TVM_APPROVAL_TIMEOUT", DEFAULT_APPROVAL_TIMEOUT, MAX_APPROVAL_TIMEOUT)
+    metrics_port = _whole(env, "TVM_METRICS_PORT", 0, 65_535) or None  # 0: not set
     policy_file = Path(env["TVM_POLICY_FILE"]).expanduser() if "TVM_POLICY_FILE" in env else None
     if policy_file is not None and not policy_file.is_file():
         raise ConfigError(f"TVM_POLICY_FILE points to {policy_file}, which is not a readable file")
@@ -136,6 +138,7 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv: bool = True) -
         api_max_bytes=api_max_bytes,
         policy_file=policy_file,
         approval_timeout=approval_timeout,
+        metrics_port=metrics_port,
         credentials_file=Path(
             env.get("TVM_CREDENTIALS_FILE", str(Path(user_config_dir(APP_NAME, appauthor=False)) / "credentials.json"))
         ).expanduser(),

@@ -213,6 +213,8 @@ class BearerAuth:
 
     async def _audit(self, scope: Scope, known: Principal | None, error: BrokerError) -> None:
         """The refusal's event, folded: at most one a second per remote address, `suppressed` counting the rest."""
+        if self.runtime.metrics is not None:  # every refusal is counted; only its events are folded
+            self.runtime.metrics.refused(error)
         client = scope.get("client")
         remote = f"{client[0]}:{client[1]}" if client else None
         call = Call(tool=None, scope=None, transport=self.settings.transport,

@@ -9,6 +9,7 @@ import sys
 from server import demo
 from server.app import build_mcp, open_runtime
 from server.config import Config
+from server.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ async def serve_remote(config: Config, transport: str, host: str, port: int) -> 
 
     from server.remote import build_remote_app, remote_settings
 
+    if config.metrics_port == port:
+        raise ConfigError(f"TVM_METRICS_PORT must be another port than the server's own ({port})")
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)  # many concurrent clients: see above
     runtime = await open_runtime(config)
     try:

@@ -41,12 +41,17 @@ class TokenVault:
 
     An answer is reused only for the same account, connection, exact scope set and
     `login_hint`, for at most REUSE_FOR seconds and never within NOT_WITHIN seconds of its
-    expiry. Concurrent asks with the same key share one exchange (single flight).
+    expiry. Concurrent asks with the same key share one exchange (single flight). `on_reuse(hit)` is
+    told of each ask `fetch` answers (hit: from the cache) and of each answer `reusable` finds.
     """
 
-    def __init__(self, auth0: Auth0Client, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, auth0: Auth0Client, clock: Callable[[], float] = time.time,
+        on_reuse: Callable[[bool], None] | None = None,
+    ) -> None:
         self._auth0 = auth0
         self._clock = clock
+        self._on_reuse = on_reuse
         self._cache: dict[CacheKey, VaultToken] = {}
         self._flights: SingleFlight[CacheKey, VaultToken] = SingleFlight()
 
@@ -56,6 +61,8 @@ class TokenVault:
         """A token for `connection` covering `scopes`. Raises a BrokerError the tool can answer with."""
         key: CacheKey = (account, connection, frozenset(scopes), login_hint)
         cached = self._reused(key)
+        if self._on_reuse is not None:
+            self._on_reuse(cached is not None)
         if cached is not None:
             return cached
         self._cache.pop(key, None)
@@ -78,7 +85,10 @@ class TokenVault:
 
     def reusable(self, account: str, connection: str, scopes: list[str], login_hint: str | None) -> VaultToken | None:
         """The answer `fetch` would reuse for this ask right now, if any (no network)."""
-        return self._reused((account, connection, frozenset(scopes), login_hint))
+        found = self._reused((account, connection, frozenset(scopes), login_hint))
+        if found is not None and self._on_reuse is not None:  # a miss here goes on to `fetch`, which counts it
+            self._on_reuse(True)
+        return found
 
     def _reused(self, key: CacheKey) -> VaultToken | None:
         cached = self._cache.get(key)

@@ -7,6 +7,7 @@ check, validation or its audit event, and every failure is answered the same way
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -64,6 +65,22 @@ class ToolSpec(Generic[In, Out]):
         progress: Progress | None = None,
     ) -> Out | CallToolResult:
         """Authenticate, check scope, validate, run; any refusal becomes an `isError` result."""
+        started = time.perf_counter()
+        answer = await self._answer(broker, principals, transport, arguments, http_scope, progress)
+        error = answer if isinstance(answer, BrokerError) else None
+        if broker.metrics is not None:  # every tool call ends here, whatever its transport
+            broker.metrics.call_done(self.name, error, time.perf_counter() - started)
+        return error_result(answer) if isinstance(answer, BrokerError) else answer
+
+    async def _answer(
+        self,
+        broker: Broker,
+        principals: PrincipalSource,
+        transport: str,
+        arguments: dict[str, Any],
+        http_scope: Mapping[str, Any] | None,
+        progress: Progress | None,
+    ) -> Out | BrokerError:
         call = Call(tool=self.name, scope=self.scope, transport=transport, args=arguments, progress=progress)
         principal: Principal | None = None
         try:
@@ -75,14 +92,14 @@ class ToolSpec(Generic[In, Out]):
                 raise InvalidArgument(describe_validation(exc)) from None
             call.args = params.model_dump(exclude_none=True)
         except BrokerError as error:
-            return error_result(await broker.record(call, principal, error))
+            return await broker.record(call, principal, error)
         try:
             return await self.run(Invocation(broker, principal, call), params)
         except BrokerError as error:
-            return error_result(error)
+            return error
         except Exception as exc:
             log.error("tool %s failed unexpectedly: %s", self.name, describe_failure(exc))
-            return error_result(InternalError())
+            return InternalError()
 
     def to_mcp(self, broker: Broker, principals: PrincipalSource, transport: str) -> Tool:
         """The SDK's Tool, with our schema and our validation (the SDK passes arguments through)."""

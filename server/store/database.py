@@ -64,6 +64,7 @@ class Database:
         self._solo = 0  # leaders in a row that found no company (see write)
         self._closed = False
         self._names: dict[str, int] = {}  # audit name → id, as committed (see Tx.name_id)
+        self.on_batch: Callable[[int], None] | None = None  # told the jobs of each transaction run (metrics)
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str]) -> Database:
@@ -117,6 +118,8 @@ class Database:
         if outcomes is None:  # another process holds the write lock: wait for it off the loop
             self._solo = 0
             return await self._enqueue(job, first=True)
+        if self.on_batch is not None:
+            self.on_batch(1)
         ((ok, value),) = outcomes
         if ok:
             return cast(T, value)
@@ -167,6 +170,8 @@ class Database:
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 continue
+            if self.on_batch is not None:
+                self.on_batch(len(batch))
             for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
                 if future.done():
                     continue

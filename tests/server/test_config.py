@@ -25,6 +25,7 @@ def test_demo_defaults_and_domain_forms(tmp_path: Path) -> None:
     assert (demo.grant_ttl, demo.api_timeout, demo.api_max_bytes) == (300, 30.0, 262_144)
     tuned = load_config({"TVM_GRANT_TTL": "60", "TVM_API_TIMEOUT": "2.5", "TVM_API_MAX_BYTES": "1024"}, dotenv=False)
     assert (tuned.grant_ttl, tuned.api_timeout, tuned.api_max_bytes) == (60, 2.5, 1024)
+    assert demo.metrics_port is None and load_config({"TVM_METRICS_PORT": "9464"}, dotenv=False).metrics_port == 9464
     secret = load_config({"AUTH0_CLIENT_SECRET": "s3cr3t", "TVM_REFRESH_TOKEN": "r3fr3sh"}, dotenv=False)
     assert "s3cr3t" not in repr(secret) and "r3fr3sh" not in repr(secret)
 
@@ -49,6 +50,11 @@ def test_demo_defaults_and_domain_forms(tmp_path: Path) -> None:
         ({"TVM_API_TIMEOUT": "-1"}, "TVM_API_TIMEOUT"),
         ({"TVM_API_MAX_BYTES": "1e6"}, "TVM_API_MAX_BYTES"),
         ({"TVM_API_MAX_BYTES": "0"}, "TVM_API_MAX_BYTES"),
+        ({"TVM_METRICS_PORT": "0"}, "TVM_METRICS_PORT"),
+        ({"TVM_METRICS_PORT": "65536"}, "TVM_METRICS_PORT"),
+        ({"TVM_METRICS_PORT": "-1"}, "TVM_METRICS_PORT"),
+        ({"TVM_METRICS_PORT": "9464.0"}, "TVM_METRICS_PORT"),
+        ({"TVM_METRICS_PORT": "http://127.0.0.1:9464"}, "TVM_METRICS_PORT"),
     ],
 )
 def test_a_wrong_value_names_its_variable(env: dict[str, str], variable: str) -> None:
