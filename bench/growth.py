@@ -26,7 +26,8 @@ from server.broker import Broker, Call
 from server.demo import demo_listings
 from server.models import AuditRecord
 from server.principal import Principal
-from server.store import AuditFilter, Database, Tx
+from server.store import AuditFilter, Database
+from server.store.tx import SqliteTx
 
 ACCOUNTS = 100
 BUY_UNITS = 5
@@ -187,11 +188,11 @@ async def seed(path: Path, events: int) -> dict[str, Any]:
 def _flush(conn: sqlite3.Connection, rows: list[AuditRecord], names: dict[str, int]) -> None:
     """Store the chained rows as the product stores them (`Tx.insert_audit`), in one transaction."""
     conn.execute("BEGIN")
-    tx = Tx(conn, names)
+    tx = SqliteTx(conn, names)
     for record in rows:
         tx.insert_audit(record)
     conn.execute("COMMIT")
-    tx.names_committed()
+    tx.committed()
 
 
 @dataclass(frozen=True)

@@ -215,11 +215,12 @@ class Broker:
             self.control.admit(tx, principal, now)
         except (AgentBlocked, RateLimited) as error:
             source = (error.code, principal.account, principal.agent or "")
-            suppressed = self.control.fold(source, time.monotonic(), (call, principal, error))
+            suppressed = self.control.fold(source, time.monotonic(), (call, principal, error), tx)
             if suppressed is not None:
                 audit.append(tx, call.event(now, principal, error, args={"suppressed": suppressed}))
             return _Failed(error)
         call.admitted = True
+        tx.on_undo(lambda: setattr(call, "admitted", False))  # rolled back (or run again): not admitted yet
         return None
 
     async def flush_refusals(self, everything: bool = False) -> int:

@@ -4,7 +4,8 @@ Everything the operator sets lives in the database, so every process that shares
 remote servers, replicas) applies it on the next call: blocks and the policy are read inside the
 call's own transaction, and rate-limit buckets are rows updated there. What is per process is only
 a cache of the parsed policy (keyed by the database's control version) and the folding of floods
-of refusals into one audit event a second per source.
+of refusals into one audit event a second per source. Both change inside a call's transaction, so
+both are put back (Tx.on_undo) when that transaction is rolled back or run again.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class Control:
     def policy(self, tx: Tx) -> Policy:
         version = tx.control_version()
         if version != self._version:
+            before = (self._version, self._policy, self._blocked)
+            tx.on_undo(lambda: self._restore(*before))  # what this transaction read may never be committed
             stored = tx.get_meta("policy")
             text = stored.decode() if isinstance(stored, bytes) else stored
             self._policy = Policy.from_json(text) if text else Policy()
@@ -60,6 +63,9 @@ class Control:
             if newly and self._on_change is not None:
                 self._on_change(newly)
         return self._policy
+
+    def _restore(self, version: int | None, policy: Policy, blocked: set[str]) -> None:
+        self._version, self._policy, self._blocked = version, policy, blocked
 
     def rule(self, tx: Tx, principal: Principal) -> AgentRule:
         return self.policy(tx).rule_for(principal.agent)
@@ -140,10 +146,15 @@ class Control:
         return mode != "never" and listing_approval == "writes"
 
     # ---- floods -----------------------------------------------------------------------------
-    def fold(self, source: tuple[str, ...], now: float, last: Any = None) -> int | None:
+    def fold(self, source: tuple[str, ...], now: float, last: Any = None, tx: Tx | None = None) -> int | None:
         """Whether a refusal from `source` gets an event now: the count of earlier refusals folded into it,
-        or None (folded: `last` describes it, for the event that `due` hands out once its second is over)."""
+        or None (folded: `last` describes it, for the event that `due` hands out once its second is over).
+
+        Decided inside `tx` (the refusal's event, if any, is written there): undone if `tx` is rolled back."""
         fold = self._folds.get(source)
+        if tx is not None:
+            kept = None if fold is None else _Fold(fold.until, fold.suppressed, fold.last)
+            tx.on_undo(lambda: self._unfold(source, kept))
         if fold is not None and now < fold.until:
             fold.suppressed += 1
             fold.last = last
@@ -153,6 +164,12 @@ class Control:
         if len(self._folds) > 10_000:  # many sources: forget the ones whose second is over and nothing folded
             self._folds = {k: v for k, v in self._folds.items() if v.until > now or v.suppressed}
         return suppressed
+
+    def _unfold(self, source: tuple[str, ...], kept: _Fold | None) -> None:
+        if kept is None:
+            self._folds.pop(source, None)
+        else:
+            self._folds[source] = kept
 
     def due(self, now: float, everything: bool = False) -> list[tuple[int, Any]]:
         """Folded refusals whose second is over (or all of them): (how many, the last one), each once."""

@@ -1,6 +1,17 @@
-"""All persistence of the broker: SQLite through aiosqlite, every SQL statement in this package."""
+"""All persistence of the broker, every SQL statement in this package: SQLite (the embedded default) or
+PostgreSQL (replicas), behind one seam (server.store.base)."""
 
-from server.store.database import Database, StoreUnavailable
+from server.store.base import Database, DatabaseMissing, StoreUnavailable, open_database
+from server.store.database import SqliteDatabase
 from server.store.tx import AuditFilter, LedgerTotals, Tx
 
-__all__ = ["AuditFilter", "Database", "LedgerTotals", "StoreUnavailable", "Tx"]
+__all__ = [
+    "AuditFilter",
+    "Database",
+    "DatabaseMissing",
+    "LedgerTotals",
+    "SqliteDatabase",
+    "StoreUnavailable",
+    "Tx",
+    "open_database",
+]

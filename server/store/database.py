@@ -29,11 +29,11 @@ from typing import Any, TypeVar, cast
 
 import aiosqlite
 
+from server.store.base import Database, DatabaseMissing, Job, StoreUnavailable
 from server.store.schema import MIGRATIONS, SCHEMA_VERSION
-from server.store.tx import Tx
+from server.store.tx import SqliteTx
 
 T = TypeVar("T")
-Job = Callable[[Tx], T]
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 256
@@ -43,12 +43,8 @@ BUSY_TIMEOUT = 10.0  # seconds a transaction waits (on the worker thread) for an
 SOLO_CALLS = 8
 
 
-class StoreUnavailable(Exception):
-    """The database could not commit (disk, lock, corruption). Nothing of the batch was kept."""
-
-
-class Database:
-    """The broker's SQLite database. Open with `await Database.open(path)`."""
+class SqliteDatabase(Database):
+    """The broker's SQLite database. Open with `await SqliteDatabase.open(path)` (or `open_database`)."""
 
     def __init__(self, path: Path, conn: aiosqlite.Connection, hmac_key: bytes, *, inline: bool = True) -> None:
         self.path = path
@@ -67,9 +63,13 @@ class Database:
         self.on_batch: Callable[[int], None] | None = None  # told the jobs of each transaction run (metrics)
 
     @classmethod
-    async def open(cls, path: str | os.PathLike[str]) -> Database:
-        """Open (creating and migrating as needed) the database at `path`."""
+    async def open(cls, path: str | os.PathLike[str], *, create: bool = True) -> SqliteDatabase:
+        """Open (creating and migrating as needed) the database at `path`; with `create` false it must exist.
+
+        Raises DatabaseMissing."""
         file = Path(path)  # callers expand ~ (config does)
+        if not create and not await asyncio.to_thread(file.exists):
+            raise DatabaseMissing(f"there is no database at {file}")
         await asyncio.to_thread(file.parent.mkdir, parents=True, exist_ok=True)
         conn = await aiosqlite.connect(file, isolation_level=None, check_same_thread=False)
         try:
@@ -233,19 +233,19 @@ def _run_batch(
         if wait <= 0 and _busy(exc):
             return None
         return [(False, StoreUnavailable(str(exc)))] * len(batch)
-    tx = Tx(conn, names)
+    tx = SqliteTx(conn, names)
     if len(batch) == 1:
         return _run_alone(conn, tx, batch[0][0])
     outcomes: list[tuple[bool, Any]] = []
     for job, _ in batch:
         conn.execute("SAVEPOINT job")
-        mark = tx.names_mark()
+        mark = tx.mark()
         try:
             value = job(tx)
         except BaseException as exc:
             conn.execute("ROLLBACK TO job")
             conn.execute("RELEASE job")
-            tx.names_undo(mark)
+            tx.undo(mark)
             outcomes.append((False, exc))
         else:
             conn.execute("RELEASE job")
@@ -279,19 +279,20 @@ def _busy(exc: sqlite3.Error) -> bool:
     return (code & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) if isinstance(code, int) else False
 
 
-def _run_alone(conn: sqlite3.Connection, tx: Tx, job: Job[Any]) -> list[tuple[bool, Any]]:
+def _run_alone(conn: sqlite3.Connection, tx: SqliteTx, job: Job[Any]) -> list[tuple[bool, Any]]:
     """A batch of one needs no savepoint: its failure rolls the whole transaction back."""
     try:
         value = job(tx)
     except BaseException as exc:
         if conn.in_transaction:  # SQLite may have rolled back already (e.g. SQLITE_FULL)
             conn.execute("ROLLBACK")
+        tx.rolled_back()
         return [(False, exc)]
     failed = _commit(conn, tx)
     return [(True, value)] if failed is None else [(False, failed)]
 
 
-def _commit(conn: sqlite3.Connection, tx: Tx) -> StoreUnavailable | None:
+def _commit(conn: sqlite3.Connection, tx: SqliteTx) -> StoreUnavailable | None:
     """COMMIT (the durable fsync); on failure roll back and say why (nothing of the batch was kept)."""
     try:
         conn.execute("COMMIT")
@@ -301,6 +302,7 @@ def _commit(conn: sqlite3.Connection, tx: Tx) -> StoreUnavailable | None:
             conn.execute("ROLLBACK")
         except sqlite3.Error:  # pragma: no cover - the transaction is already gone
             pass
+        tx.rolled_back()
         return StoreUnavailable(str(exc))
-    tx.names_committed()
+    tx.committed()
     return None

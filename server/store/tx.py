@@ -1,14 +1,21 @@
 """Every SQL statement of the broker. Domain code calls these methods inside a job.
 
-A PostgreSQL backend would implement this same surface; nothing outside `server/store`
-writes SQL.
+`Tx` is the whole surface, written once in the SQL that SQLite and PostgreSQL both speak (`?`
+placeholders, upserts with qualified columns, CASE rather than two-argument max); a backend's
+subclass supplies its connection's `execute` and the few statements whose dialects differ
+(`SqliteTx` here, `server.store.postgres.PgTx`). Nothing outside `server/store` writes SQL.
+
+A job may run more than once (PostgreSQL retries a whole batch after a deadlock or a lost
+connection) or be rolled back after it ran (its savepoint, or a failed COMMIT). Python state a
+job changes must follow the database: audit name ids count only once committed, and a job that
+changes other state registers how to put it back with `on_undo`.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -77,66 +84,113 @@ class LedgerTotals:
     reserved_mismatches: list[int]
 
 
-class Tx:
-    """A transaction in progress on one SQLite connection."""
+# Where a transaction's bookkeeping stood (see Tx.mark): its new audit names and its undo hooks so far
+Mark = tuple[dict[str, int], int]
 
-    def __init__(self, conn: sqlite3.Connection, names: dict[str, int] | None = None) -> None:
-        self._c = conn
+
+class Tx:
+    """A transaction in progress. Subclasses set `_x` (execute one statement: a cursor) and the dialect hooks."""
+
+    _x: Callable[..., Any]
+
+    def __init__(self, names: dict[str, int] | None = None) -> None:
         # ids of audit names committed before this transaction (shared by the database's transactions),
         # and the ones this transaction found or added, which count only once it commits
         self._names: dict[str, int] = {} if names is None else names
         self._new_names: dict[str, int] = {}
+        self._undo: list[Callable[[], None]] = []  # puts back Python state this transaction's jobs changed
 
-    def savepoint(self) -> dict[str, int]:
+    # ---- bookkeeping: what holds only if the transaction commits ---------------------------
+    def on_undo(self, undo: Callable[[], None]) -> None:
+        """Run `undo` if what was just done is rolled back (its savepoint, the whole transaction, a retry)."""
+        self._undo.append(undo)
+
+    def mark(self) -> Mark:
+        """Where this transaction's names and undo hooks stand; `undo(mark)` after a rollback to here."""
+        return (dict(self._new_names) if self._new_names else {}, len(self._undo))
+
+    def undo(self, mark: Mark) -> None:
+        names, hooks = mark
+        self._new_names = names
+        while len(self._undo) > hooks:
+            self._undo.pop()()  # newest first
+
+    def committed(self) -> None:
+        """The transaction committed: its names' ids hold for good (names are never removed)."""
+        if self._new_names:
+            self._names.update(self._new_names)
+            self._new_names = {}
+        self._undo.clear()
+
+    def rolled_back(self) -> None:
+        """The whole transaction was rolled back: nothing it did holds."""
+        self.undo(({}, 0))
+
+    def savepoint(self) -> Mark:
         """Open a nested savepoint; undo it with `rollback_savepoint(mark)` or keep it with `release_savepoint`."""
-        self._c.execute("SAVEPOINT atomic")
-        return self.names_mark()
+        self._x("SAVEPOINT atomic")
+        return self.mark()
 
-    def rollback_savepoint(self, mark: dict[str, int]) -> None:
-        self._c.execute("ROLLBACK TO atomic")
-        self._c.execute("RELEASE atomic")
-        self.names_undo(mark)
+    def rollback_savepoint(self, mark: Mark) -> None:
+        self._x("ROLLBACK TO atomic")
+        self._x("RELEASE atomic")
+        self.undo(mark)
 
     def release_savepoint(self) -> None:
-        self._c.execute("RELEASE atomic")
+        self._x("RELEASE atomic")
 
-    # ---- meta -----------------------------------------------------------------------------
+    # ---- what each dialect says its own way ----------------------------------------------
     def get_meta(self, key: str) -> bytes | None:
-        row = self._c.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else bytes(row[0]) if isinstance(row[0], bytes | memoryview) else row[0]
+        """The value stored under `key` (bytes or text, as it was set), None when there is none."""
+        raise NotImplementedError
 
     def set_meta(self, key: str, value: bytes | str) -> None:
-        self._c.execute(
-            "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            (key, value),
-        )
+        raise NotImplementedError
+
+    def control_version(self) -> int:
+        """A number that changes with every block, unblock and policy load (0 before the first)."""
+        raise NotImplementedError
+
+    def bump_control_version(self) -> None:
+        raise NotImplementedError
+
+    def _insert_id(self, sql: str, params: Sequence[Any]) -> int:
+        """Run an INSERT into a table with an integer `id` the database assigns; that id."""
+        raise NotImplementedError
+
+    def _arg(self, key: str) -> str:
+        """SQL for the text of audit `args`' member `key`."""
+        raise NotImplementedError
+
+    def _arg_true(self, key: str) -> str:
+        """SQL that holds when audit `args`' member `key` is true."""
+        raise NotImplementedError
 
     # ---- accounts and transfers -----------------------------------------------------------
     def ensure_wallet(self, name: str) -> None:
-        self._c.execute("INSERT OR IGNORE INTO accounts(name, kind) VALUES (?, 'wallet')", (name,))
+        self._x("INSERT INTO accounts(name, kind) VALUES (?, 'wallet') ON CONFLICT DO NOTHING", (name,))
 
     def balance(self, name: str) -> int | None:
-        row = self._c.execute("SELECT balance FROM accounts WHERE name = ?", (name,)).fetchone()
+        row = self._x("SELECT balance FROM accounts WHERE name = ?", (name,)).fetchone()
         return None if row is None else int(row[0])
 
     def account_kind(self, name: str) -> str | None:
-        row = self._c.execute("SELECT kind FROM accounts WHERE name = ?", (name,)).fetchone()
+        row = self._x("SELECT kind FROM accounts WHERE name = ?", (name,)).fetchone()
         return None if row is None else str(row[0])
 
     def transfer(self, debit: str, credit: str, amount: int, reason: str, reference: str | None, ts: str) -> int:
         """Move `amount` from `debit` to `credit`; the CHECKs keep wallets non-negative."""
-        self._c.execute("UPDATE accounts SET balance = balance - ? WHERE name = ?", (amount, debit))
-        self._c.execute("UPDATE accounts SET balance = balance + ? WHERE name = ?", (amount, credit))
-        cur = self._c.execute(
+        self._x("UPDATE accounts SET balance = balance - ? WHERE name = ?", (amount, debit))
+        self._x("UPDATE accounts SET balance = balance + ? WHERE name = ?", (amount, credit))
+        return self._insert_id(
             "INSERT INTO transfers(ts, debit, credit, amount, reason, reference) VALUES (?, ?, ?, ?, ?, ?)",
             (ts, debit, credit, amount, reason, reference),
         )
-        return int(cur.lastrowid or 0)
 
     # ---- listings -------------------------------------------------------------------------
     def upsert_listing(self, listing: Listing) -> None:
         """Insert or update by id; `sold` is kept as it is."""
-        self._c.execute(
+        self._x(
             f"INSERT INTO listings({_LISTING_COLUMNS}) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT(id) DO UPDATE SET title = excluded.title, connection = excluded.connection, "
             "scopes = excluded.scopes, supply = excluded.supply, start_price = excluded.start_price, "
@@ -161,14 +215,14 @@ class Tx:
         )
 
     def get_listing(self, listing_id: str) -> Listing | None:
-        row = self._c.execute(f"SELECT {_LISTING_COLUMNS} FROM listings WHERE id = ?", (listing_id,)).fetchone()
+        row = self._x(f"SELECT {_LISTING_COLUMNS} FROM listings WHERE id = ?", (listing_id,)).fetchone()
         return None if row is None else _listing(row)
 
     def page_listings(
         self, *, after: str | None, connection: str | None, open_at: datetime | None, limit: int
     ) -> list[Listing]:
         """Listings ordered by id, after `after`; with `open_at`, only those not closed at that time."""
-        clauses, params = ["1"], []  # type: list[str], list[Any]
+        clauses, params = ["TRUE"], []  # type: list[str], list[Any]
         if after is not None:
             clauses.append("id > ?")
             params.append(after)
@@ -179,43 +233,44 @@ class Tx:
             clauses.append("closes_at >= ?")
             params.append(to_micros(open_at))
         params.append(limit)
-        rows = self._c.execute(
+        rows = self._x(
             f"SELECT {_LISTING_COLUMNS} FROM listings WHERE {' AND '.join(clauses)} ORDER BY id LIMIT ?", params
         ).fetchall()
         return [_listing(r) for r in rows]
 
     def add_sold(self, listing_id: str, units: int) -> bool:
         """Count `units` as sold unless that would exceed supply; True when it was counted."""
-        cur = self._c.execute(
+        cur = self._x(
             "UPDATE listings SET sold = sold + ? WHERE id = ? AND sold + ? <= supply", (units, listing_id, units)
         )
         return cur.rowcount == 1
 
     # ---- holdings -------------------------------------------------------------------------
     def add_units(self, account: str, listing_id: str, units: int, ts: str) -> Holding:
-        self._c.execute(
+        self._x(
             "INSERT INTO holdings(account, listing_id, units_bought, units_held, created_at) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT(account, listing_id) DO UPDATE SET "
-            "units_bought = units_bought + excluded.units_bought, units_held = units_held + excluded.units_held",
+            "units_bought = holdings.units_bought + excluded.units_bought, "
+            "units_held = holdings.units_held + excluded.units_held",
             (account, listing_id, units, units, ts),
         )
-        row = self._c.execute(
+        row = self._x(
             _HOLDING_SELECT + " WHERE h.account = ? AND h.listing_id = ?", (account, listing_id)
         ).fetchone()
         return _holding(row)
 
     def holdings_of(self, account: str, connection: str | None = None) -> list[Holding]:
         if connection is None:
-            rows = self._c.execute(_HOLDING_SELECT + " WHERE h.account = ? ORDER BY h.id", (account,))
+            rows = self._x(_HOLDING_SELECT + " WHERE h.account = ? ORDER BY h.id", (account,))
         else:
-            rows = self._c.execute(
+            rows = self._x(
                 _HOLDING_SELECT + " WHERE h.account = ? AND l.connection = ? ORDER BY h.id", (account, connection)
             )
         return [_holding(r) for r in rows.fetchall()]
 
     # ---- purchases ------------------------------------------------------------------------
     def find_purchase(self, account: str, idempotency_key: str) -> tuple[Receipt, str] | None:
-        row = self._c.execute(
+        row = self._x(
             "SELECT id, listing_id, units, unit_price, total, balance_after, units_held, purchased_at, fingerprint "
             "FROM purchases WHERE account = ? AND idempotency_key = ?",
             (account, idempotency_key),
@@ -227,7 +282,7 @@ class Tx:
     def insert_purchase(
         self, receipt: Receipt, *, account: str, idempotency_key: str | None, fingerprint: str, transfer_id: int
     ) -> None:
-        self._c.execute(
+        self._x(
             "INSERT INTO purchases(id, account, listing_id, units, unit_price, total, balance_after, units_held, "
             "purchased_at, idempotency_key, fingerprint, transfer_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -248,14 +303,14 @@ class Tx:
 
     # ---- reservations ---------------------------------------------------------------------
     def reserve_unit(self, holding_id: int, reservation_id: str, owner: str, ts: str) -> bool:
-        cur = self._c.execute(
+        cur = self._x(
             "UPDATE holdings SET units_held = units_held - 1, units_reserved = units_reserved + 1 "
             "WHERE id = ? AND units_held > 0",
             (holding_id,),
         )
         if cur.rowcount != 1:
             return False
-        self._c.execute(
+        self._x(
             "INSERT INTO reservations(id, holding_id, status, owner, created_at) VALUES (?, ?, 'pending', ?, ?)",
             (reservation_id, holding_id, owner, ts),
         )
@@ -263,14 +318,14 @@ class Tx:
 
     def spend_unit(self, holding_id: int, reservation_id: str, ts: str) -> bool:
         """Reserve and commit one unit at once (a reused Token Vault answer: nothing to wait for)."""
-        cur = self._c.execute(
+        cur = self._x(
             "UPDATE holdings SET units_held = units_held - 1, units_consumed = units_consumed + 1 "
             "WHERE id = ? AND units_held > 0",
             (holding_id,),
         )
         if cur.rowcount != 1:
             return False
-        self._c.execute(
+        self._x(
             "INSERT INTO reservations(id, holding_id, status, owner, created_at, settled_at) "
             "VALUES (?, ?, 'committed', '', ?, ?)",
             (reservation_id, holding_id, ts, ts),
@@ -282,7 +337,7 @@ class Tx:
 
         The owner (host:pid:start of the process holding it) only matters while it is pending: cleared.
         """
-        cur = self._c.execute(
+        cur = self._x(
             "UPDATE reservations SET status = ?, settled_at = ?, owner = '' WHERE id = ? AND status = 'pending'",
             (status, ts, reservation_id),
         )
@@ -292,13 +347,14 @@ class Tx:
             move = "units_consumed = units_consumed + 1"
         else:
             move = "units_held = units_held + 1"
-            self._c.execute(  # the token or grant it counted against max_grants_per_hour did not happen
-                "UPDATE usage SET amount = max(amount - 1, 0) WHERE kind = 'grants' AND (account, agent, period) = "
+            self._x(  # the token or grant it counted against max_grants_per_hour did not happen
+                "UPDATE usage SET amount = CASE WHEN amount > 0 THEN amount - 1 ELSE 0 END "
+                "WHERE kind = 'grants' AND (account, agent, period) = "
                 "(SELECT h.account, r.agent, r.counted FROM reservations r JOIN holdings h ON h.id = r.holding_id "
                 "WHERE r.id = ? AND r.counted IS NOT NULL)",
                 (reservation_id,),
             )
-        self._c.execute(
+        self._x(
             f"UPDATE holdings SET units_reserved = units_reserved - 1, {move} "
             "WHERE id = (SELECT holding_id FROM reservations WHERE id = ?)",
             (reservation_id,),
@@ -306,7 +362,7 @@ class Tx:
         return True
 
     def pending_reservations(self) -> list[Reservation]:
-        rows = self._c.execute(
+        rows = self._x(
             "SELECT r.id, r.holding_id, h.account, h.listing_id, l.connection, l.scopes, r.owner, r.created_at, "
             "r.agent, r.tool FROM reservations r JOIN holdings h ON h.id = r.holding_id "
             "JOIN listings l ON l.id = h.listing_id WHERE r.status = 'pending' ORDER BY r.created_at"
@@ -314,27 +370,17 @@ class Tx:
         return [Reservation(r[0], r[1], r[2], r[3], r[4], _strings(r[5]), r[6], r[7], r[8], r[9]) for r in rows]
 
     # ---- operator control (§9) --------------------------------------------------------------
-    def control_version(self) -> int:
-        row = self._c.execute("SELECT value FROM meta WHERE key = 'control_version'").fetchone()
-        return 0 if row is None else int(row[0])
-
-    def bump_control_version(self) -> None:
-        self._c.execute(
-            "INSERT INTO meta(key, value) VALUES ('control_version', 1) "
-            "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
-        )
-
     def block_reason(self, agent: str) -> str | None:
-        row = self._c.execute("SELECT reason FROM agent_blocks WHERE agent = ?", (agent,)).fetchone()
+        row = self._x("SELECT reason FROM agent_blocks WHERE agent = ?", (agent,)).fetchone()
         return None if row is None else str(row[0])
 
     def blocks(self) -> list[tuple[str, str, str, str]]:
         """(agent, reason, blocked_at, blocked_by) of every blocked agent."""
-        rows = self._c.execute("SELECT agent, reason, blocked_at, blocked_by FROM agent_blocks ORDER BY agent")
+        rows = self._x("SELECT agent, reason, blocked_at, blocked_by FROM agent_blocks ORDER BY agent")
         return [(str(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in rows]
 
     def set_block(self, agent: str, reason: str, ts: str, by: str) -> None:
-        self._c.execute(
+        self._x(
             "INSERT INTO agent_blocks(agent, reason, blocked_at, blocked_by) VALUES (?, ?, ?, ?) "
             "ON CONFLICT(agent) DO UPDATE SET reason = excluded.reason, blocked_at = excluded.blocked_at, "
             "blocked_by = excluded.blocked_by",
@@ -342,10 +388,10 @@ class Tx:
         )
 
     def clear_block(self, agent: str) -> bool:
-        return self._c.execute("DELETE FROM agent_blocks WHERE agent = ?", (agent,)).rowcount == 1
+        return self._x("DELETE FROM agent_blocks WHERE agent = ?", (agent,)).rowcount == 1
 
     def close_grants_of(self, agent: str, now: datetime) -> int:
-        return self._c.execute(
+        return self._x(
             "UPDATE grants SET closed_at = ? WHERE agent = ? AND closed_at IS NULL AND expires_at > ?",
             (to_micros(now), agent, to_micros(now)),
         ).rowcount
@@ -354,7 +400,7 @@ class Tx:
         """Take one token of the (account, agent) bucket (capacity `per_minute`, refilled at per_minute/60
         a second): 0 when taken, else the seconds until one is there (nothing taken)."""
         at = to_micros(now)
-        row = self._c.execute(
+        row = self._x(
             "SELECT tokens, updated_at FROM rate_buckets WHERE account = ? AND agent = ?", (account, agent)
         ).fetchone()
         tokens = float(per_minute) if row is None else float(row[0])
@@ -363,32 +409,34 @@ class Tx:
         tokens = min(tokens, float(per_minute))  # the policy may have lowered the rate
         if tokens < 1.0:
             return (1.0 - tokens) * 60.0 / per_minute
-        self._c.execute(
+        self._x(
             "INSERT INTO rate_buckets(account, agent, tokens, updated_at) VALUES (?, ?, ?, ?) "
             "ON CONFLICT(account, agent) DO UPDATE SET tokens = excluded.tokens, "
-            "updated_at = max(updated_at, excluded.updated_at)",
+            "updated_at = CASE WHEN excluded.updated_at > rate_buckets.updated_at THEN excluded.updated_at "
+            "ELSE rate_buckets.updated_at END",
             (account, agent, tokens - 1.0, at),
         )
         return 0.0
 
     def usage(self, account: str, agent: str, kind: str, period: str) -> int:
-        row = self._c.execute(
+        row = self._x(
             "SELECT amount FROM usage WHERE account = ? AND agent = ? AND kind = ? AND period = ?",
             (account, agent, kind, period),
         ).fetchone()
         return 0 if row is None else int(row[0])
 
     def add_usage(self, account: str, agent: str, kind: str, period: str, amount: int) -> None:
-        self._c.execute(
-            "INSERT INTO usage(account, agent, kind, period, amount) VALUES (?, ?, ?, ?, max(?, 0)) "
-            "ON CONFLICT(account, agent, kind, period) DO UPDATE SET amount = max(amount + ?, 0)",
-            (account, agent, kind, period, amount, amount),
+        self._x(
+            "INSERT INTO usage(account, agent, kind, period, amount) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(account, agent, kind, period) DO UPDATE SET amount = "
+            "CASE WHEN usage.amount + ? > 0 THEN usage.amount + ? ELSE 0 END",
+            (account, agent, kind, period, max(amount, 0), amount, amount),
         )
 
     def mark_reservation(self, reservation_id: str, agent: str, counted: str | None, tool: str) -> None:
         """Who holds a reservation, for which tool, and which hour's grant count it took (given back if it
         is refunded)."""
-        self._c.execute(
+        self._x(
             "UPDATE reservations SET agent = ?, counted = ?, tool = ? WHERE id = ?",
             (agent, counted, tool, reservation_id),
         )
@@ -397,7 +445,7 @@ class Tx:
         """(agent, calls, last call, accounts) of every agent in the audit log (one pass over it)."""
         seen: dict[str, tuple[int, str, list[str]]] = {}
         names = self.audit_names()
-        rows = self._c.execute(
+        rows = self._x(
             "SELECT agent, account, count(*), max(ts) FROM audit WHERE agent IS NOT NULL GROUP BY agent, account"
         )
         for agent_id, account_id, calls, last in rows:
@@ -409,7 +457,7 @@ class Tx:
 
     # ---- grants (§8) ----------------------------------------------------------------------
     def insert_grant(self, grant: Grant) -> None:
-        self._c.execute(
+        self._x(
             f"INSERT INTO grants({_GRANT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
             (grant.id, grant.account, grant.agent, grant.connection, json.dumps(list(grant.scopes)),
              grant.login_hint or "", grant.holding_id, grant.reservation_id, grant.token_id,
@@ -420,7 +468,7 @@ class Tx:
         self, account: str, agent: str, connection: str, scopes: Sequence[str], login_hint: str | None, now: datetime
     ) -> list[Grant]:
         """The caller's grants for exactly this ask that are live at `now`, the one that lasts longest first."""
-        rows = self._c.execute(
+        rows = self._x(
             f"SELECT {_GRANT_COLUMNS} FROM grants WHERE account = ? AND agent = ? AND connection = ? AND scopes = ? "
             "AND login_hint = ? AND expires_at > ? AND closed_at IS NULL ORDER BY expires_at DESC, id",
             (account, agent, connection, json.dumps(list(scopes)), login_hint or "", to_micros(now)),
@@ -428,7 +476,7 @@ class Tx:
         return [_grant(r) for r in rows]
 
     def live_grants(self, account: str, agent: str, now: datetime) -> list[Grant]:
-        rows = self._c.execute(
+        rows = self._x(
             f"SELECT {_GRANT_COLUMNS} FROM grants WHERE account = ? AND agent = ? AND expires_at > ? "
             "AND closed_at IS NULL ORDER BY expires_at, id",
             (account, agent, to_micros(now)),
@@ -437,22 +485,22 @@ class Tx:
 
     def set_grant_token(self, grant_id: str, token_id: bytes) -> None:
         """A grant re-exchanged its token (a restart, another replica, a provider 401): the new fingerprint."""
-        self._c.execute("UPDATE grants SET token_id = ? WHERE id = ?", (token_id, grant_id))
+        self._x("UPDATE grants SET token_id = ? WHERE id = ?", (token_id, grant_id))
 
     def grant_opening_events(self) -> dict[str, int]:
         """Per grant id, the count of call_api events that say they opened it (`new_grant` true)."""
         return {
             str(r[0]): int(r[1])
-            for r in self._c.execute(
-                "SELECT json_extract(args, '$.grant_id'), count(*) FROM audit "
+            for r in self._x(
+                f"SELECT {self._arg('grant_id')}, count(*) FROM audit "
                 "WHERE tool = (SELECT id FROM audit_names WHERE name = 'call_api') "
-                "AND json_extract(args, '$.new_grant') = 1 GROUP BY 1"
+                f"AND {self._arg_true('new_grant')} GROUP BY 1"
             )
         }
 
     def grant_reservations(self) -> dict[str, str]:
         """Reservation id → grant id, for every grant (the invariant checker)."""
-        return {str(r[0]): str(r[1]) for r in self._c.execute("SELECT reservation_id, id FROM grants")}
+        return {str(r[0]): str(r[1]) for r in self._x("SELECT reservation_id, id FROM grants")}
 
     # ---- audit ----------------------------------------------------------------------------
     def name_id(self, name: str | None) -> int | None:
@@ -463,38 +511,22 @@ class Tx:
         if found is None:
             found = self._new_names.get(name)
             if found is None:
-                row = self._c.execute("SELECT id FROM audit_names WHERE name = ?", (name,)).fetchone()
-                found = int(row[0]) if row else self._c.execute(
-                    "INSERT INTO audit_names(name) VALUES (?)", (name,)
-                ).lastrowid
-                assert found is not None
+                row = self._x("SELECT id FROM audit_names WHERE name = ?", (name,)).fetchone()
+                found = int(row[0]) if row else self._insert_id("INSERT INTO audit_names(name) VALUES (?)", (name,))
                 self._new_names[name] = found
         return found
 
-    def names_mark(self) -> dict[str, int]:
-        """Where the names seen in this transaction stand; `names_undo(mark)` after a rollback to here."""
-        return dict(self._new_names) if self._new_names else {}
-
-    def names_undo(self, mark: dict[str, int]) -> None:
-        self._new_names = mark
-
-    def names_committed(self) -> None:
-        """The transaction committed: its names' ids hold for good (names are never removed)."""
-        if self._new_names:
-            self._names.update(self._new_names)
-            self._new_names = {}
-
     def audit_names(self) -> dict[int, str]:
-        return {int(r[0]): r[1] for r in self._c.execute("SELECT id, name FROM audit_names")}
+        return {int(r[0]): r[1] for r in self._x("SELECT id, name FROM audit_names")}
 
     def audit_head(self) -> tuple[int, bytes] | None:
-        row = self._c.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+        row = self._x("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
         return None if row is None else (int(row[0]), bytes(row[1]))
 
     def insert_audit(self, record: AuditRecord) -> None:
         """Store an event (its names by id; its prev_hash is the previous row's hash, not stored)."""
         name = self.name_id
-        self._c.execute(
+        self._x(
             f"INSERT INTO audit({_AUDIT_ROW}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 record.id,
@@ -514,13 +546,13 @@ class Tx:
         )
 
     def audit_count(self) -> int:
-        return int(self._c.execute("SELECT count(*) FROM audit").fetchone()[0])
+        return int(self._x("SELECT count(*) FROM audit").fetchone()[0])
 
     def iter_audit_rows(self, chunk: int = 20_000) -> Iterator[tuple[Any, ...]]:
         """Every stored row in id order, names as ids: (id, ts, account, agent, tool, transport, scope,
         outcome, code, args, token_id, latency_ms, hash). What `audit verify` walks."""
         last = 0
-        execute = self._c.execute
+        execute = self._x
         while True:
             rows = execute(
                 f"SELECT {_AUDIT_ROW} FROM audit WHERE id > ? ORDER BY id LIMIT ?", (last, chunk)
@@ -543,7 +575,7 @@ class Tx:
             prev, expected = row[12], id_ + 1
 
     def find_audit(self, where: AuditFilter, limit: int | None = None, newest_first: bool = False) -> list[AuditRecord]:
-        clauses, params = ["1"], []  # type: list[str], list[Any]
+        clauses, params = ["TRUE"], []  # type: list[str], list[Any]
         for column, value in (
             ("account", where.account),
             ("agent", where.agent),
@@ -565,13 +597,14 @@ class Tx:
         order = "DESC" if newest_first else "ASC"
         sql = (  # the row, then its predecessor's hash
             f"SELECT {_AUDIT_ROW}, "
-            "CASE WHEN a.id = 1 THEN zeroblob(32) ELSE (SELECT p.hash FROM audit p WHERE p.id = a.id - 1) END "
+            "CASE WHEN a.id = 1 THEN ? ELSE (SELECT p.hash FROM audit p WHERE p.id = a.id - 1) END "
             f"FROM audit a WHERE {' AND '.join(clauses)} ORDER BY a.id {order}"
         )
+        params.insert(0, _GENESIS)
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)
-        rows = self._c.execute(sql, params).fetchall()
+        rows = self._x(sql, params).fetchall()
         if not rows:
             return []
         ids = {v for r in rows for v in r[2:9] if v is not None}
@@ -586,18 +619,18 @@ class Tx:
             marks = ", ".join("?" * len(part))
             found.update(
                 (int(r[0]), r[1])
-                for r in self._c.execute(f"SELECT id, name FROM audit_names WHERE id IN ({marks})", part)
+                for r in self._x(f"SELECT id, name FROM audit_names WHERE id IN ({marks})", part)
             )
         return found
 
     # ---- invariants -----------------------------------------------------------------------
     def ledger_totals(self) -> LedgerTotals:
-        c = self._c
-        balance_sum = int(c.execute("SELECT coalesce(sum(balance), 0) FROM accounts").fetchone()[0])
-        negative = [r[0] for r in c.execute("SELECT name FROM accounts WHERE kind = 'wallet' AND balance < 0")]
+        c = self._x
+        balance_sum = int(c("SELECT coalesce(sum(balance), 0) FROM accounts").fetchone()[0])
+        negative = [r[0] for r in c("SELECT name FROM accounts WHERE kind = 'wallet' AND balance < 0")]
         mismatched = [
             r[0]
-            for r in c.execute(
+            for r in c(
                 "SELECT a.name FROM accounts a WHERE a.balance <> "
                 "coalesce((SELECT sum(amount) FROM transfers WHERE credit = a.name), 0) - "
                 "coalesce((SELECT sum(amount) FROM transfers WHERE debit = a.name), 0)"
@@ -605,23 +638,23 @@ class Tx:
         ]
         holdings = [
             int(r[0])
-            for r in c.execute(
+            for r in c(
                 "SELECT id FROM holdings WHERE units_bought <> units_held + units_consumed + units_reserved "
                 "OR units_bought <> (SELECT coalesce(sum(units), 0) FROM purchases p "
                 "WHERE p.account = holdings.account AND p.listing_id = holdings.listing_id)"
             )
         ]
-        oversold = [r[0] for r in c.execute("SELECT id FROM listings WHERE sold > supply")]
+        oversold = [r[0] for r in c("SELECT id FROM listings WHERE sold > supply")]
         sold = [
             r[0]
-            for r in c.execute(
+            for r in c(
                 "SELECT id FROM listings l WHERE sold <> "
                 "(SELECT coalesce(sum(units), 0) FROM purchases p WHERE p.listing_id = l.id)"
             )
         ]
         reserved = [
             int(r[0])
-            for r in c.execute(
+            for r in c(
                 "SELECT id FROM holdings h WHERE units_reserved <> (SELECT count(*) FROM reservations r "
                 "WHERE r.holding_id = h.id AND r.status = 'pending') OR units_consumed <> "
                 "(SELECT count(*) FROM reservations r WHERE r.holding_id = h.id AND r.status = 'committed')"
@@ -631,16 +664,55 @@ class Tx:
 
     def token_events_by_reservation(self) -> tuple[set[str], dict[str, int]]:
         """Committed reservation ids, and per reservation id the count of ok request_token events with a token."""
-        committed = {r[0] for r in self._c.execute("SELECT id FROM reservations WHERE status = 'committed'")}
+        committed = {r[0] for r in self._x("SELECT id FROM reservations WHERE status = 'committed'")}
         counts = {
             str(r[0]): int(r[1])
-            for r in self._c.execute(
-                "SELECT json_extract(args, '$.reservation_id'), count(*) FROM audit "
+            for r in self._x(
+                f"SELECT {self._arg('reservation_id')}, count(*) FROM audit "
                 "WHERE tool = (SELECT id FROM audit_names WHERE name = 'request_token') "
                 "AND outcome = (SELECT id FROM audit_names WHERE name = 'ok') AND token_id IS NOT NULL GROUP BY 1"
             )
         }
         return committed, counts
+
+
+class SqliteTx(Tx):
+    """A transaction in progress on one SQLite connection."""
+
+    def __init__(self, conn: sqlite3.Connection, names: dict[str, int] | None = None) -> None:
+        super().__init__(names)
+        self._x = conn.execute
+
+    def get_meta(self, key: str) -> bytes | None:
+        row = self._x("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else bytes(row[0]) if isinstance(row[0], bytes | memoryview) else row[0]
+
+    def set_meta(self, key: str, value: bytes | str) -> None:
+        self._x(
+            "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    def control_version(self) -> int:
+        row = self._x("SELECT value FROM meta WHERE key = 'control_version'").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def bump_control_version(self) -> None:
+        self._x(
+            "INSERT INTO meta(key, value) VALUES ('control_version', 1) "
+            "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+        )
+
+    def _insert_id(self, sql: str, params: Sequence[Any]) -> int:
+        cur = self._x(sql, params)
+        assert cur.lastrowid is not None
+        return int(cur.lastrowid)
+
+    def _arg(self, key: str) -> str:
+        return f"json_extract(args, '$.{key}')"
+
+    def _arg_true(self, key: str) -> str:
+        return f"json_extract(args, '$.{key}') = 1"
 
 
 def _listing(row: Sequence[Any]) -> Listing:
