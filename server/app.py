@@ -23,7 +23,7 @@ from server.login import read_credentials
 from server.metrics import Metrics
 from server.policy import Policy, PolicyFileError, read_policy_file
 from server.provider import ProviderClient
-from server.store import Database, Tx
+from server.store import Database, Tx, open_database
 from server.textsafe import escape_controls
 from server.token_verifier import JwtVerifier
 from server.vault import TokenVault
@@ -120,7 +120,7 @@ async def open_runtime(
     )
     provider = ProviderClient(timeout=config.api_timeout, max_bytes=config.api_max_bytes, mounts=provider_mounts)
     try:
-        db = await Database.open(config.database)
+        db = await open_database(config.database_url or config.database)
     except BaseException:
         await auth0.aclose()
         await provider.aclose()

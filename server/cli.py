@@ -16,7 +16,7 @@ from server.clock import SystemClock, parse_rfc3339, rfc3339
 from server.config import Config, configure_logging, is_loopback_host, load_config
 from server.errors import BrokerError, ConfigError
 from server.ledger import MAX_CREDIT
-from server.store import AuditFilter, Database, Tx
+from server.store import AuditFilter, Database, DatabaseMissing, StoreUnavailable, Tx, open_database
 from server.textsafe import escape_controls
 
 OK, NO, USAGE = 0, 1, 2
@@ -44,6 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USAGE
     except BrokerError as exc:
         print(f"token-vault-mcp: {exc.render()}", file=sys.stderr)
+        return NO
+    except StoreUnavailable as exc:  # e.g. PostgreSQL down or unreachable
+        print(f"token-vault-mcp: the database is unavailable: {escape_controls(str(exc))}", file=sys.stderr)
         return NO
     except KeyboardInterrupt:
         return 130
@@ -168,14 +171,16 @@ def _time(text: str) -> str:
 def _with_db(config: Config, work: Callable[[Database], Awaitable[int]], *, create: bool = False) -> int:
     """Run `work` on the configured database; only commands that record something may create it.
 
-    Reading a mistyped TVM_DATABASE must not answer "chain OK: 0 events" from a fresh, empty file.
-    Raises ConfigError when the database is missing and `create` is false.
+    Reading a mistyped TVM_DATABASE must not answer "chain OK: 0 events" from a fresh, empty file (or a
+    PostgreSQL database without the schema). Raises ConfigError when the database is missing and `create`
+    is false.
     """
-    if not create and not config.database.exists():
-        raise ConfigError(f"TVM_DATABASE: there is no database at {config.database}")
 
     async def run() -> int:
-        db = await Database.open(config.database)
+        try:
+            db = await open_database(config.database_url or config.database, create=create)
+        except DatabaseMissing as exc:
+            raise ConfigError(f"TVM_DATABASE: {exc}") from None
         try:
             return await work(db)
         finally:

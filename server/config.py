@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from platformdirs import user_config_dir, user_data_dir
 
 from server.errors import ConfigError
+from server.store.base import is_database_url, shown_url
 
 APP_NAME = "token-vault-mcp"
 CLIENT_AUTH_METHODS = ("client_secret_post", "client_secret_basic", "private_key_jwt")
@@ -40,7 +41,7 @@ class Config:
     audience: str | None
     login_client_id: str | None
     refresh_token: str | None = field(repr=False)
-    database: Path
+    database: Path  # the SQLite file (TVM_DATABASE, or the default; unused when database_url is set)
     market_file: Path | None
     resource_url: str | None
     allowed_hosts: tuple[str, ...]
@@ -55,6 +56,8 @@ class Config:
     api_max_bytes: int = DEFAULT_API_MAX_BYTES  # TVM_API_MAX_BYTES
     policy_file: Path | None = None  # TVM_POLICY_FILE
     approval_timeout: int = DEFAULT_APPROVAL_TIMEOUT  # TVM_APPROVAL_TIMEOUT
+    # TVM_DATABASE=postgresql://…: PostgreSQL (SPEC §12) instead of the file (it may hold a password: no repr)
+    database_url: str | None = field(default=None, repr=False)
     metrics_port: int | None = None  # TVM_METRICS_PORT: /metrics on 127.0.0.1 (SPEC §12); None = no metrics
 
     @property
@@ -115,6 +118,7 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv: bool = True) -
     if market is not None and not market.is_file():
         raise ConfigError(f"TVM_MARKET_FILE points to {market}, which is not a readable file")
     data_dir = Path(user_data_dir(APP_NAME, appauthor=False))
+    database_url = _database_url(env["TVM_DATABASE"]) if is_database_url(env.get("TVM_DATABASE", "")) else None
     return Config(
         auth0_base_url=base_url,
         client_id=env.get("AUTH0_CLIENT_ID"),
@@ -123,8 +127,9 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv: bool = True) -
         login_client_id=env.get("TVM_LOGIN_CLIENT_ID"),
         refresh_token=env.get("TVM_REFRESH_TOKEN"),
         database=Path(env["TVM_DATABASE"]).expanduser()
-        if "TVM_DATABASE" in env
+        if "TVM_DATABASE" in env and database_url is None
         else data_dir / ("vault.db" if base_url else "demo.db"),
+        database_url=database_url,
         market_file=market,
         resource_url=resource_url,
         allowed_hosts=_csv(env.get("TVM_ALLOWED_HOSTS")),
@@ -168,6 +173,28 @@ def _whole(env: Mapping[str, str], name: str, default: int, most: int) -> int:
     if not (value.isascii() and value.isdigit()) or not 0 < int(value) <= most:
         raise ConfigError(f"{name} must be a whole number between 1 and {most}, not {value!r}")
     return int(value)
+
+
+def _database_url(url: str) -> str:
+    """A PostgreSQL URL, checked: postgresql://user@host:5432/db (libpq's parameters may follow). Raises ConfigError
+    (naming the URL without its password)."""
+    shown = shown_url(url)
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise ConfigError(f"TVM_DATABASE: the port of {shown} is not a number") from None
+    if not parts.path.strip("/"):
+        raise ConfigError(f"TVM_DATABASE must name the database, as in postgresql://user@host:5432/db, not {shown}")
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(url)
+    except ProgrammingError as exc:
+        reason = " ".join(str(exc).replace(url, shown).split())
+        raise ConfigError(f"TVM_DATABASE is not a PostgreSQL URL libpq accepts ({reason}): {shown}") from None
+    return url
 
 
 def _auth0_base_url(value: str) -> str:
