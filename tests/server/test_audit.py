@@ -6,7 +6,6 @@ import hashlib
 import hmac
 import itertools
 import json
-import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,7 +18,10 @@ from server.audit import Event
 from server.broker import Broker
 from server.clock import rfc3339
 from server.errors import AuditUnavailable
-from server.store import Database, Tx
+from server.store import Database, Tx, open_database
+from tests.conftest import side
+
+pytestmark = pytest.mark.both_backends
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 COLUMNS = "ts, account, agent, tool, transport, scope, outcome, code, args, token_id, latency_ms, hash"
@@ -42,9 +44,9 @@ def event(n: int, **changes: object) -> Event:
 
 
 @pytest.fixture
-def path(db_path: Path) -> Path:
-    """The file behind the `db` fixture, for tampering with it directly."""
-    return db_path
+def path(database: str) -> str:
+    """The store behind the `db` fixture (TVM_DATABASE), for tampering with it directly."""
+    return database
 
 
 async def append(db: Database, ev: Event) -> int:
@@ -60,15 +62,16 @@ def check(tx: Tx) -> audit.VerifyResult:
     return audit.verify_log(tx)
 
 
-def tamper(path: Path, *statements: str) -> None:
-    """Change the database behind the broker's back, as someone with the file could."""
-    side = sqlite3.connect(path)
-    try:
-        with side:
-            for statement in statements:
-                side.execute(statement)
-    finally:
-        side.close()
+def tamper(path: str, *statements: str) -> None:
+    """Change the database behind the broker's back, as someone with the file (or the database) could."""
+    with side(path) as other:
+        for statement in statements:
+            other.execute(statement)
+
+
+def dialect(path: str, sqlite: str, postgresql: str) -> str:
+    """The statement in the test store's own SQL, where the two differ."""
+    return postgresql if path.startswith("postgresql://") else sqlite
 
 
 # ---- the chain -------------------------------------------------------------------------------------
@@ -86,6 +89,15 @@ async def test_an_empty_log_verifies(db: Database) -> None:
     assert (await db.read(check)).ok
 
 
+# a name written over its id (SQLite stores what it is given) is, in PostgreSQL's typed columns, another name's id
+TYPED_EDITS = {
+    "UPDATE audit SET outcome = 'denied' WHERE id = 3":
+        "UPDATE audit SET outcome = (SELECT id FROM audit_names WHERE name = 'stdio') WHERE id = 3",
+    "UPDATE audit SET account = 'auth0|someone-else' WHERE id = 3":
+        "UPDATE audit SET account = (SELECT id FROM audit_names WHERE name = 'claude') WHERE id = 3",
+}
+
+
 @pytest.mark.parametrize(
     "edit",
     [
@@ -94,26 +106,32 @@ async def test_an_empty_log_verifies(db: Database) -> None:
         "UPDATE audit SET account = 'auth0|someone-else' WHERE id = 3",
         "UPDATE audit SET latency_ms = 0.5 WHERE id = 3",
         "UPDATE audit SET token_id = NULL WHERE id = 3",
-        "UPDATE audit SET token_id = zeroblob(32) WHERE id = 3",
+        "UPDATE audit SET token_id = ? WHERE id = 3",
         "UPDATE audit SET account = (SELECT account FROM audit WHERE id = 2) WHERE id = 3",
         "UPDATE audit SET scope = NULL WHERE id = 3",
         "UPDATE audit SET code = (SELECT outcome FROM audit WHERE id = 1) WHERE id = 3",
-        "UPDATE audit SET ts = 12 WHERE id = 3",
+        "UPDATE audit SET ts = ? WHERE id = 3",
         "UPDATE audit SET hash = 'abc' WHERE id = 3",
     ],
     ids=["args", "outcome-text", "account-text", "latency", "token-id-cleared", "token-id-set", "account-id",
          "scope-null", "code-set", "ts-number", "hash-text"],
 )
-async def test_editing_a_row_breaks_the_chain_at_that_event(db: Database, path: Path, edit: str) -> None:
+async def test_editing_a_row_breaks_the_chain_at_that_event(db: Database, path: str, edit: str) -> None:
     await five(db)
-    tamper(path, edit)
+    # 32 zero bytes; a number as a time (SQLite keeps it as stored, PostgreSQL's column is text)
+    value: tuple[object, ...] = (bytes(32),) if "token_id = ?" in edit else (12,) if "ts = ?" in edit else ()
+    if path.startswith("postgresql://"):  # PostgreSQL's columns take only their own type
+        value = ("12",) if "ts = ?" in edit else value
+        edit = TYPED_EDITS.get(edit, edit)
+    with side(path) as other:
+        other.execute(edit, value)
     result = await db.read(check)
     assert (result.ok, result.bad_id, result.checked) == (False, 3, 2)
     assert "edited" in (result.reason or "")
 
 
 async def test_an_edited_row_with_a_recomputed_hash_breaks_the_chain_at_the_next_event(
-    db: Database, path: Path
+    db: Database, path: str
 ) -> None:
     await five(db)
     third = (await db.read(lambda tx: list(tx.iter_audit())))[2]
@@ -122,25 +140,21 @@ async def test_an_edited_row_with_a_recomputed_hash_breaks_the_chain_at_the_next
         third.id, third.ts, third.account, third.agent, third.tool, third.transport, third.scope, third.outcome,
         third.code, forged_args, third.token_id, third.latency_ms,
     ))
-    side = sqlite3.connect(path)
-    try:
-        with side:
-            side.execute("UPDATE audit SET args = ?, hash = ? WHERE id = 3", (forged_args, forged))
-    finally:
-        side.close()
+    with side(path) as other:
+        other.execute("UPDATE audit SET args = ?, hash = ? WHERE id = 3", (forged_args, forged))
     result = await db.read(check)
     assert (result.ok, result.bad_id, result.checked) == (False, 4, 3)  # event 3 itself is consistent now
     assert "the event before it" in (result.reason or "")
 
 
-async def test_renaming_a_stored_name_breaks_the_chain_at_its_first_event(db: Database, path: Path) -> None:
+async def test_renaming_a_stored_name_breaks_the_chain_at_its_first_event(db: Database, path: str) -> None:
     await five(db)  # events 1, 3, 5 are auth0|user-1's
     tamper(path, "UPDATE audit_names SET name = 'auth0|someone-else' WHERE name = 'auth0|user-1'")
     result = await db.read(check)
     assert (result.ok, result.bad_id, result.checked) == (False, 1, 0)
 
 
-async def test_deleting_a_stored_name_breaks_the_chain_at_its_first_event(db: Database, path: Path) -> None:
+async def test_deleting_a_stored_name_breaks_the_chain_at_its_first_event(db: Database, path: str) -> None:
     await five(db)
     tamper(path, "DELETE FROM audit_names WHERE name = 'auth0|user-0'")  # events 2 and 4
     result = await db.read(check)
@@ -148,7 +162,7 @@ async def test_deleting_a_stored_name_breaks_the_chain_at_its_first_event(db: Da
     assert "edited" in (result.reason or "")
 
 
-async def test_deleting_a_middle_event_is_named(db: Database, path: Path) -> None:
+async def test_deleting_a_middle_event_is_named(db: Database, path: str) -> None:
     await five(db)
     tamper(path, "DELETE FROM audit WHERE id = 3")
     result = await db.read(check)
@@ -156,7 +170,7 @@ async def test_deleting_a_middle_event_is_named(db: Database, path: Path) -> Non
     assert "event 3 is missing" in (result.reason or "")
 
 
-async def test_deleting_the_newest_event_is_noticed(db: Database, path: Path) -> None:
+async def test_deleting_the_newest_event_is_noticed(db: Database, path: str) -> None:
     await five(db)
     tamper(path, "DELETE FROM audit WHERE id = 5")
     result = await db.read(check)
@@ -164,7 +178,7 @@ async def test_deleting_the_newest_event_is_noticed(db: Database, path: Path) ->
     assert "5" in (result.reason or "")
 
 
-async def test_a_cut_tail_stays_noticed_after_further_events(db: Database, path: Path) -> None:
+async def test_a_cut_tail_stays_noticed_after_further_events(db: Database, path: str) -> None:
     await five(db)
     tamper(path, "DELETE FROM audit WHERE id >= 4")
     assert await append(db, event(6)) == 6  # the next event continues the recorded chain, over the gap
@@ -173,7 +187,7 @@ async def test_a_cut_tail_stays_noticed_after_further_events(db: Database, path:
     assert "event 4 is missing" in (result.reason or "")
 
 
-async def test_deleting_the_recorded_head_is_noticed(db: Database, path: Path) -> None:
+async def test_deleting_the_recorded_head_is_noticed(db: Database, path: str) -> None:
     await five(db)
     tamper(path, f"DELETE FROM meta WHERE key = '{audit.HEAD_KEY}'", "DELETE FROM audit WHERE id = 5")
     result = await db.read(check)
@@ -181,9 +195,10 @@ async def test_deleting_the_recorded_head_is_noticed(db: Database, path: Path) -
     assert "head" in (result.reason or "")
 
 
-async def test_an_unreadable_recorded_head_is_reported_not_raised(db: Database, path: Path) -> None:
+async def test_an_unreadable_recorded_head_is_reported_not_raised(db: Database, path: str) -> None:
     await five(db)
-    tamper(path, f"UPDATE meta SET value = 'garbage' WHERE key = '{audit.HEAD_KEY}'")
+    tamper(path, dialect(path, f"UPDATE meta SET value = 'garbage' WHERE key = '{audit.HEAD_KEY}'",
+                         f"UPDATE meta SET text = 'garbage' WHERE key = '{audit.HEAD_KEY}'"))
     result = await db.read(check)
     assert not result.ok
     assert "unreadable" in (result.reason or "")
@@ -191,7 +206,7 @@ async def test_an_unreadable_recorded_head_is_reported_not_raised(db: Database, 
         await append(db, event(6))
 
 
-async def test_swapping_two_events_contents_breaks_the_chain(db: Database, path: Path) -> None:
+async def test_swapping_two_events_contents_breaks_the_chain(db: Database, path: str) -> None:
     await five(db)
     tamper(
         path,
@@ -224,7 +239,7 @@ async def test_verify_reports_progress_every_ten_thousand_events(db: Database) -
 
 # ---- what an event holds -------------------------------------------------------------------------------
 
-async def test_token_id_is_an_hmac_under_the_databases_own_key(tmp_path: Path, db: Database, path: Path) -> None:
+async def test_token_id_is_an_hmac_under_the_databases_own_key(tmp_path: Path, db: Database, path: str) -> None:
     token = "gho_live_token_abc123"
     mine = audit.token_fingerprint(db.hmac_key, token)
     assert mine == hmac.new(db.hmac_key, token.encode(), hashlib.sha256).digest()
@@ -238,12 +253,20 @@ async def test_token_id_is_an_hmac_under_the_databases_own_key(tmp_path: Path, d
         await other.close()
     await append(db, event(1, token_id=mine))
     await db.close()
-    again = await Database.open(path)
+    again = await open_database(path)
     try:
         assert audit.token_fingerprint(again.hmac_key, token) == mine  # stable: the key lives in the database
     finally:
         await again.close()
-    stored = b"".join(f.read_bytes() for f in path.parent.iterdir() if f.name.startswith(path.name))
+    if path.startswith("postgresql://"):
+        with side(path) as other:
+            assert other.execute("SELECT token_id FROM audit") == [(mine,)]
+            dump = "".join(str(row) for table in ("audit", "meta", "audit_names")
+                           for row in other.execute(f"SELECT * FROM {table}"))
+        assert token not in dump
+        return
+    file = Path(path)
+    stored = b"".join(f.read_bytes() for f in file.parent.iterdir() if f.name.startswith(file.name))
     assert mine in stored
     assert token.encode() not in stored
 
@@ -313,11 +336,16 @@ async def test_export_line_has_exactly_the_documented_keys(db: Database) -> None
 
 # ---- fail closed ---------------------------------------------------------------------------------------
 
-def break_audit_table(path: Path) -> None:
-    tamper(path, "CREATE TRIGGER t BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+def break_audit_table(path: str) -> None:
+    if path.startswith("postgresql://"):
+        tamper(path, "CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS "
+                     "$$BEGIN RAISE EXCEPTION 'disk full'; END$$",
+               "CREATE TRIGGER t BEFORE INSERT ON audit FOR EACH ROW EXECUTE FUNCTION disk_full()")
+    else:
+        tamper(path, "CREATE TRIGGER t BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'disk full'); END")
 
 
-async def test_append_raises_audit_unavailable_when_the_row_cannot_be_written(db: Database, path: Path) -> None:
+async def test_append_raises_audit_unavailable_when_the_row_cannot_be_written(db: Database, path: str) -> None:
     await append(db, event(1))
     break_audit_table(path)
     with pytest.raises(AuditUnavailable):
@@ -325,15 +353,12 @@ async def test_append_raises_audit_unavailable_when_the_row_cannot_be_written(db
     assert (await db.read(check)).ok  # nothing half-written: head and rows still agree
 
 
-def transfers(path: Path) -> int:
-    side = sqlite3.connect(path)
-    try:
-        return int(side.execute("SELECT count(*) FROM transfers").fetchone()[0])
-    finally:
-        side.close()
+def transfers(path: str) -> int:
+    with side(path) as other:
+        return int(other.execute("SELECT count(*) FROM transfers")[0][0])
 
 
-async def test_a_job_whose_event_cannot_be_written_leaves_no_transfer(db: Database, path: Path) -> None:
+async def test_a_job_whose_event_cannot_be_written_leaves_no_transfer(db: Database, path: str) -> None:
     break_audit_table(path)
 
     def credit_and_record(tx: Tx) -> int:
@@ -346,7 +371,7 @@ async def test_a_job_whose_event_cannot_be_written_leaves_no_transfer(db: Databa
     assert await db.read(lambda tx: tx.balance("auth0|alice")) is None
 
 
-async def test_an_operator_credit_fails_closed_when_the_audit_log_is_down(db: Database, path: Path) -> None:
+async def test_an_operator_credit_fails_closed_when_the_audit_log_is_down(db: Database, path: str) -> None:
     broker = Broker(db)
     assert await broker.credit("auth0|alice", 100) == 100
     break_audit_table(path)

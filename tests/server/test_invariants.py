@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from mcp import Client
 
 from server.app import Runtime
 from server.invariants import check_invariants
-from tests.conftest import ok
+from tests.conftest import Side, ok, side
 
-Corruption = Callable[[sqlite3.Connection], None]
+pytestmark = pytest.mark.both_backends
+Corruption = Callable[[Side], object]
 
 
 async def history(client: Client) -> None:
@@ -41,12 +40,13 @@ async def history(client: Client) -> None:
          "audit-edited"],
 )
 async def test_each_corruption_is_named(
-    client: Client, runtime: Runtime, db_path: Path, corrupt: Corruption, expected: str
+    client: Client, runtime: Runtime, database: str, corrupt: Corruption, expected: str
 ) -> None:
     await history(client)
     assert await runtime.db.read(check_invariants) == []
-    with sqlite3.connect(db_path) as side:
-        side.execute("PRAGMA ignore_check_constraints = ON")
-        corrupt(side)
+    with side(database) as other:
+        if not other.postgres:
+            other.execute("PRAGMA ignore_check_constraints = ON")
+        corrupt(other)
     problems = await runtime.db.read(check_invariants)
     assert any(expected in p for p in problems), problems

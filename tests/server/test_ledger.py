@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
-from pathlib import Path
-
 import pytest
 
 from server import ledger, market
@@ -14,54 +11,44 @@ from server.errors import InvalidArgument
 from server.invariants import check_invariants
 from server.ledger import MAX_BALANCE, MAX_CREDIT
 from server.store import Database, Tx
-from tests.conftest import DEMO_NOW
+from tests.conftest import DEMO_NOW, side
+
+pytestmark = pytest.mark.both_backends
 
 
-async def test_credits_are_capped_so_balances_never_overflow(tmp_path: Path) -> None:
-    db = await Database.open(tmp_path / "cap.db")
-    try:
-        broker = Broker(db)
-        for bad in (0, -5, MAX_CREDIT + 1):
-            with pytest.raises(InvalidArgument):
-                await broker.credit("auth0|big", bad)
-        for _ in range(MAX_BALANCE // MAX_CREDIT):
-            await broker.credit("auth0|big", MAX_CREDIT)
+async def test_credits_are_capped_so_balances_never_overflow(db: Database) -> None:
+    broker = Broker(db)
+    for bad in (0, -5, MAX_CREDIT + 1):
         with pytest.raises(InvalidArgument):
-            await broker.credit("auth0|big", 1)
-        assert await db.read(lambda tx: tx.balance("auth0|big")) == MAX_BALANCE
-        assert await db.read(check_invariants) == []
-    finally:
-        await db.close()
+            await broker.credit("auth0|big", bad)
+    for _ in range(MAX_BALANCE // MAX_CREDIT):
+        await broker.credit("auth0|big", MAX_CREDIT)
+    with pytest.raises(InvalidArgument):
+        await broker.credit("auth0|big", 1)
+    assert await db.read(lambda tx: tx.balance("auth0|big")) == MAX_BALANCE
+    assert await db.read(check_invariants) == []
 
 
-async def test_system_accounts_cannot_be_credited(tmp_path: Path) -> None:
-    db = await Database.open(tmp_path / "sys.db")
-    try:
-        for account in ("market", "mint"):
-            with pytest.raises(InvalidArgument):
-                await Broker(db).credit(account, 10)
-    finally:
-        await db.close()
+async def test_system_accounts_cannot_be_credited(db: Database) -> None:
+    for account in ("market", "mint"):
+        with pytest.raises(InvalidArgument):
+            await Broker(db).credit(account, 10)
 
 
-async def test_a_settled_reservation_forgets_its_owner(tmp_path: Path) -> None:
+async def test_a_settled_reservation_forgets_its_owner(db: Database, database: str) -> None:
     """The owning process (host:pid:start) matters only while a unit is reserved: settled rows drop it."""
-    db = await Database.open(tmp_path / "res.db")
-    try:
-        await db.write(lambda tx: market.load(tx, demo_listings()))
-        await Broker(db).credit("auth0|r", 10_000)
-        await db.write(lambda tx: ledger.buy(tx, "auth0|r", "github-repo-read", 2, 10_000, None, DEMO_NOW))
-        def reserve(tx: Tx) -> str:
-            return ledger.reserve(tx, "auth0|r", "github", ["repo:read"], "h:1:2", DEMO_NOW)[0]
+    await db.write(lambda tx: market.load(tx, demo_listings()))
+    await Broker(db).credit("auth0|r", 10_000)
+    await db.write(lambda tx: ledger.buy(tx, "auth0|r", "github-repo-read", 2, 10_000, None, DEMO_NOW))
 
-        first, second = await db.write(reserve), await db.write(reserve)
-        assert await db.write(lambda tx: ledger.settle(tx, first, committed=True, now=DEMO_NOW))
-        owners = await db.read(lambda tx: [r.owner for r in tx.pending_reservations()])
-        assert owners == ["h:1:2"]  # the pending one keeps it (recovery at start needs it)
-        assert await db.write(lambda tx: ledger.settle(tx, second, committed=False, now=DEMO_NOW))
-        assert await db.read(lambda tx: tx.pending_reservations()) == []
-    finally:
-        await db.close()
-    conn = sqlite3.connect(tmp_path / "res.db")
-    assert conn.execute("SELECT owner FROM reservations").fetchall() == [("",), ("",)]
-    conn.close()
+    def reserve(tx: Tx) -> str:
+        return ledger.reserve(tx, "auth0|r", "github", ["repo:read"], "h:1:2", DEMO_NOW)[0]
+
+    first, second = await db.write(reserve), await db.write(reserve)
+    assert await db.write(lambda tx: ledger.settle(tx, first, committed=True, now=DEMO_NOW))
+    owners = await db.read(lambda tx: [r.owner for r in tx.pending_reservations()])
+    assert owners == ["h:1:2"]  # the pending one keeps it (recovery at start needs it)
+    assert await db.write(lambda tx: ledger.settle(tx, second, committed=False, now=DEMO_NOW))
+    assert await db.read(lambda tx: tx.pending_reservations()) == []
+    with side(database) as conn:
+        assert conn.execute("SELECT owner FROM reservations") == [("",), ("",)]

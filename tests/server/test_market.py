@@ -16,6 +16,8 @@ from server.market import MarketFileError, parse_listings, read_market_file
 from server.models import Listing
 from server.store import Database, Tx
 
+pytestmark = pytest.mark.both_backends
+
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 US = timedelta(microseconds=1)
 

@@ -6,7 +6,6 @@ import json
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +20,8 @@ from server.policy import parse_policy
 from server.store import AuditFilter
 from tests.conftest import demo_runtime, held, ok, refused
 
+pytestmark = pytest.mark.both_backends
+
 API = DEMO_ISSUER + "provider/github"
 WINDOW = {"opens_at": datetime(2026, 1, 1, tzinfo=UTC), "closes_at": datetime(2030, 1, 1, tzinfo=UTC)}
 TOKEN = {"connection": "github", "scopes": ["repo:read"], "purpose": "read the repo"}
@@ -29,9 +30,9 @@ CALL = {"connection": "github", "scopes": ["repo:read"], "method": "GET", "purpo
 
 
 @pytest.fixture
-async def approving(tmp_path: Path, clock: ManualClock) -> AsyncIterator[Runtime]:
+async def approving(database: str, clock: ManualClock) -> AsyncIterator[Runtime]:
     """The demo runtime with listings that need approval; the demo user answers every second."""
-    async with demo_runtime(tmp_path / "v.db", clock, TVM_APPROVAL_TIMEOUT="3") as runtime:
+    async with demo_runtime(database, clock, TVM_APPROVAL_TIMEOUT="3") as runtime:
         yield await gated(runtime)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from mcp import Client
 
 from server import market
@@ -12,6 +13,8 @@ from server.clock import ManualClock
 from server.invariants import check_invariants
 from server.market import parse_listings
 from tests.conftest import ok, refused
+
+pytestmark = pytest.mark.both_backends
 
 BUY = {"listing_id": "github-repo-read", "units": 3, "max_unit_price": 100}
 

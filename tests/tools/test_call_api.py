@@ -21,8 +21,10 @@ from server.config import load_config
 from server.grants import GrantAsk
 from server.invariants import check_invariants
 from server.store import AuditFilter
-from tests.conftest import held, ok, refused, text_of
+from tests.conftest import held, ok, refused, side, text_of
 from tests.server.provider_harness import Provider, body_json, provider_api
+
+pytestmark = pytest.mark.both_backends
 
 LISTING = "github-api"
 SCOPES = ["repo:read"]
@@ -42,11 +44,11 @@ def listings(provider: Provider) -> list[market.ListingSpec]:
 class Setup:
     """A demo runtime with proxy listings on a real loopback provider, restartable on the same database."""
 
-    def __init__(self, tmp_path: Path, clock: ManualClock, provider: Provider) -> None:
-        self.db_path = tmp_path / "vault.db"
+    def __init__(self, database: str, clock: ManualClock, provider: Provider) -> None:
+        self.database = database
         self.clock = clock
         self.provider = provider
-        self.env: dict[str, str] = {"TVM_DATABASE": str(self.db_path)}
+        self.env: dict[str, str] = {"TVM_DATABASE": database}
         self.runtimes: list[Runtime] = []
 
     async def start(self, **env: str) -> Runtime:
@@ -70,8 +72,8 @@ async def provider() -> AsyncIterator[Provider]:
 
 
 @pytest.fixture
-async def setup(tmp_path: Path, clock: ManualClock, provider: Provider) -> AsyncIterator[Setup]:
-    s = Setup(tmp_path, clock, provider)
+async def setup(database: str, clock: ManualClock, provider: Provider) -> AsyncIterator[Setup]:
+    s = Setup(database, clock, provider)
     try:
         yield s
     finally:
@@ -88,6 +90,17 @@ async def api(setup: Setup, rt: Runtime) -> AsyncIterator[Client]:
     async with setup.client(rt) as c:
         await ok(c, "buy_quota", {"listing_id": LISTING, "units": 3, "max_unit_price": 100})
         yield c
+
+
+def stored_bytes(database: str) -> bytes:
+    """Everything the store holds: the SQLite files' bytes, or every row of every PostgreSQL table as text."""
+    if database.startswith("postgresql://"):
+        with side(database) as other:
+            tables = [t for (t,) in other.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+            return "".join(str(other.execute(f"SELECT * FROM {t}")) for t in tables).encode()
+    file = Path(database)
+    return b"".join(p.read_bytes() for p in file.parent.glob(file.name + "*"))
 
 
 def ask(url: str, **more: Any) -> dict[str, Any]:
@@ -401,7 +414,7 @@ async def test_the_token_reaches_no_result_database_wal_or_debug_log(
         exported = json.dumps(await events(runtime))
     tokens = [issue.access_token for issue in issued(runtime)]
     assert len(tokens) >= 2 and set(provider.tokens) <= set(tokens)
-    stored = b"".join(p.read_bytes() for p in setup.db_path.parent.glob(setup.db_path.name + "*"))
+    stored = stored_bytes(setup.database)
     logs = "\n".join(r.getMessage() for r in caplog.records)
     for token in tokens:
         assert token not in "".join(results)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 from mcp import Client
 
 from server.app import Runtime
 from tests.conftest import ok, refused
+
+pytestmark = pytest.mark.both_backends
 
 
 async def test_shows_the_demo_wallet_and_holdings(client: Client, runtime: Runtime) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from mcp import Client
 
 from server import market
@@ -12,6 +13,8 @@ from server.clock import ManualClock, parse_rfc3339
 from server.demo import DEMO_LISTINGS
 from server.pricing import price_at
 from tests.conftest import DEMO_NOW, ok, refused
+
+pytestmark = pytest.mark.both_backends
 
 
 async def test_listings_carry_the_price_of_this_moment(client: Client, clock: ManualClock) -> None:

@@ -18,6 +18,8 @@ from server.store import AuditFilter
 from tests.conftest import DEMO_NOW, held, refused
 from tools import ALL_TOOLS
 
+pytestmark = pytest.mark.both_backends
+
 ARGS: dict[str, dict[str, Any]] = {
     "list_market": {},
     "check_balance": {},
@@ -123,6 +125,7 @@ async def test_every_call_is_chained_into_the_audit_log(client: Client, runtime:
         assert rec.transport == "stdio"
 
 
+@pytest.mark.sqlite_only  # SQLite's writer runs a lone call inline, on the loop
 async def test_one_call_at_a_time_commits_inline_and_concurrent_calls_share_commits(
     client: Client, runtime: Any, batch_sizes: list[int]
 ) -> None:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import sqlite3
-from pathlib import Path
 from typing import Any
 
+import pytest
 from mcp import Client
 
 from server import audit
@@ -13,7 +12,9 @@ from server.app import Runtime
 from server.auth0_client import TOKEN_VAULT_GRANT
 from server.invariants import check_invariants
 from server.store import AuditFilter
-from tests.conftest import ok, refused
+from tests.conftest import ok, refused, side
+
+pytestmark = pytest.mark.both_backends
 
 ASK = {"connection": "github", "scopes": ["repo:read"], "purpose": "list open pull requests"}
 
@@ -164,13 +165,31 @@ async def test_bad_arguments_are_invalid_argument(client: Client) -> None:
         assert (await refused(client, "request_token", args)).startswith("[invalid_argument] "), args
 
 
+def audit_down(database: str) -> None:
+    """Make every audit insert fail, behind the broker's back (the disk is full, say)."""
+    with side(database) as other:
+        if other.postgres:
+            other.execute("CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS "
+                          "$$BEGIN RAISE EXCEPTION 'disk full'; END$$")
+            other.execute("CREATE TRIGGER audit_down BEFORE INSERT ON audit FOR EACH ROW EXECUTE FUNCTION disk_full()")
+        else:
+            other.execute("CREATE TRIGGER audit_down BEFORE INSERT ON audit "
+                          "BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+
+
+def audit_up(database: str) -> None:
+    with side(database) as other:
+        other.execute("DROP TRIGGER audit_down" + (" ON audit" if other.postgres else ""))
+        if other.postgres:
+            other.execute("DROP FUNCTION disk_full()")
+
+
 async def test_fail_closed_when_the_audit_log_cannot_be_written(
-    client: Client, runtime: Runtime, db_path: Path
+    client: Client, runtime: Runtime, database: str
 ) -> None:
     receipt = await ok(client, "buy_quota", {"listing_id": "github-repo-read", "units": 1, "max_unit_price": 100})
     before_events = len(await events(runtime))
-    with sqlite3.connect(db_path) as side:
-        side.execute("CREATE TRIGGER audit_down BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    audit_down(database)
     result = await client.call_tool("request_token", ASK)
     assert result.is_error
     assert "".join(getattr(b, "text", "") for b in result.content).startswith("[audit_unavailable] ")
@@ -178,8 +197,7 @@ async def test_fail_closed_when_the_audit_log_cannot_be_written(
     assert len(exchanges(runtime)) == 1  # the exchange happened, but its token was withheld
     bought = await client.call_tool("buy_quota", {"listing_id": "github-repo-read", "units": 1, "max_unit_price": 100})
     assert bought.is_error  # no debit without its event either
-    with sqlite3.connect(db_path) as side:
-        side.execute("DROP TRIGGER audit_down")
+    audit_up(database)
     assert len(await events(runtime)) == before_events
     assert await units(client) == {"github-repo-read": 1}
     assert (await ok(client, "check_balance", {}))["balance"] == receipt["balance_after"]
@@ -215,16 +233,14 @@ async def test_a_reused_answer_spends_its_unit_in_one_transaction(client: Client
 
 
 async def test_a_reused_answer_is_withheld_when_its_event_cannot_be_written(
-    client: Client, runtime: Runtime, db_path: Path
+    client: Client, runtime: Runtime, database: str
 ) -> None:
     await ok(client, "buy_quota", {"listing_id": "github-repo-read", "units": 2, "max_unit_price": 100})
     await ok(client, "request_token", ASK)
-    with sqlite3.connect(db_path) as side:
-        side.execute("CREATE TRIGGER audit_down BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    audit_down(database)
     result = await client.call_tool("request_token", ASK)
     assert result.is_error and result.structured_content is None
     assert "".join(getattr(b, "text", "") for b in result.content).startswith("[audit_unavailable] ")
-    with sqlite3.connect(db_path) as side:
-        side.execute("DROP TRIGGER audit_down")
+    audit_up(database)
     assert await units(client) == {"github-repo-read": 1}  # the unit was not spent
     assert await runtime.db.read(check_invariants) == []

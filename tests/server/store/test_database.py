@@ -1,4 +1,8 @@
-"""Group commit: jobs batch into one transaction, each in its own savepoint; audit name ids stay true."""
+"""Group commit: jobs batch into one transaction, each in its own savepoint; audit name ids stay true.
+
+The claims about names and savepoints hold on both backends; how SQLite's writer leads, runs inline
+and waits for its file's write lock is SQLite's alone (PostgreSQL's own: test_postgres.py).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,12 @@ import pytest
 
 from server import audit
 from server.audit import Event
-from server.store import Database, StoreUnavailable, Tx
+from server.store import Database, StoreUnavailable, Tx, open_database
 from server.store.database import SOLO_CALLS
+from tests.conftest import side
+
+pytestmark = pytest.mark.both_backends
+SQLITE_WRITER = pytest.mark.sqlite_only  # how SQLite's one connection leads, batches inline and waits for the file lock
 
 
 def event(account: str) -> Event:
@@ -50,22 +58,22 @@ async def test_concurrent_jobs_share_one_transaction_and_fail_alone(db: Database
     assert names == ["auth0|good-0", "auth0|good-1", "auth0|good-2", "auth0|good-3", "ok", "stdio", "t"]
 
 
-async def test_names_added_by_another_process_are_found(db: Database, db_path: Path) -> None:
+async def test_names_added_by_another_process_are_found(db: Database, database: str) -> None:
     await db.write(lambda tx: audit.append(tx, event("auth0|one")))
-    other = await Database.open(db_path)  # e.g. a CLI command next to the server
+    other = await open_database(database)  # e.g. a CLI command next to the server, or another replica
     try:
         await other.write(lambda tx: audit.append(tx, event("auth0|two")))
     finally:
         await other.close()
     await db.write(lambda tx: audit.append(tx, event("auth0|two")))
     await db.write(lambda tx: audit.append(tx, event("auth0|three")))
-    conn = sqlite3.connect(db_path)
-    rows = conn.execute("SELECT account FROM audit_events ORDER BY id").fetchall()
-    conn.close()
+    with side(database) as conn:
+        rows = conn.execute("SELECT account FROM audit_events ORDER BY id")
     assert rows == [("auth0|one",), ("auth0|two",), ("auth0|two",), ("auth0|three",)]
     assert (await db.read(audit.verify_log)).ok
 
 
+@SQLITE_WRITER
 async def test_one_job_at_a_time_runs_inline_and_still_fails_alone(db: Database) -> None:
     assert await db.write(lambda tx: audit.append(tx, event("auth0|one"))) == 1
     assert db._writer is None  # no writer task, no future: run in the caller's own turn
@@ -86,6 +94,7 @@ async def test_a_job_waits_for_a_group_commit_under_way(db: Database) -> None:
     assert (result.ok, result.checked) == (True, 6)
 
 
+@SQLITE_WRITER
 async def test_a_job_that_cannot_begin_keeps_nothing(db: Database, db_path: Path) -> None:
     side = sqlite3.connect(db_path, isolation_level=None)
     side.execute("BEGIN IMMEDIATE")  # another process holds the write lock
@@ -99,12 +108,14 @@ async def test_a_job_that_cannot_begin_keeps_nothing(db: Database, db_path: Path
     assert await db.write(lambda tx: audit.append(tx, event("auth0|one"))) == 1
 
 
+@SQLITE_WRITER
 async def test_jobs_ready_together_share_the_leaders_commit(db: Database, batch_sizes: list[int]) -> None:
     ids = await asyncio.gather(*(db.write(lambda tx, n=n: audit.append(tx, event(f"auth0|{n}"))) for n in range(12)))
     assert sorted(ids) == list(range(1, 13)) and batch_sizes == [12]
     assert ids[0] == 1  # the leader's job comes first in its batch
 
 
+@SQLITE_WRITER
 async def test_a_leader_cancelled_before_its_job_ran_leaves_the_others_to_commit(db: Database) -> None:
     leader = asyncio.ensure_future(db.write(lambda tx: audit.append(tx, event("auth0|gone"))))
     follower = asyncio.ensure_future(db.write(lambda tx: audit.append(tx, event("auth0|stays"))))
@@ -118,6 +129,7 @@ async def test_a_leader_cancelled_before_its_job_ran_leaves_the_others_to_commit
     assert await db.write(lambda tx: audit.append(tx, event("auth0|next"))) == 2  # nothing is left stuck
 
 
+@SQLITE_WRITER
 async def test_after_a_run_of_lone_calls_leaders_stop_waiting_but_still_probe(db: Database) -> None:
     waited: list[bool] = []
     for _ in range(3 * SOLO_CALLS):
@@ -128,6 +140,7 @@ async def test_after_a_run_of_lone_calls_leaders_stop_waiting_but_still_probe(db
     assert waited == [True] * SOLO_CALLS + probe + probe
 
 
+@SQLITE_WRITER
 async def test_overlapping_calls_after_a_lone_run_share_commits_again(db: Database, batch_sizes: list[int]) -> None:
     for n in range(3 * SOLO_CALLS + 1):  # a long run of lone calls: leaders no longer wait
         await db.write(lambda tx, n=n: audit.append(tx, event(f"auth0|lone-{n}")))
@@ -142,6 +155,7 @@ async def test_overlapping_calls_after_a_lone_run_share_commits_again(db: Databa
     assert (result.ok, result.checked) == (True, 3 * SOLO_CALLS + 1 + 50)
 
 
+@SQLITE_WRITER
 async def test_a_lock_held_elsewhere_is_waited_for_off_the_event_loop(db: Database, db_path: Path) -> None:
     side = sqlite3.connect(db_path, isolation_level=None)
     side.execute("BEGIN IMMEDIATE")  # another process holds the write lock
@@ -163,6 +177,7 @@ async def test_a_lock_held_elsewhere_is_waited_for_off_the_event_loop(db: Databa
     assert (result.ok, result.checked) == (True, 6)
 
 
+@SQLITE_WRITER
 async def test_a_lone_call_that_finds_the_lock_held_waits_for_it_without_blocking_the_loop(
     db: Database, db_path: Path
 ) -> None:
