@@ -76,6 +76,8 @@ class ApiCalls:
         def plan_call(tx: Tx, now: datetime) -> tuple[grants.Plan, bool]:
             self.b.control.check_connection(tx, principal, ask.connection)
             plan = grants.plan(tx, ask, self.b.owner, now)
+            if plan.grant is None:  # a new grant writes here anyway: its rate token too
+                self.b.settle_rate(tx, call, principal, now)
             approve = request.method not in ("GET", "HEAD") and self.b.control.writes_need_approval(
                 tx, principal, plan.holding.approval
             )  # a write under approval = "writes": its own approval, bound to its method and URL
@@ -85,6 +87,7 @@ class ApiCalls:
                 approve = approve or self.b.control.needs_approval(tx, principal, plan.holding.approval)
             return plan, approve
 
+        call.defer_rate = True  # inside a live grant, finding it writes nothing: the token is taken at the event
         plan, approve = await self.b._run(call, principal, plan_call, audit_ok=False)
         call.args = {**call.args, "url": plan.admitted.audit_url}
         sent = ProviderRequest(

@@ -57,6 +57,10 @@ class Call:
     args: Mapping[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     admitted: bool = False  # the kill switch and the rate limit let this call in (checked once per call)
+    # A call whose first transaction should write nothing (call_api inside a live grant: it only looks the
+    # grant up) checks its rate-limit token there and takes it in its next transaction (`settle_rate`).
+    defer_rate: bool = False
+    rate_owed: bool = False
     progress: Progress | None = None  # tells the client how a long wait (an approval) goes, if it asked
 
     def event(self, now: datetime, principal: Principal | None, error: BrokerError | None, **extra: Any) -> Event:
@@ -132,6 +136,11 @@ class _NotBlocked(BrokerError):
         super().__init__("that agent is not blocked")
 
 
+def _unadmit(call: Call) -> None:
+    call.admitted = False
+    call.rate_owed = False
+
+
 def _operator(by: str) -> Principal:
     return Principal(account=by, agent="operator", scopes=frozenset())
 
@@ -183,9 +192,12 @@ class Broker:
 
         def job(tx: Tx) -> R | _Failed:
             now = self.clock.now()
+            owed = call.rate_owed  # owed by an earlier transaction of this call: this one takes it
             refused = self._admit(tx, call, principal, now)
             if refused is not None:
                 return refused
+            if owed:
+                self.settle_rate(tx, call, principal, now)
             mark = None if reads_only else tx.savepoint()  # (a plain call: this runs for every tool call)
             try:
                 result = op(tx, now)
@@ -212,7 +224,7 @@ class Broker:
         if call.admitted or call.scope is None or principal is None:  # operator actions are not tool calls
             return None
         try:
-            self.control.admit(tx, principal, now)
+            self.control.admit(tx, principal, now, take=not call.defer_rate)
         except (AgentBlocked, RateLimited) as error:
             source = (error.code, principal.account, principal.agent or "")
             suppressed = self.control.fold(source, time.monotonic(), (call, principal, error), tx)
@@ -220,8 +232,18 @@ class Broker:
                 audit.append(tx, call.event(now, principal, error, args={"suppressed": suppressed}))
             return _Failed(error)
         call.admitted = True
-        tx.on_undo(lambda: setattr(call, "admitted", False))  # rolled back (or run again): not admitted yet
+        call.rate_owed = call.defer_rate
+        tx.on_undo(lambda: _unadmit(call))  # rolled back (or run again): not admitted yet
         return None
+
+    def settle_rate(self, tx: Tx, call: Call, principal: Principal | None, now: datetime) -> None:
+        """Take the rate-limit token a deferred call still owes (it may put the bucket in debt: calls that
+        passed the check together all pay, and later ones wait the longer)."""
+        if not call.rate_owed or principal is None:
+            return
+        self.control.take_owed(tx, principal, now)
+        call.rate_owed = False
+        tx.on_undo(lambda: setattr(call, "rate_owed", True))
 
     async def flush_refusals(self, everything: bool = False) -> int:
         """Write the folded refusals whose second is over: one event per source saying how many (its
@@ -252,6 +274,7 @@ class Broker:
             refused = self._admit(tx, call, principal, now)
             if refused is not None:
                 return refused.error
+            self.settle_rate(tx, call, principal, now)
             audit.append(tx, call.event(now, principal, error))
             return error
 

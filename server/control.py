@@ -71,8 +71,9 @@ class Control:
         return self.policy(tx).rule_for(principal.agent)
 
     # ---- every call ------------------------------------------------------------------------
-    def admit(self, tx: Tx, principal: Principal, now: datetime) -> None:
-        """A tool call may go on: its agent is not blocked and its (account, agent) bucket has a token.
+    def admit(self, tx: Tx, principal: Principal, now: datetime, take: bool = True) -> None:
+        """A tool call may go on: its agent is not blocked and its (account, agent) bucket has a token,
+        which is taken (or, with `take` false, only looked at: `take_owed` takes it later).
 
         Raises AgentBlocked (with the operator's reason) or RateLimited (with the seconds to wait).
         """
@@ -83,7 +84,7 @@ class Control:
             raise AgentBlocked(
                 f"the operator blocked agent {escape_controls(agent) or '(none)'}: {escape_controls(reason)}"
             )
-        wait = tx.take_rate_token(principal.account, agent, rule.calls_per_minute, now)
+        wait = tx.take_rate_token(principal.account, agent, rule.calls_per_minute, now, take=take)
         if wait > 0:
             seconds = max(1, math.ceil(wait))
             raise RateLimited(
@@ -91,6 +92,11 @@ class Control:
                 f"retry in {seconds} s",
                 seconds,
             )
+
+    def take_owed(self, tx: Tx, principal: Principal, now: datetime) -> None:
+        """Take the token `admit(take=False)` let a call in on, even into debt."""
+        rule = self.rule(tx, principal)
+        tx.take_rate_token(principal.account, principal.agent or "", rule.calls_per_minute, now, debt=True)
 
     # ---- rules of particular tools --------------------------------------------------------
     def check_connection(self, tx: Tx, principal: Principal, connection: str) -> AgentRule:

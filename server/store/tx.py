@@ -396,9 +396,13 @@ class Tx:
             (to_micros(now), agent, to_micros(now)),
         ).rowcount
 
-    def take_rate_token(self, account: str, agent: str, per_minute: int, now: datetime) -> float:
+    def take_rate_token(
+        self, account: str, agent: str, per_minute: int, now: datetime, *, take: bool = True, debt: bool = False
+    ) -> float:
         """Take one token of the (account, agent) bucket (capacity `per_minute`, refilled at per_minute/60
-        a second): 0 when taken, else the seconds until one is there (nothing taken)."""
+        a second): 0 when taken, else the seconds until one is there (nothing taken). With `take` false
+        nothing is written (a look only); with `debt` the token is taken even below zero (at most one
+        minute's worth of debt)."""
         at = to_micros(now)
         row = self._x(
             "SELECT tokens, updated_at FROM rate_buckets WHERE account = ? AND agent = ?", (account, agent)
@@ -407,8 +411,11 @@ class Tx:
         if row is not None and at > row[1]:
             tokens = min(float(per_minute), tokens + (at - int(row[1])) / 60e6 * per_minute)
         tokens = min(tokens, float(per_minute))  # the policy may have lowered the rate
-        if tokens < 1.0:
+        if tokens < 1.0 and not debt:
             return (1.0 - tokens) * 60.0 / per_minute
+        if not take:
+            return 0.0
+        tokens = max(tokens, 1.0 - per_minute)
         self._x(
             "INSERT INTO rate_buckets(account, agent, tokens, updated_at) VALUES (?, ?, ?, ?) "
             "ON CONFLICT(account, agent) DO UPDATE SET tokens = excluded.tokens, "

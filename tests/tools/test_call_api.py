@@ -444,3 +444,42 @@ async def test_a_grant_reservation_left_by_a_dead_process_is_refunded_at_start_a
     assert event["args"]["reason"] == "owner process died"
     assert await runtime.db.read(lambda tx: [h.units_held for h in tx.holdings_of("auth0|demo-user")]) == [1]
     assert await runtime.db.read(check_invariants) == []
+
+
+@pytest.mark.sqlite_only  # counts SQLite's changed rows per transaction
+async def test_a_call_inside_a_grant_writes_in_one_transaction_only(
+    api: Client, rt: Runtime, provider: Provider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await ok(api, "call_api", ask(provider.base_url + "/echo/open"))
+    writing: list[int] = []
+    real_write = rt.db.write
+    connection = rt.db._conn._conn  # type: ignore[attr-defined]  # the SQLite connection under the store
+
+    async def counted(job: Any) -> Any:
+        def measured(tx: Any) -> Any:
+            before = connection.total_changes
+            try:
+                return job(tx)
+            finally:
+                writing.append(connection.total_changes - before)
+
+        return await real_write(measured)
+
+    monkeypatch.setattr(rt.db, "write", counted)
+    await ok(api, "call_api", ask(provider.base_url + "/echo/inside"))
+    assert len(writing) == 2 and writing[0] == 0 and writing[1] > 0  # finding the grant writes nothing
+
+
+async def test_calls_inside_a_grant_still_keep_the_agents_rate(
+    api: Client, rt: Runtime, provider: Provider, clock: ManualClock
+) -> None:
+    import tomllib
+
+    from server.policy import parse_policy
+
+    await rt.broker.load_policy(parse_policy(tomllib.loads('[[agent]]\nid = "*"\ncalls_per_minute = 6')), by="t")
+    answers = [await api.call_tool("call_api", ask(provider.base_url + "/echo/x")) for _ in range(12)]
+    assert [a.is_error for a in answers] == [False] * 6 + [True] * 6
+    assert all(a.content[0].text.startswith("[rate_limited] ") for a in answers[6:])  # type: ignore[union-attr]
+    clock.advance(timedelta(seconds=10))
+    await ok(api, "call_api", ask(provider.base_url + "/echo/x"))

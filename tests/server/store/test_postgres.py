@@ -254,9 +254,9 @@ async def test_a_deadlock_retries_the_whole_call_and_keeps_one_event_per_effect(
         runs: list[int] = []
         real = broker.control.admit
 
-        def admit(tx: Tx, principal: Principal, now: datetime) -> None:
+        def admit(tx: Tx, principal: Principal, now: datetime, take: bool = True) -> None:
             runs.append(1)
-            real(tx, principal, now)
+            real(tx, principal, now, take)
 
         broker.control.admit = admit  # type: ignore[method-assign]
         holder = psycopg.connect(url, autocommit=True)  # another session: an operator's psql, say
