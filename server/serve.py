@@ -25,7 +25,7 @@ async def serve_stdio(config: Config) -> None:
     runtime = await open_runtime(config)
     try:
         if runtime.tenant is not None:
-            demo.banner(runtime.tenant.account, str(config.database))
+            demo.banner(runtime.tenant.account, str(runtime.db.path))
         refunded = await runtime.broker.recover_reservations()
         if refunded:
             log.warning("refunded %d reservation(s) left by a process that died", refunded)
@@ -62,7 +62,7 @@ async def serve_remote(config: Config, transport: str, host: str, port: int) -> 
             )
         )
         if runtime.tenant is not None:
-            demo.banner(runtime.tenant.account, str(config.database))
+            demo.banner(runtime.tenant.account, str(runtime.db.path))
             demo.remote_banner(runtime.tenant, f"http://{host}:{port}", transport)
         chores = asyncio.create_task(runtime.housekeeping())
         try:
