@@ -83,7 +83,7 @@ class ApiCalls:
             )  # a write under approval = "writes": its own approval, bound to its method and URL
             if plan.reservation_id is not None:  # a new grant counts against max_grants_per_hour
                 hour = self.b.control.count_grant(tx, principal, ask.connection, now)
-                tx.mark_reservation(plan.reservation_id, ask.agent, hour, "call_api")
+                tx.mark_reservation(plan.reservation_id, ask.agent, hour, "call_api", now + self.b.lease)
                 approve = approve or self.b.control.needs_approval(tx, principal, plan.holding.approval)
             return plan, approve
 
@@ -136,7 +136,13 @@ class ApiCalls:
         approve: bool,
     ) -> ApiResult:
         assert plan.reservation_id is not None
-        reservation_id = plan.reservation_id
+        with self.b.holding_one():
+            return await self._open(call, principal, ask, plan, sent, approve, plan.reservation_id)
+
+    async def _open(
+        self, call: Call, principal: Principal, ask: grants.GrantAsk, plan: grants.Plan, sent: ProviderRequest,
+        approve: bool, reservation_id: str,
+    ) -> ApiResult:
         try:
             if approve:
                 await self.b._approve(call, principal, ask.connection, ask.scopes, sent.method, call.args["url"])

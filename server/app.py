@@ -57,10 +57,25 @@ class Runtime:
     metrics: Metrics | None = None  # TVM_METRICS_PORT: serving /metrics
 
     async def housekeeping(self, every: float = 1.0) -> None:
-        """Work a serving process does on its own, once a second: write the counts of folded refusals."""
+        """Work a serving process does on its own: once a second, write the counts of folded refusals; every
+        third of a lease, renew the leases of the reservations it holds and refund those whose lease lapsed
+        (their process is gone, here or on another machine)."""
+        lease = self.broker.lease.total_seconds()
+        ticks = 0
         while True:
             await asyncio.sleep(every)
+            ticks += 1
             await self.broker.flush_refusals()
+            if ticks * every >= lease / 3:
+                ticks = 0
+                try:
+                    await self.broker.renew_leases()
+                    refunded = await self.broker.recover_reservations(transport="lease")
+                except Exception as exc:  # the database is away: try again next time
+                    log.error("lease housekeeping failed: %s", type(exc).__name__)
+                    continue
+                if refunded:
+                    log.warning("refunded %d reservation(s) whose lease lapsed", refunded)
 
     async def aclose(self) -> None:
         await self.broker.flush_refusals(everything=True)

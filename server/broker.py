@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from server import audit, grants, ledger, market
@@ -17,7 +18,7 @@ from server.api_calls import ApiCall, ApiCalls, ApiResult
 from server.approval import Progress
 from server.audit import Event
 from server.clock import Clock, SystemClock, rfc3339
-from server.config import DEFAULT_GRANT_TTL
+from server.config import DEFAULT_GRANT_TTL, DEFAULT_RESERVATION_LEASE
 from server.control import Control
 from server.errors import (
     AgentBlocked,
@@ -25,6 +26,7 @@ from server.errors import (
     AuditUnavailable,
     BrokerError,
     InternalError,
+    LeaseLapsed,
     RateLimited,
     Unauthenticated,
     describe_failure,
@@ -156,6 +158,7 @@ class Broker:
         provider: ProviderClient | None = None,
         grant_ttl: float = DEFAULT_GRANT_TTL,
         approver: Approver | None = None,
+        lease: float = DEFAULT_RESERVATION_LEASE,
         metrics: Metrics | None = None,
     ) -> None:
         self.db = db
@@ -167,6 +170,8 @@ class Broker:
         self.grant_tokens = grants.GrantTokens()
         self.control = Control(on_change=self._blocked_now)
         self.approver = approver  # asks the account's owner (Auth0 CIBA); None: nothing can be approved
+        self.lease = timedelta(seconds=lease)  # how long this process holds a reservation unrenewed
+        self.holding = 0  # reservations this process holds now (their leases are renewed while > 0)
         self._api_calls = ApiCalls(self)
         self.metrics = metrics  # told of each tool call's answer by tools/registry (None: no metrics)
 
@@ -349,34 +354,47 @@ class Broker:
             rid, holding = ledger.reserve(
                 tx, principal.account, connection, scopes, self.owner, now, ledger.tokens_may_leave(connection)
             )
-            tx.mark_reservation(rid, principal.agent or "", hour, "request_token")
+            tx.mark_reservation(rid, principal.agent or "", hour, "request_token", now + self.lease)
             return rid, holding, self.control.needs_approval(tx, principal, holding.approval)
 
         reservation_id, holding, approve = await self._run(call, principal, reserve, audit_ok=False)
-        try:
-            if approve:
-                await self._approve(call, principal, connection, scopes)
-            token = await vault.fetch(principal.account, principal.subject, connection, scopes, login_hint)
-        except BrokerError as error:
-            await self._refund(call, principal, reservation_id, error)
-            raise
-        except BaseException:
-            await self._refund(call, principal, reservation_id, InternalError())
-            raise
-        token_id = audit.token_fingerprint(self.db.hmac_key, token.access_token)
+        with self.holding_one():
+            try:
+                if approve:
+                    await self._approve(call, principal, connection, scopes)
+                token = await vault.fetch(principal.account, principal.subject, connection, scopes, login_hint)
+            except BrokerError as error:
+                await self._refund(call, principal, reservation_id, error)
+                raise
+            except BaseException:
+                await self._refund(call, principal, reservation_id, InternalError())
+                raise
+            token_id = audit.token_fingerprint(self.db.hmac_key, token.access_token)
 
-        def commit(tx: Tx, now: datetime) -> int:
-            ledger.settle(tx, reservation_id, committed=True, now=now)
-            return ledger.units_remaining(tx, principal.account, holding.id)
+            def commit(tx: Tx, now: datetime) -> int:
+                if not ledger.settle(tx, reservation_id, committed=True, now=now):
+                    raise LeaseLapsed()  # refunded meanwhile by another process: no token for a unit not spent
+                return ledger.units_remaining(tx, principal.account, holding.id)
 
-        try:
-            remaining = await self._run(
-                call, principal, commit, ok_extra=lambda _: _token_event(token_id, reservation_id, token)
-            )
-        except BrokerError as error:
-            await self._refund(call, principal, reservation_id, error)
-            raise
+            try:
+                remaining = await self._run(
+                    call, principal, commit, ok_extra=lambda _: _token_event(token_id, reservation_id, token)
+                )
+            except LeaseLapsed:
+                raise  # its event is written; the unit was refunded by the process that took the lease over
+            except BrokerError as error:
+                await self._refund(call, principal, reservation_id, error)
+                raise
         return _issued(token, token_id, connection, remaining)
+
+    @contextmanager
+    def holding_one(self) -> Iterator[None]:
+        """While a reservation of this process is pending: housekeeping renews its lease."""
+        self.holding += 1
+        try:
+            yield
+        finally:
+            self.holding -= 1
 
     async def _spend_on(
         self, call: Call, principal: Principal, connection: str, scopes: list[str], token: VaultToken
@@ -457,13 +475,17 @@ class Broker:
 
     # ---- start-up ------------------------------------------------------------------------
     async def recover_reservations(self, transport: str = "startup") -> int:
-        """Refund reservations whose process died, each with its own event."""
+        """Refund reservations whose process died (on this host), or whose lease lapsed (a replica elsewhere
+        that stopped renewing it), each with its own event. Returns how many."""
 
         def job(tx: Tx) -> int:
             refunded = 0
             now = self.clock.now()
             for res in tx.pending_reservations():
-                if res.owner == self.owner or owner_alive(res.owner):
+                if res.owner == self.owner:
+                    continue
+                lapsed = res.lease_until is not None and res.lease_until < now
+                if not lapsed and owner_alive(res.owner):
                     continue
                 ledger.settle(tx, res.id, committed=False, now=now)
                 audit.append(
@@ -477,13 +499,20 @@ class Broker:
                         tool=res.tool or "request_token",
                         scope="call:api" if res.tool == "call_api" else "request:token",
                         code="vault_unavailable",
-                        args={"reservation_id": res.id, "connection": res.connection, "reason": "owner process died"},
+                        args={"reservation_id": res.id, "connection": res.connection,
+                              "reason": "owner process died" if not lapsed else "lease lapsed"},
                     ),
                 )
                 refunded += 1
             return refunded
 
         return await self.db.write(job)
+
+    async def renew_leases(self) -> int:
+        """Keep this process's pending reservations its own (housekeeping does this every lease/3)."""
+        if self.holding <= 0:
+            return 0
+        return await self.db.write(lambda tx: tx.renew_leases(self.owner, self.clock.now() + self.lease))
 
     # ---- operator control (§9) ------------------------------------------------------------
     async def block_agent(self, agent: str, reason: str, by: str, transport: str = "cli") -> int:

@@ -29,6 +29,8 @@ DEFAULT_API_TIMEOUT = 30.0  # seconds one provider call may take
 MAX_API_TIMEOUT = 600.0
 DEFAULT_API_MAX_BYTES = 262_144  # a provider answer's body is cut beyond this
 MAX_API_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_RESERVATION_LEASE = 60  # seconds a reservation's holder has it before others may refund it (SPEC §12)
+MAX_RESERVATION_LEASE = 3600
 DEFAULT_APPROVAL_TIMEOUT = 300  # seconds the account's owner has to approve (SPEC §9)
 MAX_APPROVAL_TIMEOUT = 900
 
@@ -56,6 +58,7 @@ class Config:
     api_max_bytes: int = DEFAULT_API_MAX_BYTES  # TVM_API_MAX_BYTES
     policy_file: Path | None = None  # TVM_POLICY_FILE
     approval_timeout: int = DEFAULT_APPROVAL_TIMEOUT  # TVM_APPROVAL_TIMEOUT
+    reservation_lease: int = DEFAULT_RESERVATION_LEASE  # TVM_RESERVATION_LEASE
     # TVM_DATABASE=postgresql://…: PostgreSQL (SPEC §12) instead of the file (it may hold a password: no repr)
     database_url: str | None = field(default=None, repr=False)
     metrics_port: int | None = None  # TVM_METRICS_PORT: /metrics on 127.0.0.1 (SPEC §12); None = no metrics
@@ -100,6 +103,7 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv: bool = True) -
     api_timeout = _seconds(env, "TVM_API_TIMEOUT", DEFAULT_API_TIMEOUT, MAX_API_TIMEOUT)
     api_max_bytes = _whole(env, "TVM_API_MAX_BYTES", DEFAULT_API_MAX_BYTES, MAX_API_MAX_BYTES)
     approval_timeout = _whole(env, "TVM_APPROVAL_TIMEOUT", DEFAULT_APPROVAL_TIMEOUT, MAX_APPROVAL_TIMEOUT)
+    reservation_lease = _whole(env, "TVM_RESERVATION_LEASE", DEFAULT_RESERVATION_LEASE, MAX_RESERVATION_LEASE)
     metrics_port = _whole(env, "TVM_METRICS_PORT", 0, 65_535) or None  # 0: not set
     policy_file = Path(env["TVM_POLICY_FILE"]).expanduser() if "TVM_POLICY_FILE" in env else None
     if policy_file is not None and not policy_file.is_file():
@@ -143,6 +147,7 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv: bool = True) -
         api_max_bytes=api_max_bytes,
         policy_file=policy_file,
         approval_timeout=approval_timeout,
+        reservation_lease=reservation_lease,
         metrics_port=metrics_port,
         credentials_file=Path(
             env.get("TVM_CREDENTIALS_FILE", str(Path(user_config_dir(APP_NAME, appauthor=False)) / "credentials.json"))

@@ -15,6 +15,7 @@
     ├── AccountNotConnected      account_not_connected  denied
     ├── VaultDenied              vault_denied           denied
     ├── VaultUnavailable         vault_unavailable      error   (retryable; quota refunded)
+    │   └── LeaseLapsed                                    (the reservation's lease lapsed first)
     ├── RateLimited              rate_limited           error   (retry_after seconds)
     ├── ProxyOnly                proxy_only             denied  (use call_api: the listing keeps its token)
     ├── ApiNotAllowed            api_not_allowed        denied  (url or method outside the listing's api)
@@ -119,6 +120,15 @@ class VaultDenied(BrokerError):
 
 class VaultUnavailable(BrokerError):
     code = "vault_unavailable"
+
+
+class LeaseLapsed(VaultUnavailable):
+    """A reservation was refunded by another process before this one committed it (its lease lapsed)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the broker took too long and the reserved unit was given back; nothing was spent, try again"
+        )
 
 
 class RateLimited(BrokerError):

@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 
 from server import ledger
 from server.allowlist import AdmittedUrl, NotAllowed, admit
-from server.errors import ApiNotAllowed
+from server.errors import ApiNotAllowed, LeaseLapsed
 from server.models import Grant, Holding
 from server.store import Tx
 from server.vault import VaultToken
@@ -115,7 +115,8 @@ def open_grant(
     if other is not None:
         ledger.settle(tx, plan.reservation_id, committed=False, now=now)
         return other, False
-    ledger.settle(tx, plan.reservation_id, committed=True, now=now)
+    if not ledger.settle(tx, plan.reservation_id, committed=True, now=now):
+        raise LeaseLapsed()  # another process refunded it meanwhile: no grant for a unit not spent
     lasts = max(0.0, min(ttl, token_left - NOT_WITHIN))
     grant = Grant(
         id="gr_" + secrets.token_hex(12),

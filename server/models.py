@@ -91,6 +91,7 @@ class Reservation:
     created_at: str
     agent: str | None = None
     tool: str | None = None  # request_token or call_api (None: reserved before schema 5)
+    lease_until: datetime | None = None  # after this any process may refund it (None: before schema 6)
 
 
 class AuditRecord(NamedTuple):

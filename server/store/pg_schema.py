@@ -192,4 +192,7 @@ PG_MIGRATIONS: list[tuple[int, str]] = [
     ),
 ]
 
+PG_MIGRATIONS.append(
+    (6, "ALTER TABLE reservations ADD COLUMN lease_until BIGINT;")  # reservation leases, as SQLite's 6
+)
 PG_SCHEMA_VERSION = PG_MIGRATIONS[-1][0]

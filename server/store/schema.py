@@ -224,6 +224,12 @@ MIGRATIONS: list[str] = [
     ALTER TABLE reservations ADD COLUMN tool TEXT;
     INSERT INTO meta(key, value) VALUES ('control_version', 0) ON CONFLICT(key) DO NOTHING;
     """,
+    # 6: reservation leases (§12). The process holding a pending reservation renews its lease while it
+    # works; once the lease lapses any process sharing the database may refund it (a replica that died on
+    # another machine). Reservations from before have none: only their owner's death on this host frees them.
+    """
+    ALTER TABLE reservations ADD COLUMN lease_until INTEGER;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -364,10 +364,14 @@ class Tx:
     def pending_reservations(self) -> list[Reservation]:
         rows = self._x(
             "SELECT r.id, r.holding_id, h.account, h.listing_id, l.connection, l.scopes, r.owner, r.created_at, "
-            "r.agent, r.tool FROM reservations r JOIN holdings h ON h.id = r.holding_id "
+            "r.agent, r.tool, r.lease_until FROM reservations r JOIN holdings h ON h.id = r.holding_id "
             "JOIN listings l ON l.id = h.listing_id WHERE r.status = 'pending' ORDER BY r.created_at"
         ).fetchall()
-        return [Reservation(r[0], r[1], r[2], r[3], r[4], _strings(r[5]), r[6], r[7], r[8], r[9]) for r in rows]
+        return [
+            Reservation(r[0], r[1], r[2], r[3], r[4], _strings(r[5]), r[6], r[7], r[8], r[9],
+                        None if r[10] is None else from_micros(int(r[10])))
+            for r in rows
+        ]
 
     # ---- operator control (§9) --------------------------------------------------------------
     def block_reason(self, agent: str) -> str | None:
@@ -440,13 +444,23 @@ class Tx:
             (account, agent, kind, period, max(amount, 0), amount, amount),
         )
 
-    def mark_reservation(self, reservation_id: str, agent: str, counted: str | None, tool: str) -> None:
-        """Who holds a reservation, for which tool, and which hour's grant count it took (given back if it
-        is refunded)."""
+    def mark_reservation(
+        self, reservation_id: str, agent: str, counted: str | None, tool: str, lease_until: datetime | None = None
+    ) -> None:
+        """Who holds a reservation, for which tool, which hour's grant count it took (given back if it is
+        refunded), and until when its holder has it (its lease; renewed while the holder works)."""
         self._x(
-            "UPDATE reservations SET agent = ?, counted = ?, tool = ? WHERE id = ?",
-            (agent, counted, tool, reservation_id),
+            "UPDATE reservations SET agent = ?, counted = ?, tool = ?, lease_until = ? WHERE id = ?",
+            (agent, counted, tool, None if lease_until is None else to_micros(lease_until), reservation_id),
         )
+
+    def renew_leases(self, owner: str, until: datetime) -> int:
+        """Extend the leases of `owner`'s pending reservations to `until`; how many it holds."""
+        return int(self._x(
+            "UPDATE reservations SET lease_until = ? WHERE owner = ? AND status = 'pending' "
+            "AND lease_until IS NOT NULL",
+            (to_micros(until), owner),
+        ).rowcount)
 
     def agents_seen(self) -> list[tuple[str, int, str, list[str]]]:
         """(agent, calls, last call, accounts) of every agent in the audit log (one pass over it)."""

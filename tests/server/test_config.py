@@ -50,6 +50,8 @@ def test_demo_defaults_and_domain_forms(tmp_path: Path) -> None:
         ({"TVM_API_TIMEOUT": "-1"}, "TVM_API_TIMEOUT"),
         ({"TVM_API_MAX_BYTES": "1e6"}, "TVM_API_MAX_BYTES"),
         ({"TVM_API_MAX_BYTES": "0"}, "TVM_API_MAX_BYTES"),
+        ({"TVM_RESERVATION_LEASE": "0"}, "TVM_RESERVATION_LEASE"),
+        ({"TVM_RESERVATION_LEASE": "1.5"}, "TVM_RESERVATION_LEASE"),
         ({"TVM_METRICS_PORT": "0"}, "TVM_METRICS_PORT"),
         ({"TVM_METRICS_PORT": "65536"}, "TVM_METRICS_PORT"),
         ({"TVM_METRICS_PORT": "-1"}, "TVM_METRICS_PORT"),
