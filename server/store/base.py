@@ -14,10 +14,11 @@ URL is PostgreSQL, anything else the path of a SQLite file.
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 if TYPE_CHECKING:
@@ -49,6 +50,24 @@ def shown_url(url: str) -> str:
     user = parts.username or ""
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def deliver(batch: Sequence[tuple[Any, asyncio.Future[Any]]], outcomes: Sequence[tuple[bool, Any]]) -> None:
+    """Hand each job of a committed batch its outcome: its value, or its own exception."""
+    for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+        if future.done():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+def fail_all(batch: Sequence[tuple[Any, asyncio.Future[Any]]], exc: BaseException) -> None:
+    """The batch itself failed (not one job of it): every waiting call hears StoreUnavailable."""
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(StoreUnavailable(str(exc)))
 
 
 class Database:

@@ -29,7 +29,7 @@ from typing import Any, TypeVar, cast
 
 import aiosqlite
 
-from server.store.base import Database, DatabaseMissing, Job, StoreUnavailable
+from server.store.base import Database, DatabaseMissing, Job, StoreUnavailable, deliver, fail_all
 from server.store.schema import MIGRATIONS, SCHEMA_VERSION
 from server.store.tx import SqliteTx
 
@@ -164,21 +164,13 @@ class SqliteDatabase(Database):
                         _run_batch, self._conn._conn, batch, self._names, self.busy_timeout
                     )
             except BaseException as exc:  # the batch itself failed (not one job of it)
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(StoreUnavailable(str(exc)))
+                fail_all(batch, exc)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 continue
             if self.on_batch is not None:
                 self.on_batch(len(batch))
-            for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
-                if future.done():
-                    continue
-                if ok:
-                    future.set_result(value)
-                else:
-                    future.set_exception(value)
+            deliver(batch, outcomes)
 
 
 def _prepare(conn: sqlite3.Connection) -> tuple[bytes, bool]:

@@ -55,7 +55,7 @@ from typing import Any, TypeVar, cast
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from server.store.base import Database, DatabaseMissing, Job, StoreUnavailable, shown_url
+from server.store.base import Database, DatabaseMissing, Job, StoreUnavailable, deliver, fail_all, shown_url
 from server.store.pg_schema import PG_MIGRATIONS, PG_SCHEMA_VERSION
 from server.store.tx import Tx
 
@@ -210,21 +210,13 @@ class PgDatabase(Database):
             try:
                 outcomes = await loop.run_in_executor(self._write_thread, self._run, [j for j, _ in batch], True)
             except BaseException as exc:  # the batch itself failed (not one job of it)
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(StoreUnavailable(str(exc)))
+                fail_all(batch, exc)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 continue
             if self.on_batch is not None:
                 self.on_batch(len(batch))
-            for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
-                if future.done():
-                    continue
-                if ok:
-                    future.set_result(value)
-                else:
-                    future.set_exception(value)
+            deliver(batch, outcomes)
 
     # ---- on a worker thread -----------------------------------------------------------------
     def _run(self, jobs: list[Job[Any]], write: bool) -> list[tuple[bool, Any]]:
