@@ -17,12 +17,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
-from server.api_url import DEFAULT_PORTS, normalise_base
+from server.api_url import DEFAULT_PORTS, normalise_base, unsafe_chars
 
 MAX_URL_LENGTH = 8192
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
-
-
 class NotAllowed(ValueError):
     """The URL is malformed or outside every base (the message says which, without echoing the URL)."""
 
@@ -52,7 +50,7 @@ def _parse(url: str) -> tuple[str, list[str], str, str]:
     """(normal origin, decoded path segments, raw path, raw query). Raises NotAllowed."""
     if len(url) > MAX_URL_LENGTH:
         raise NotAllowed(f"the url is longer than {MAX_URL_LENGTH} characters")
-    if any(ch.isspace() or ch == "\\" or unicodedata.category(ch) in ("Cc", "Cf") for ch in url):
+    if unsafe_chars(url):
         raise NotAllowed("the url contains whitespace, a backslash or a control character")
     if "#" in url:
         raise NotAllowed("the url has a fragment")

@@ -18,12 +18,21 @@ from urllib.parse import unquote, urlsplit
 DEFAULT_PORTS = {"http": 80, "https": 443}
 _HOST_NAME = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?$")
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_ASCII_BAD = re.compile(r"[\x00-\x20\x7f\\]")  # whitespace, control characters and backslashes of ASCII
+
+
+def unsafe_chars(text: str) -> bool:
+    """Whether `text` has whitespace, a backslash, or a control or format character (bidi marks, …)."""
+    if text.isascii():  # almost every URL: one regex instead of a Unicode lookup per character
+        return _ASCII_BAD.search(text) is not None
+    return any(ch.isspace() or ch == "\\" or unicodedata.category(ch) in ("Cc", "Cf") for ch in text)
+
 
 
 def normalise_base(text: str) -> str:
     """The normal form of an API base URL. Raises ValueError saying what is wrong (one line)."""
     shown = json.dumps(text)  # quoted, with any control character escaped: the message stays one line
-    if any(ch.isspace() or ch == "\\" or unicodedata.category(ch) in ("Cc", "Cf") for ch in text):
+    if unsafe_chars(text):
         raise ValueError(f"{shown} contains whitespace, a backslash or a control character")
     try:
         parts = urlsplit(text)

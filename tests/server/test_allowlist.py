@@ -93,3 +93,17 @@ def test_an_admitted_url_never_leaves_its_base(tail: str) -> None:
     assert parts.netloc == "api.github.com" and parts.scheme == "https"
     segments = [unquote(s) for s in parts.path.split("/")[1:]]
     assert segments[0] == "repos" and ".." not in segments and "." not in segments
+
+
+@given(st.text(max_size=40))
+def test_the_ascii_fast_path_refuses_exactly_what_the_unicode_rule_refuses(text: str) -> None:
+    import unicodedata
+
+    from server.api_url import unsafe_chars
+
+    slow = any(ch.isspace() or ch == "\\" or unicodedata.category(ch) in ("Cc", "Cf") for ch in text)
+    assert unsafe_chars(text) is slow
+    ascii_text = text.encode("ascii", "replace").decode()
+    assert unsafe_chars(ascii_text) is any(
+        ch.isspace() or ch == "\\" or unicodedata.category(ch) in ("Cc", "Cf") for ch in ascii_text
+    )
