@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from bench import coldstart, growth, latency, report, throughput, workload
+from bench import coldstart, growth, latency, postgres, report, throughput, workload
 from bench.procs import ROOT, Server, child_env, floor_cmd, product_cmd, product_env, start, start_provider
 
-PHASES = ("latency", "throughput", "coldstart", "growth")
+PHASES = ("latency", "throughput", "coldstart", "growth", "postgres")
 THROUGHPUT_CASES = ("check_balance", "buy_quota", "request_token", "call_api")
 FULL = {
     "calls": 600, "batch": 5, "warmup": 30, "levels": "1,8,32,64", "seconds": 1.5, "rounds": 6,
@@ -159,6 +159,13 @@ def run(args: argparse.Namespace, workdir: Path) -> report.Results:
     if "growth" in phases:
         _say(f"growth: {args.events} events")
         results.growth = growth.growth(workdir, _ints(args.events), args.repeat)
+    if "postgres" in phases:
+        _say("PostgreSQL against SQLite: latency, replicas, audit verify")
+        pg_events = min(_ints(args.events)[-1], 100_000)
+        results.postgres = postgres.render(
+            postgres.measure(workdir, args.calls, args.batch, args.warmup, args.seconds, args.rounds, pg_events),
+            pg_events,
+        )
     results.seconds = time.perf_counter() - began
     return results
 

@@ -131,7 +131,7 @@ def start(label: str, transport: str, workdir: Path, cmd: list[str], env: dict[s
                      "/mcp" if transport == "http" else "/sse", errlog, errfile)
     if label == "product":
         try:
-            server.token = _demo_bearer_token(errlog, offset)
+            server.token = demo_bearer_token(errlog, offset)
         except BaseException:
             server.stop()
             raise
@@ -174,7 +174,7 @@ def _wait_until_listening(server: Server, port: int, limit: float = 60.0) -> Non
     raise BenchError(f"{server.label} ({server.transport}) did not listen within {limit:.0f} s")
 
 
-def _demo_bearer_token(errlog: Path, offset: int, limit: float = 30.0) -> str:
+def demo_bearer_token(errlog: Path, offset: int, limit: float = 30.0) -> str:
     """The demo bearer token `serve --transport http|sse` prints on stderr (README: remote demo)."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:

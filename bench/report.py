@@ -51,6 +51,7 @@ class Results:
     throughput: list[Throughput] = field(default_factory=list)
     cold: ColdStart | None = None
     growth: list[Growth] = field(default_factory=list)
+    postgres: list[str] = field(default_factory=list)  # its section, rendered by bench.postgres
 
 
 def _ms(seconds: float) -> str:
@@ -134,6 +135,7 @@ def render(results: Results, notes: str) -> str:
         lines += _cold(results.cold)
     if results.growth:
         lines += _growth(results.growth)
+    lines += results.postgres
     lines += [NOTES_MARKER, notes.strip("\n"), ""]
     return "\n".join(lines)
 

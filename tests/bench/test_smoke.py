@@ -21,8 +21,14 @@ def test_smoke_run_writes_every_table_with_no_errors_and_every_call_audited(tmp_
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = out.read_text(encoding="utf-8")
-    for heading in ("## 1. Sequential latency", "## 2. Throughput", "## 3. Cold start", "## 4. Growth"):
+    for heading in ("## 1. Sequential latency", "## 2. Throughput", "## 3. Cold start", "## 4. Growth",
+                    "## 5. PostgreSQL against SQLite"):
         assert heading in report
+    postgres = report.split("## 5. PostgreSQL against SQLite", 1)[1]
+    for setup in ("SQLite, 1 process", "PostgreSQL, 1 replica", "PostgreSQL, 2 replicas", "PostgreSQL, 3 replicas"):
+        [row] = [r for r in postgres.splitlines() if r.startswith(f"| {setup} |")]
+        assert int(row.split("|")[2]) > 0, row  # calls/s
+    assert "PostgreSQL" in postgres.split("`audit verify`", 1)[1]
     for transport in ("stdio", "http", "sse"):
         for case in ("request_token, fresh exchange", "call_api, inside a live grant", "call_api, opening a grant"):
             assert f"| {transport} | {case} |" in report
