@@ -128,6 +128,11 @@ def _parser() -> argparse.ArgumentParser:
     ps = pol.add_parser("show", help="the policy in force")
     ps.add_argument("--json", action="store_true")
     ps.set_defaults(handler=_policy_show)
+
+    dbs = _group(sub, "db", "the database itself")
+    dm = dbs.add_parser("migrate", help="copy the SQLite database of TVM_DATABASE into an empty PostgreSQL database")
+    dm.add_argument("--to", required=True, metavar="postgresql://USER@HOST:PORT/DB", help="the empty target")
+    dm.set_defaults(handler=_db_migrate)
     return p
 
 
@@ -606,6 +611,42 @@ def _policy_show(config: Config, args: argparse.Namespace) -> int:
         return OK
 
     return _with_db(config, work)
+
+
+# ---- the database (§12) -------------------------------------------------------------------------
+
+def _db_migrate(config: Config, args: argparse.Namespace) -> int:
+    from urllib.parse import urlsplit
+
+    from server.invariants import check_invariants
+    from server.store import migrate
+    from server.store.base import is_database_url, shown_url
+
+    if not is_database_url(args.to) or not urlsplit(args.to).path.strip("/"):
+        raise ConfigError(f"--to must name a PostgreSQL database, as in postgresql://user@host:5432/db, "
+                          f"not {shown_url(args.to)!r}")
+    if config.database_url is not None:
+        raise ConfigError("TVM_DATABASE: db migrate copies a SQLite database, and TVM_DATABASE names PostgreSQL")
+    show_progress = sys.stderr.isatty()
+
+    def progress(table: str, rows: int) -> None:
+        if show_progress:
+            print(f"\rcopying {table}: {rows} rows…\x1b[K", end="", file=sys.stderr, flush=True)
+
+    try:
+        done = asyncio.run(migrate.migrate(config.database, args.to, check=check_invariants, progress=progress))
+    except DatabaseMissing as exc:
+        raise ConfigError(f"TVM_DATABASE: {exc}") from None
+    except (migrate.MigrationRefused, migrate.MigrationFailed) as exc:
+        print(f"token-vault-mcp: {escape_controls(str(exc))}", file=sys.stderr)
+        return NO
+    finally:
+        if show_progress:
+            print(file=sys.stderr)
+    print(f"copied {escape_controls(str(config.database))} into {escape_controls(done.target)}")
+    print(_table(["table", "rows"], [[table, rows] for table, rows in done.rows.items()]))
+    print(f"audit: {done.events} events, head {done.head or '(none)'}; chain and ledger verified on the copy")
+    return OK
 
 
 def _operator_text(text: str, name: str, limit: int = 200) -> str:

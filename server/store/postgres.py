@@ -339,26 +339,7 @@ def _prepare(url: str, create: bool) -> bytes:
         conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
         try:
             with conn.transaction():
-                conn.execute(
-                    "CREATE TABLE IF NOT EXISTS schema_version ("
-                    "one BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one), version INTEGER NOT NULL)"
-                )
-                row = conn.execute("SELECT version FROM schema_version").fetchone()
-                version = 0 if row is None else int(row[0])
-                if version > PG_SCHEMA_VERSION:
-                    raise StoreUnavailable(
-                        f"the database schema is version {version}, newer than this program knows "
-                        f"({PG_SCHEMA_VERSION})"
-                    )
-                for target, script in PG_MIGRATIONS:
-                    if target > version:
-                        conn.execute(script)  # type: ignore[call-overload]  # a fixed script, several statements
-                        version = target
-                conn.execute(
-                    "INSERT INTO schema_version(version) VALUES (%s) "
-                    "ON CONFLICT (one) DO UPDATE SET version = excluded.version",
-                    (version,),
-                )
+                migrate_schema(conn)
                 found = conn.execute("SELECT bytes FROM meta WHERE key = 'token_hmac_key'").fetchone()
                 if found is not None:
                     return bytes(found[0])
@@ -368,3 +349,29 @@ def _prepare(url: str, create: bool) -> bytes:
                 return key
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+
+
+def migrate_schema(conn: psycopg.Connection[Any]) -> None:
+    """Create the schema, or bring it up to PG_SCHEMA_VERSION, inside the caller's transaction.
+
+    The caller holds MIGRATION_LOCK (one replica at a time). Raises StoreUnavailable for a schema newer
+    than this program knows, psycopg.Error.
+    """
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version ("
+        "one BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one), version INTEGER NOT NULL)"
+    )
+    row = conn.execute("SELECT version FROM schema_version").fetchone()
+    version = 0 if row is None else int(row[0])
+    if version > PG_SCHEMA_VERSION:
+        raise StoreUnavailable(
+            f"the database schema is version {version}, newer than this program knows ({PG_SCHEMA_VERSION})"
+        )
+    for target, script in PG_MIGRATIONS:
+        if target > version:
+            conn.execute(script)  # type: ignore[call-overload]  # a fixed script, several statements
+            version = target
+    conn.execute(
+        "INSERT INTO schema_version(version) VALUES (%s) ON CONFLICT (one) DO UPDATE SET version = excluded.version",
+        (version,),
+    )
