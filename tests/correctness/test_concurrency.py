@@ -1,6 +1,7 @@
 """Many clients at once, over Streamable HTTP and in process: no oversell, no overdraft, one charge per key.
 
-Fast by default; `TVM_SLOW=1` multiplies the number of clients and calls.
+Fast by default; `TVM_SLOW=1` multiplies the number of clients and calls. Runs on SQLite and on PostgreSQL
+(`both_backends`: a fresh database per test).
 """
 
 from __future__ import annotations
@@ -20,11 +21,15 @@ from mcp import Client
 from server import market
 from server.app import Runtime, build_mcp
 from server.clock import ManualClock
+from server.config import load_config
 from server.invariants import check_invariants
 from server.principal import Principal, SubjectToken
-from server.store import AuditFilter
+from server.store import AuditFilter, SqliteDatabase
 from tests.conftest import DEMO_NOW, held, text_of
+from tests.server import remote_harness
 from tests.server.remote_harness import ALL_SCOPES, Remote, remote_server
+
+pytestmark = pytest.mark.both_backends
 
 SCALE = 4 if os.environ.get("TVM_SLOW") == "1" else 1
 CLIENTS = 8 * SCALE
@@ -71,9 +76,19 @@ def _fixed(principal: Principal) -> Callable[[object], Awaitable[Principal]]:
     return principals
 
 
+def serve_from(monkeypatch: pytest.MonkeyPatch, database: str) -> None:
+    """Make `remote_server` open its runtime on `database` (TVM_DATABASE) rather than on a file of its own."""
+    monkeypatch.setattr(remote_harness, "load_config",
+                        lambda env, **kw: load_config({**env, "TVM_DATABASE": database}, **kw))
+
+
 @pytest.fixture(params=["http", "memory"])
-async def setup(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[Remote, CallTool]]:
+async def setup(
+    request: pytest.FixtureRequest, tmp_path: Path, database: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[Remote, CallTool]]:
+    serve_from(monkeypatch, database)
     async with held(remote_server(tmp_path, "http", ManualClock(DEMO_NOW))) as remote, AsyncExitStack() as stack:
+        assert isinstance(remote.runtime.db, SqliteDatabase) != database.startswith("postgresql://")
         specs = market.parse_listings({"listing": [LAST_UNITS, FLAT_TEN]})
         await remote.runtime.db.write(lambda tx: market.load(tx, specs))
         remote.tenant.state.add_user("auth0|carol")

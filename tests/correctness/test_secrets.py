@@ -1,5 +1,7 @@
 """No issued token, refresh token, client secret or bearer token reaches an audit row, a log line,
-stderr or an error text — across successes, refusals and failures, remote and local."""
+stderr or an error text — across successes, refusals and failures, remote and local. On SQLite and on
+PostgreSQL (`both_backends`), where the sweep reads what the server stored: every table's rows, every
+relation's pages as written to disk (dead rows and indexes too) and the write-ahead log of the test."""
 
 from __future__ import annotations
 
@@ -11,24 +13,70 @@ import pytest
 
 from server.app import Runtime
 from server.clock import ManualClock
-from server.store import AuditFilter
+from server.store import AuditFilter, SqliteDatabase
 from tests.conftest import DEMO_NOW, held, text_of
+from tests.correctness.test_concurrency import serve_from
 from tests.server.remote_harness import remote_server
 
+pytestmark = pytest.mark.both_backends
 ASK = {"connection": "github", "scopes": ["repo:read"], "purpose": "secrets sweep"}
 
 
-def database_bytes(runtime: Runtime) -> bytes:
-    path = runtime.db.path
-    return b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*"))
+def database_bytes(runtime: Runtime, database: str, wal_from: str | None) -> bytes:
+    """Everything the store holds: the SQLite file with its WAL and journal, or PostgreSQL's rows (binary COPY:
+    values as stored, out of TOAST), its relations' files after a checkpoint, and the WAL since `wal_from`."""
+    if isinstance(runtime.db, SqliteDatabase):
+        path = runtime.db.path
+        return b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*"))
+    import psycopg
+
+    chunks: list[bytes] = []
+    with psycopg.connect(database, autocommit=True) as conn:
+        tables = [r[0] for r in conn.execute(
+            "SELECT quote_ident(schemaname) || '.' || quote_ident(tablename) FROM pg_tables "
+            "WHERE schemaname NOT IN ('pg_catalog', 'information_schema')")]
+        assert "public.audit" in tables, tables
+        for table in tables:
+            with conn.cursor().copy(f"COPY {table} TO STDOUT (FORMAT binary)") as copy:
+                chunks.extend(bytes(block) for block in copy)
+        conn.execute("CHECKPOINT")  # every page the test wrote, on disk
+        files = [r[0] for r in conn.execute(
+            "SELECT pg_relation_filepath(c.oid) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE c.relkind IN ('r', 't', 'i') AND n.nspname NOT IN ('pg_catalog', 'information_schema')")]
+        assert files
+        if wal_from is not None:
+            files += [r[0] for r in conn.execute(
+                "SELECT 'pg_wal/' || w.name FROM pg_ls_waldir() w WHERE w.name ~ '^[0-9A-F]{24}$' "
+                "AND w.name >= pg_walfile_name(%s::pg_lsn) AND w.name <= pg_walfile_name(pg_current_wal_lsn())",
+                (wal_from,))]
+        for file in files:
+            row = conn.execute("SELECT pg_read_binary_file(%s::text)", (file,)).fetchone()
+            if row is not None and row[0] is not None:
+                chunks.append(bytes(row[0]))
+    return b"".join(chunks)
+
+
+def wal_position(database: str) -> str | None:
+    if not database.startswith("postgresql://"):
+        return None
+    import psycopg
+
+    with psycopg.connect(database, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+    assert row is not None
+    return str(row[0])
 
 
 async def test_no_secret_leaks_anywhere(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+    tmp_path: Path, database: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     caplog.set_level(logging.DEBUG)
     texts: list[str] = []
+    serve_from(monkeypatch, database)
+    wal_from = wal_position(database)
     async with held(remote_server(tmp_path, "http", ManualClock(DEMO_NOW))) as remote:
+        assert isinstance(remote.runtime.db, SqliteDatabase) != database.startswith("postgresql://")
         state = remote.tenant.state
         bearers = [remote.token("auth0|alice", azp=f"agent-{n}") for n in range(2)]
         async with held(remote.client(bearers[0])) as client:
@@ -52,10 +100,11 @@ async def test_no_secret_leaks_anywhere(
         assert len(state.vault_issues) >= 2
         records = await remote.runtime.db.read(lambda tx: tx.find_audit(AuditFilter()))
         audit_text = "\n".join(f"{r.args} {r.account} {r.agent} {r.code}" for r in records)
-        stored = database_bytes(remote.runtime)
+        stored = database_bytes(remote.runtime, database, wal_from)
     out, err = capfd.readouterr()
     logs = "\n".join(f"{r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
     assert len(texts) >= 6
+    assert b"secrets sweep" in stored  # the purpose of ASK: the sweep does see what the broker stored
     for secret in secrets:
         assert secret not in audit_text
         assert secret.encode() not in stored

@@ -7,6 +7,9 @@ provider API. The operator blocks and unblocks the agent and changes its policy,
 account's owner approves, denies or ignores the approvals a gated listing asks for. After
 every step the books must balance (`check_invariants`) and the tools must agree with the
 model. `TVM_SLOW=1` runs it longer.
+
+It runs on SQLite (a temporary file per example) and on PostgreSQL (TestBrokerMachineOnPostgresql: a
+database of its own per example, dropped after it; fewer examples by default, as each costs more).
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ import asyncio
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -35,6 +40,8 @@ from server.errors import ApprovalDenied, ApprovalTimeout
 from server.invariants import check_invariants
 from server.policy import parse_policy
 from server.principal import Principal, SubjectToken
+from server.store import SqliteDatabase
+from tests.conftest import PgDatabases, pg_url
 from tools import buy_quota, call_api, check_balance, request_token
 
 SLOW = os.environ.get("TVM_SLOW") == "1"
@@ -84,13 +91,28 @@ class Model:
 
 
 class BrokerMachine(RuleBasedStateMachine):
+    backend = "sqlite"
+
+    def open_store(self) -> str:
+        """TVM_DATABASE for this example's store, new and empty."""
+        self.dir = tempfile.mkdtemp(prefix="tvm-state-")
+        return str(Path(self.dir) / "v.db")
+
+    def close_store(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
-        self.dir = tempfile.mkdtemp(prefix="tvm-state-")
         self.clock = ManualClock(T0 + timedelta(days=1))  # all three listings open at the start
-        config = load_config({"TVM_DATABASE": str(Path(self.dir) / "v.db")}, dotenv=False)
-        self.runtime: Runtime = self.loop.run_until_complete(open_runtime(config, clock=self.clock))
+        config = load_config({"TVM_DATABASE": self.open_store()}, dotenv=False)
+        try:
+            self.runtime: Runtime = self.loop.run_until_complete(open_runtime(config, clock=self.clock))
+        except BaseException:
+            self.loop.close()
+            self.close_store()
+            raise
+        assert isinstance(self.runtime.db, SqliteDatabase) == (self.backend == "sqlite")
         tenant = self.runtime.tenant
         assert tenant is not None
         self.tenant = tenant
@@ -127,9 +149,11 @@ class BrokerMachine(RuleBasedStateMachine):
         return self.run(spec.call(self.runtime.broker, principals, "stdio", args))
 
     def teardown(self) -> None:
-        self.run(self.runtime.aclose())
-        self.loop.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            self.run(self.runtime.aclose())
+        finally:
+            self.loop.close()
+            self.close_store()
 
     # ---- rules ------------------------------------------------------------------------------
     @initialize(account=st.sampled_from(ACCOUNTS), indexes=st.sets(st.integers(0, len(LISTINGS) - 1)))
@@ -398,3 +422,35 @@ BrokerMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestBrokerMachine = BrokerMachine.TestCase
+
+
+class PgBrokerMachine(BrokerMachine):
+    """The same machine on PostgreSQL: each example on a database of its own, a copy of the session's schema
+    template (conftest's pg_databases makes the next ones while examples run), dropped after the example."""
+
+    backend = "postgresql"
+    databases: ClassVar[PgDatabases | None] = None  # set by TestBrokerMachineOnPostgresql
+
+    def open_store(self) -> str:
+        assert self.databases is not None, "run PgBrokerMachine through TestBrokerMachineOnPostgresql"
+        self.name = self.databases.take()
+        return pg_url(self.name)
+
+    def close_store(self) -> None:
+        assert self.databases is not None
+        self.databases.give_back(self.name)
+
+
+class TestBrokerMachineOnPostgresql(PgBrokerMachine.TestCase):  # type: ignore[misc,valid-type]
+    settings = settings(
+        max_examples=100 if SLOW else 10,
+        stateful_step_count=60 if SLOW else 25,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )
+
+    @pytest.fixture(autouse=True)
+    def _databases(self, pg_databases: PgDatabases) -> Iterator[None]:
+        PgBrokerMachine.databases = pg_databases
+        yield
+        PgBrokerMachine.databases = None
