@@ -96,17 +96,22 @@ def _commits(url: str) -> int:
         return int(row[0]) if row else 0
 
 
-def _cpu(pids: list[int]) -> float:
-    """CPU seconds (user + system) these processes have used so far."""
+def _cpu(pids: list[int]) -> dict[int, float]:
+    """CPU seconds (user + system) each of these processes has used so far."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
+    used: dict[int, float] = {}
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
+            used[pid] = (int(fields[11]) + int(fields[12])) / tick
         except (OSError, IndexError, ValueError):
             continue
-    return total
+    return used
+
+
+def _cpu_since(before: dict[int, float], pids: list[int]) -> float:
+    """CPU seconds used since `before` by these processes (new ones counted whole; exited ones are lost)."""
+    return sum(now - before.get(pid, 0.0) for pid, now in _cpu(pids).items())
 
 
 def _postgres_pids() -> list[int]:
@@ -200,12 +205,13 @@ async def throughput(groups: dict[str, tuple[list[Server], str | None]], seconds
         for turn in range(rounds):
             for label in order if turn % 2 == 0 else list(reversed(order)):
                 servers, url = groups[label]
-                pids = [s.process.pid for s in servers if s.process is not None] + (_postgres_pids() if url else [])
+                servers_pids = [s.process.pid for s in servers if s.process is not None]
+                pids = servers_pids + (_postgres_pids() if url else [])
                 before_cpu, before_tx = _cpu(pids), _commits(url) if url else 0
                 calls, elapsed = await _load(sessions[label], seconds)
                 totals[label][0] += calls
                 totals[label][1] += elapsed
-                totals[label][2] += _cpu(pids) - before_cpu
+                totals[label][2] += _cpu_since(before_cpu, servers_pids + (_postgres_pids() if url else []))
                 totals[label][3] += (_commits(url) - before_tx) if url else 0
     return [
         PgThroughput(label, int(t[0]), float(t[1]), float(t[2]), int(t[3]) if groups[label][1] else None)
