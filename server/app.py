@@ -147,7 +147,9 @@ async def open_runtime(
         if metrics is not None:
             approver = metrics.approvals(approver)
             db.on_batch = metrics.batch_done
-        broker = Broker(db, vault, clock, provider, config.grant_ttl, approver, metrics=metrics)
+        broker = Broker(
+            db, vault, clock, provider, config.grant_ttl, approver, lease=config.reservation_lease, metrics=metrics
+        )
         identity = StdioIdentity(auth0, verifier, refresh, refresh_client)
         specs = (demo.demo_listings() if config.demo else []) + file_specs
         if specs:

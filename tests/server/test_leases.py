@@ -107,3 +107,10 @@ async def test_a_grant_whose_reservation_lapsed_does_not_open(
     balance = await ok(client, "check_balance", {})
     assert balance["grants"] == [] and balance["holdings"][0]["units_remaining"] == 1
     assert await runtime.db.read(check_invariants) == []
+
+
+async def test_the_configured_lease_is_the_one_a_runtime_uses(database: str, clock: ManualClock) -> None:
+    from tests.conftest import demo_runtime
+
+    async with demo_runtime(database, clock, TVM_RESERVATION_LEASE="7") as runtime:
+        assert runtime.broker.lease == timedelta(seconds=7)
