@@ -446,6 +446,11 @@ class Broker:
             return await self.db.write(job)
         except (AuditUnavailable, StoreUnavailable) as exc:
             log.error("audit write failed for %s: %s", call.tool, exc)
+            if isinstance(exc, StoreUnavailable) and exc.outcome_unknown:
+                raise AuditUnavailable(
+                    "the database went away while this call was being saved, so it may or may not have taken "
+                    "effect; look (check_balance) before you retry, or retry with the same idempotency_key"
+                ) from None
             raise AuditUnavailable("the audit log could not be written, so nothing was done; try again") from None
         except BrokerError:
             raise

@@ -30,7 +30,13 @@ URL_SCHEMES = ("postgresql", "postgres")
 
 
 class StoreUnavailable(Exception):
-    """The database could not commit (disk, lock, corruption, a lost connection). Nothing of the batch was kept."""
+    """The database could not commit (disk, lock, corruption, a lost connection). Nothing of the batch was
+    kept — unless `outcome_unknown`: the connection was lost while committing and nothing could tell
+    whether the commit landed."""
+
+    def __init__(self, message: str, *, outcome_unknown: bool = False) -> None:
+        super().__init__(message)
+        self.outcome_unknown = outcome_unknown
 
 
 class DatabaseMissing(Exception):

@@ -241,6 +241,7 @@ class PgDatabase(Database):
         except PoolTimeout:
             raise StoreUnavailable(f"no connection to the database within {CONNECT_TIMEOUT:g} s") from None
         tx = PgTx(conn, self._names)
+        backend = conn.info.backend_pid  # the server process of this transaction (see _landed)
         committing = False
         try:
             if write:
@@ -256,16 +257,22 @@ class PgDatabase(Database):
             committing = True
             status = conn.execute("COMMIT").statusmessage
         except psycopg.Error as exc:
+            landed = self._landed(tx.last_event, backend) if committing and conn.broken else None
+            if landed:  # it did commit: its outcomes stand (the callers were told nothing yet)
+                tx.committed()
+                return outcomes
             tx.rolled_back()
             _rollback(conn)
             if (exc.sqlstate or "").startswith("40"):  # transaction rollback: 40001, 40P01; nothing was kept
                 raise _Again(_one_line(exc)) from None
-            if conn.broken and not committing:  # the server rolls back what the lost connection began
+            if conn.broken and (not committing or landed is False):  # the server rolled back what it began
                 self._pool.check()  # drop the other idle connections a restart has cut, before the next try
                 raise _Again(_one_line(exc)) from None
             if conn.broken:
                 raise StoreUnavailable(
-                    f"the connection was lost while committing (the batch may or may not be kept): {_one_line(exc)}"
+                    "the connection was lost while committing (the batch may or may not be kept): "
+                    f"{_one_line(exc)}",
+                    outcome_unknown=True,
                 ) from None
             raise StoreUnavailable(_one_line(exc)) from None
         finally:
@@ -275,6 +282,28 @@ class PgDatabase(Database):
             raise StoreUnavailable("the transaction had failed and was rolled back")
         tx.committed()
         return outcomes
+
+
+    def _landed(self, event: tuple[int, bytes] | None, backend: int) -> bool | None:
+        """After a connection lost while committing: whether the transaction whose last audit event is
+        `event` was kept (its event is in the log), or None when that cannot be told (no event, its server
+        process `backend` still running and so perhaps still committing, or the database still away).
+        The chain makes it exact: an id holds that hash only if that very commit won."""
+        if event is None:
+            return None
+        event_id, digest = event
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                with self._pool.connection(timeout=CONNECT_TIMEOUT) as conn:
+                    if conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (backend,)).fetchone():
+                        time.sleep(0.05)  # its commit may still be under way: wait for it to end
+                        continue
+                    row = conn.execute("SELECT hash FROM audit WHERE id = %s", (event_id,)).fetchone()
+                return row is not None and bytes(row[0]) == digest
+            except (psycopg.Error, PoolTimeout):
+                time.sleep(0.1)
+        return None
 
 
 def _run_jobs(tx: PgTx, jobs: list[Job[Any]]) -> tuple[list[tuple[bool, Any]], bool]:

@@ -99,6 +99,9 @@ class Tx:
         self._names: dict[str, int] = {} if names is None else names
         self._new_names: dict[str, int] = {}
         self._undo: list[Callable[[], None]] = []  # puts back Python state this transaction's jobs changed
+        # the last audit event this transaction wrote and still holds (id, hash): a store that lost its
+        # connection while committing can ask the database whether the transaction landed
+        self.last_event: tuple[int, bytes] | None = None
 
     # ---- bookkeeping: what holds only if the transaction commits ---------------------------
     def on_undo(self, undo: Callable[[], None]) -> None:
@@ -546,6 +549,9 @@ class Tx:
 
     def insert_audit(self, record: AuditRecord) -> None:
         """Store an event (its names by id; its prev_hash is the previous row's hash, not stored)."""
+        before = self.last_event
+        self.last_event = (record.id, bytes(record.hash))
+        self.on_undo(lambda: setattr(self, "last_event", before))
         name = self.name_id
         self._x(
             f"INSERT INTO audit({_AUDIT_ROW}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

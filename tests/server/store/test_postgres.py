@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -361,5 +362,39 @@ async def test_a_failed_job_in_a_batch_rolls_back_alone_on_postgresql(url: str) 
         assert sorted(o for o in outcomes if isinstance(o, int)) == list(range(1, 7))
         assert (await db.read(audit.verify_log)).ok
         assert "auth0|ghost" not in await db.read(lambda tx: tx.audit_names().values())
+    finally:
+        await db.close()
+
+
+@pytest.mark.parametrize("landed", [True, False], ids=["committed-then-lost", "lost-before-the-commit-landed"])
+async def test_a_connection_lost_while_committing_is_told_apart_by_the_log_and_answered_truly(
+    url: str, landed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = await open_database(url)
+    try:
+        await stock(db, 10)
+        broker = Broker(db)
+        await broker.credit("auth0|x", 100)
+        real_execute = psycopg.Connection.execute
+        armed = [True]
+
+        def execute(self: psycopg.Connection[Any], query: Any, *args: Any, **kwargs: Any) -> Any:
+            if query == "COMMIT" and armed[0]:
+                armed[0] = False
+                if landed:
+                    real_execute(self, query, *args, **kwargs)  # the commit lands on the server
+                self.pgconn.finish()  # … and the answer never arrives: the connection is gone
+                raise psycopg.OperationalError("server closed the connection unexpectedly")
+            return real_execute(self, query, *args, **kwargs)
+
+        monkeypatch.setattr(psycopg.Connection, "execute", execute)
+        assert await buy(broker, "auth0|x", key="k1") == "ok"  # told the truth either way: it was bought
+        monkeypatch.undo()
+        assert not armed[0]
+        receipts = await db.read(lambda tx: tx.find_purchase("auth0|x", "k1"))
+        assert receipts is not None
+        events = await db.read(lambda tx: [r for r in tx.iter_audit() if r.tool == "buy_quota"])
+        assert [r.outcome for r in events] == ["ok"]  # one effect, one event: not lost, not doubled
+        assert await db.read(check_invariants) == []
     finally:
         await db.close()
