@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -39,21 +40,39 @@ def database_bytes(runtime: Runtime, database: str, wal_from: str | None) -> byt
         for table in tables:
             with conn.cursor().copy(f"COPY {table} TO STDOUT (FORMAT binary)") as copy:
                 chunks.extend(bytes(block) for block in copy)
+        if wal_from is not None:  # before any checkpoint of ours, which may recycle the segments
+            chunks += wal_since(conn, wal_from)
         conn.execute("CHECKPOINT")  # every page the test wrote, on disk
         files = [r[0] for r in conn.execute(
             "SELECT pg_relation_filepath(c.oid) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
             "WHERE c.relkind IN ('r', 't', 'i') AND n.nspname NOT IN ('pg_catalog', 'information_schema')")]
         assert files
-        if wal_from is not None:
-            files += [r[0] for r in conn.execute(
-                "SELECT 'pg_wal/' || w.name FROM pg_ls_waldir() w WHERE w.name ~ '^[0-9A-F]{24}$' "
-                "AND w.name >= pg_walfile_name(%s::pg_lsn) AND w.name <= pg_walfile_name(pg_current_wal_lsn())",
-                (wal_from,))]
         for file in files:
             row = conn.execute("SELECT pg_read_binary_file(%s::text)", (file,)).fetchone()
-            if row is not None and row[0] is not None:
-                chunks.append(bytes(row[0]))
+            assert row is not None and row[0] is not None, file
+            chunks.append(bytes(row[0]))
     return b"".join(chunks)
+
+
+def wal_since(conn: Any, wal_from: str) -> list[bytes]:
+    """The WAL segments from the one holding `wal_from` to the current one. A checkpoint elsewhere (the
+    server's own, or another test's) may recycle an old one meanwhile: skipped, but never the newest."""
+    import psycopg
+
+    names = [r[0] for r in conn.execute(
+        "SELECT w.name FROM pg_ls_waldir() w WHERE w.name ~ '^[0-9A-F]{24}$' "
+        "AND w.name >= pg_walfile_name(%s::pg_lsn) AND w.name <= pg_walfile_name(pg_current_wal_lsn()) "
+        "ORDER BY w.name", (wal_from,))]
+    assert names
+    segments: list[bytes] = []
+    for name in names:
+        try:
+            row = conn.execute("SELECT pg_read_binary_file(%s::text)", ("pg_wal/" + name,)).fetchone()
+        except psycopg.errors.UndefinedFile:
+            assert name != names[-1]
+            continue
+        segments.append(bytes(row[0]))
+    return segments
 
 
 def wal_position(database: str) -> str | None:
