@@ -86,7 +86,7 @@ def redact(args: Mapping[str, Any]) -> dict[str, Any]:
     """Arguments fit for the log: known fields kept (strings cut), anything else redacted."""
     clean: dict[str, Any] = {}
     for name, value in list(args.items())[:32]:
-        key = _cut(str(name), 64)
+        key = _cut(_no_nul(str(name)), 64)
         if name == "url" and isinstance(value, str):
             value = keys_only(value)  # even for a call refused before validation: query values may be secrets
         clean[key] = _clean_value(value) if name in KEPT_ARGS else REDACTED
@@ -97,10 +97,15 @@ def _clean_value(value: Any) -> Any:
     if value is None or isinstance(value, bool | int | float):
         return value
     if isinstance(value, str):
-        return _cut(value, MAX_TEXT)
+        return _cut(_no_nul(value), MAX_TEXT)
     if isinstance(value, list | tuple):
         return [_clean_value(v) for v in list(value)[:32]]
     return REDACTED
+
+
+def _no_nul(text: str) -> str:
+    # NUL has no place in a stored event (PostgreSQL's JSON cannot hold it): shown as the four characters \x00
+    return text.replace("\x00", "\\x00") if "\x00" in text else text
 
 
 def _cut(text: str, limit: int) -> str:

@@ -271,9 +271,10 @@ def _claimed(claims: dict[str, Any] | None) -> Principal | None:
     if not claims:
         return None
     try:
-        return Principal.from_claims(claims)
+        known = Principal.from_claims(claims)
     except Unauthenticated:
         return None
+    return None if "\x00" in known.account or "\x00" in (known.agent or "") else known
 
 
 def _origin_allowed(origin: str, allowed: frozenset[str]) -> bool:

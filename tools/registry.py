@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from server.approval import Progress
 from server.broker import Broker, Call
-from server.errors import BrokerError, InternalError, InvalidArgument, describe_failure
+from server.errors import BrokerError, InternalError, InvalidArgument, Unauthenticated, describe_failure
 from server.principal import Principal, require_scope
 
 log = logging.getLogger(__name__)
@@ -84,8 +84,10 @@ class ToolSpec(Generic[In, Out]):
         call = Call(tool=self.name, scope=self.scope, transport=transport, args=arguments, progress=progress)
         principal: Principal | None = None
         try:
-            principal = await principals(http_scope)
+            principal = _plain_names(await principals(http_scope))
             require_scope(principal, self.scope, self.name)
+            if _has_nul(arguments):
+                raise InvalidArgument("invalid arguments: text may not contain NUL characters")
             try:
                 params = self.input_model.model_validate(arguments)
             except ValidationError as exc:
@@ -121,6 +123,31 @@ class ToolSpec(Generic[In, Out]):
             context_kwarg="ctx",
             annotations=self.annotations,
         )
+
+
+# Bodies go to the provider as given (call_api); every other text may end up stored, where NUL has no place
+# (PostgreSQL's text cannot hold it, and a name or key with it is a mistake or an attack).
+_OPAQUE = frozenset({"json", "body"})
+
+
+def _has_nul(arguments: Mapping[str, Any]) -> bool:
+    def nul(value: Any) -> bool:
+        if isinstance(value, str):
+            return "\x00" in value
+        if isinstance(value, list | tuple):
+            return any(nul(v) for v in value)
+        if isinstance(value, Mapping):
+            return any(nul(k) or nul(v) for k, v in value.items())
+        return False
+
+    return any(nul(k) or (k not in _OPAQUE and nul(v)) for k, v in arguments.items())
+
+
+def _plain_names(principal: Principal) -> Principal:
+    """The caller's account and agent names, refused when they carry NUL (the issuer signed a mistake)."""
+    if "\x00" in principal.account or "\x00" in (principal.agent or ""):
+        raise Unauthenticated("the access token's sub or azp holds a NUL character; it cannot be used here")
+    return principal
 
 
 def _http_scope(ctx: Context[Any, Any]) -> Mapping[str, Any] | None:

@@ -94,8 +94,6 @@ async def test_garbage_gets_a_documented_code_and_changes_nothing(
 
 async def test_books_and_chain_hold_after_the_barrage(broke_client: Client, runtime: Runtime, backend: str) -> None:
     for nasty in NASTY:
-        if nasty == "\x00" and backend == "postgresql":
-            continue  # a refused call_api's NUL purpose breaks check_invariants there: see PG_NUL_BUGS
         for tool in TOOLS:
             await broke_client.call_tool(tool, {"listing_id": nasty, "connection": nasty, "purpose": nasty,
                                                 "scopes": [nasty], "units": 1, "max_unit_price": 1,
@@ -118,24 +116,10 @@ NUL_CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "call_api login_hint": ("call_api", {**CALL, "login_hint": "a\x00@example.com"}),
     "call_api refused, purpose": ("call_api", {**CALL, "url": "https://elsewhere.example/x", "purpose": "p\x00"}),
 }
-# What PostgreSQL does with them today (server bugs, reported; remove an entry once fixed).
-PG_NUL_BUGS = {
-    "buy idempotency_key": "[internal]: purchases.idempotency_key is TEXT; psycopg DataError",
-    "request_token purpose": "the token is issued, then check_invariants (CAST(args AS JSONB)) raises "
-                             "UntranslatableCharacter on the event's \\u0000 for good",
-    "request_token login_hint": "as request_token purpose (login_hint is in the event's args)",
-    "call_api purpose": "as request_token purpose (the grant's event)",
-    "call_api refused, purpose": "as request_token purpose: grant_opening_events casts every call_api event",
-    "call_api login_hint": "[internal]: grants.login_hint is TEXT; psycopg DataError",
-}
-
-
 @pytest.mark.parametrize("case", sorted(NUL_CASES))
 async def test_nul_in_stored_text_is_kept_or_refused_cleanly(
     client: Client, runtime: Runtime, backend: str, case: str, request: pytest.FixtureRequest
 ) -> None:
-    if backend == "postgresql" and case in PG_NUL_BUGS:
-        request.applymarker(pytest.mark.xfail(reason=PG_NUL_BUGS[case], strict=True))
     for listing in ("github-repo-read", "github-repo-read-api"):
         await ok(client, "buy_quota", {**BUY, "listing_id": listing, "units": 3})
     tool, args = NUL_CASES[case]
@@ -150,16 +134,11 @@ async def test_nul_in_stored_text_is_kept_or_refused_cleanly(
     assert await runtime.db.read(check_invariants) == []
 
 
-PG_NUL_PRINCIPAL_BUG = "[internal]: the account/agent names are TEXT (audit_names, accounts); psycopg DataError"
-
-
 @pytest.mark.parametrize("who", [("auth0|al\x00ice", "agent"), ("auth0|alice", "agent\x00x")], ids=["sub", "azp"])
 async def test_nul_in_the_callers_names_is_kept_or_refused_cleanly(
     runtime: Runtime, backend: str, who: tuple[str, str], request: pytest.FixtureRequest
 ) -> None:
     """A token's `sub` or `azp` with NUL in it (the issuer signs what it likes): as for any other name."""
-    if backend == "postgresql":
-        request.applymarker(pytest.mark.xfail(reason=PG_NUL_PRINCIPAL_BUG, strict=True))
     principal = Principal(*who, frozenset({"read:market", "read:balance", "buy:quota", "request:token"}))
 
     async def principals(_: object) -> Principal:

@@ -483,3 +483,14 @@ async def test_calls_inside_a_grant_still_keep_the_agents_rate(
     assert all(a.content[0].text.startswith("[rate_limited] ") for a in answers[6:])  # type: ignore[union-attr]
     clock.advance(timedelta(seconds=10))
     await ok(api, "call_api", ask(provider.base_url + "/echo/x"))
+
+
+async def test_nul_is_refused_in_text_arguments_but_a_json_body_goes_to_the_provider_as_given(
+    api: Client, rt: Runtime, provider: Provider
+) -> None:
+    text = await refused(api, "call_api", ask(provider.base_url + "/echo/x", purpose="p\x00"))
+    assert text == "[invalid_argument] invalid arguments: text may not contain NUL characters"
+    sent = await ok(api, "call_api", ask(provider.base_url + "/echo/x", method="POST", json={"a": "b\x00c"}))
+    assert sent["status"] == 200 and provider.seen[-1].body == b'{"a":"b\\u0000c"}'
+    [refusal] = [e for e in await events(rt, tool="call_api") if e["code"] == "invalid_argument"]
+    assert refusal["args"]["purpose"] == "p\\x00"  # stored escaped, never as NUL
