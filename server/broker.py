@@ -531,6 +531,7 @@ class Broker:
 
         call = Call(tool="agent_block", scope=None, transport=transport, args={"agent": agent, "reason": reason})
         closed = await self._run(call, _operator(by), op, ok_extra=lambda n: {"args": {"grants_closed": n}})
+        self.control.invalidate()
         self._blocked_now({agent})
         return closed
 
@@ -548,6 +549,8 @@ class Broker:
             return await self._run(call, _operator(by), op)
         except _NotBlocked:
             return False
+        finally:
+            self.control.invalidate()
 
     async def load_policy(self, policy: Policy, by: str, transport: str = "cli") -> int:
         """Replace the whole policy (every process applies it on its next call). Audited (tool policy_load)."""
@@ -558,7 +561,10 @@ class Broker:
             return len(policy.agents)
 
         call = Call(tool="policy_load", scope=None, transport=transport, args={"rules": len(policy.agents)})
-        return await self._run(call, _operator(by), op)
+        try:
+            return await self._run(call, _operator(by), op)
+        finally:
+            self.control.invalidate()
 
     async def credit(self, account: str, amount: int, transport: str = "cli", once_key: str | None = None) -> int:
         """Operator credit from `mint`, with its own audit event; return the new balance.

@@ -245,8 +245,8 @@ class PgDatabase(Database):
         committing = False
         try:
             if write:
-                conn.execute(_BEGIN_WRITE)
-                conn.execute(_WRITE_LOCK)  # first, always: the one order every writer takes its locks in
+                # one round trip: the lock first, always (the one order every writer takes its locks in)
+                conn.execute(f"{_BEGIN_WRITE}; {_WRITE_LOCK}")
             else:
                 conn.execute(_BEGIN_READ)
             outcomes, keep = _run_jobs(tx, jobs)

@@ -377,10 +377,6 @@ class Tx:
         ]
 
     # ---- operator control (§9) --------------------------------------------------------------
-    def block_reason(self, agent: str) -> str | None:
-        row = self._x("SELECT reason FROM agent_blocks WHERE agent = ?", (agent,)).fetchone()
-        return None if row is None else str(row[0])
-
     def blocks(self) -> list[tuple[str, str, str, str]]:
         """(agent, reason, blocked_at, blocked_by) of every blocked agent."""
         rows = self._x("SELECT agent, reason, blocked_at, blocked_by FROM agent_blocks ORDER BY agent")

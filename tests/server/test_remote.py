@@ -349,6 +349,25 @@ async def test_call_api_end_to_end_the_provider_gets_alices_vault_token_and_no_c
     assert all(e.transport == remote.transport for e in events)
 
 
+# 2,000 requests with a bad token from 20 concurrent connections; prints each status; checks Retry-After.
+FLOOD = """
+import asyncio, sys, httpx
+url, workers, each = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+async def worker(http, out):
+    for _ in range(each):
+        answer = await http.post(url, json={}, headers={"Authorization": "Bearer not.a.jwt"})
+        if answer.status_code == 429:
+            assert int(answer.headers["retry-after"]) >= 1
+        out.append(answer.status_code)
+async def main():
+    out = []
+    async with httpx.AsyncClient(timeout=30) as http:
+        await asyncio.gather(*(worker(http, out) for _ in range(workers)))
+    print(" ".join(map(str, out)))
+asyncio.run(main())
+"""
+
+
 async def test_a_flood_of_bad_tokens_adds_one_event_a_second_and_does_not_slow_other_clients(tmp_path: Path) -> None:
     async with held(remote_server(tmp_path, "http", ManualClock(DEMO_NOW))) as remote:
         other_address = httpx.AsyncHTTPTransport(local_address="127.0.0.2")  # another machine's client
@@ -364,30 +383,25 @@ async def test_a_flood_of_bad_tokens_adds_one_event_a_second_and_does_not_slow_o
                 out.append(time.perf_counter() - started)
             return sorted(out)
 
-        statuses: list[int] = []
-
-        async def flood(http: httpx.AsyncClient, count: int) -> None:
-            for _ in range(count):
-                answer = await http.post(remote.endpoint, json={}, headers={"Authorization": "Bearer not.a.jwt"})
-                statuses.append(answer.status_code)
-                if answer.status_code == 429:
-                    assert int(answer.headers["retry-after"]) >= 1
-
         async with held(calm) as client:
             before = await latencies(client, 40)
             started = time.monotonic()
-            async with httpx.AsyncClient(base_url=remote.base_url) as http:
-                floods = [asyncio.create_task(flood(http, 100)) for _ in range(20)]
-                during = await latencies(client, 40)
-                await asyncio.gather(*floods)
+            # the flood comes from another process (another machine's attacker), not from this test's loop
+            flooder = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", FLOOD, remote.endpoint, "20", "100", stdout=asyncio.subprocess.PIPE
+            )
+            during = await latencies(client, 40)
+            out, _ = await flooder.communicate()
             elapsed = time.monotonic() - started
+        statuses = [int(code) for code in out.split()]
         await remote.runtime.broker.flush_refusals(everything=True)
         records = await remote.runtime.db.read(lambda tx: tx.find_audit(AuditFilter()))
     median_before, median_during = before[len(before) // 2], during[len(during) // 2]
     print(f"other client's median check_balance: {median_before * 1000:.2f} ms before, "
           f"{median_during * 1000:.2f} ms during a flood of 2000 bad tokens ({elapsed:.1f} s)")
-    assert median_during <= max(3 * median_before, median_before + 0.02)
+    assert median_during <= median_before + 0.005  # "never slows other clients by more than a few ms"
     assert len(statuses) == 2000 and statuses.count(401) == 30 and statuses.count(429) == 1970
+    assert flooder.returncode == 0
     refusals = [r for r in records if r.tool is None]
     assert len(refusals) <= elapsed + 2  # one a second, and one last count
     assert sum(json.loads(r.args)["suppressed"] for r in refusals) + len(refusals) == 2000
