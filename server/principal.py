@@ -38,6 +38,11 @@ class Principal:
     # the scopes in the order the token lists them, for messages a person reads
     scope_order: tuple[str, ...] = field(default=(), compare=False)
 
+    @property
+    def plain_names(self) -> bool:
+        """Whether account and agent are free of NUL (text no store can hold, and no honest name has)."""
+        return "\x00" not in self.account and "\x00" not in (self.agent or "")
+
     @classmethod
     def from_claims(cls, claims: Mapping[str, Any], subject: SubjectToken | None = None) -> Principal:
         """Build a principal from verified JWT claims.

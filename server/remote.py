@@ -228,19 +228,7 @@ class BearerAuth:
     async def _too_many(self, scope: Scope, send: Send, wait: int) -> None:
         message = f"too many rejected authentications from this address; retry in {wait} s"
         await self._audit(scope, None, RateLimited(message, wait))
-        body = json.dumps({"error": "too_many_requests", "error_description": message}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 429,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"retry-after", str(wait).encode()),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await _json_error(send, 429, "too_many_requests", message, (b"retry-after", str(wait).encode()))
 
     async def _refuse(
         self, scope: Scope, send: Send, reason: str, known: Principal | None, error: str | None = "invalid_token"
@@ -251,19 +239,9 @@ class BearerAuth:
         if error is not None:
             challenge += f', error="{error}", error_description="{_quoted(reason)}"'
         challenge += f', resource_metadata="{self.settings.metadata_url}"'
-        body = json.dumps({"error": error or "unauthorized", "error_description": reason}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"www-authenticate", challenge.encode()),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
+        await _json_error(
+            send, 401, error or "unauthorized", reason, (b"www-authenticate", challenge.encode())
         )
-        await send({"type": "http.response.body", "body": body})
 
 
 def _claimed(claims: dict[str, Any] | None) -> Principal | None:
@@ -274,7 +252,7 @@ def _claimed(claims: dict[str, Any] | None) -> Principal | None:
         known = Principal.from_claims(claims)
     except Unauthenticated:
         return None
-    return None if "\x00" in known.account or "\x00" in (known.agent or "") else known
+    return known if known.plain_names else None
 
 
 def _origin_allowed(origin: str, allowed: frozenset[str]) -> bool:
@@ -297,6 +275,19 @@ def _under(path: str, prefixes: Iterable[str]) -> bool:
 
 def _quoted(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', "'")
+
+
+async def _json_error(send: Send, status: int, error: str, description: str, header: tuple[bytes, bytes]) -> None:
+    """An OAuth-style JSON error answer with one header of its own (the challenge, or when to retry)."""
+    body = json.dumps({"error": error, "error_description": description}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), header, (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _plain(send: Send, status: int, text: str) -> None:

@@ -145,7 +145,7 @@ def _has_nul(arguments: Mapping[str, Any]) -> bool:
 
 def _plain_names(principal: Principal) -> Principal:
     """The caller's account and agent names, refused when they carry NUL (the issuer signed a mistake)."""
-    if "\x00" in principal.account or "\x00" in (principal.agent or ""):
+    if not principal.plain_names:
         raise Unauthenticated("the access token's sub or azp holds a NUL character; it cannot be used here")
     return principal
 
