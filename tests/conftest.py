@@ -247,7 +247,7 @@ async def runtime(database: str, clock: ManualClock) -> AsyncIterator[Runtime]:
 
 @pytest.fixture
 async def client(runtime: Runtime) -> AsyncIterator[Client]:
-    async with held(Client(build_mcp(runtime, runtime.identity.for_request, "stdio"))) as c:
+    async with demo_client(runtime) as c:
         yield c
 
 
@@ -267,6 +267,11 @@ def batch_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(database, "_run_batch", counted)
     return sizes
+
+
+def demo_client(runtime: Runtime) -> AbstractAsyncContextManager[Client]:
+    """The SDK's in-process client on `runtime`'s MCP server, as the stdio user (the demo account)."""
+    return held(Client(build_mcp(runtime, runtime.identity.for_request, "stdio")))
 
 
 @asynccontextmanager

@@ -15,14 +15,14 @@ import pytest
 from mcp import Client
 
 from server import audit
-from server.app import Runtime, build_mcp
+from server.app import Runtime
 from server.auth0_client import TOKEN_VAULT_GRANT
 from server.clock import ManualClock
 from server.emulator import EmulatorState, FaultSettings
 from server.invariants import check_invariants
 from server.store import AuditFilter
 from server.vault import TokenVault
-from tests.conftest import demo_runtime, held, ok, refused
+from tests.conftest import demo_client, demo_runtime, ok, refused
 from tests.server.tenant import Sleeps, auth0_client
 
 DEADLINE = 0.6
@@ -37,7 +37,7 @@ async def rt(tmp_path: Path, clock: ManualClock) -> AsyncIterator[Runtime]:
 
 @pytest.fixture
 async def client(rt: Runtime) -> AsyncIterator[Client]:
-    async with held(Client(build_mcp(rt, rt.identity.for_request, "stdio"))) as c:
+    async with demo_client(rt) as c:
         yield c
 
 

@@ -11,9 +11,8 @@ from typing import Any
 
 import httpx
 import pytest
-from mcp import Client
 
-from server.app import Runtime, build_mcp, open_runtime
+from server.app import Runtime, open_runtime
 from server.auth0_client import TOKEN_VAULT_GRANT
 from server.broker import Call
 from server.clock import ManualClock
@@ -24,7 +23,7 @@ from server.identity import StdioIdentity
 from server.login import StoredLogin, write_credentials
 from server.principal import Principal
 from server.token_verifier import JwtVerifier
-from tests.conftest import DEMO_NOW, held, ok
+from tests.conftest import DEMO_NOW, demo_client, ok
 from tests.server.tenant import AUDIENCE, BROKER_ID, NATIVE_ID, SCOPES, USER, auth0_client, make_tenant, token_requests
 
 ASK = {"connection": "github", "scopes": ["repo:read"], "purpose": "burst"}
@@ -39,7 +38,7 @@ async def test_a_burst_of_fifty_calls_on_a_cold_cache_makes_one_identity_request
         idempotency_key=None,
     )
     assert state.requests == []
-    async with held(Client(build_mcp(runtime, runtime.identity.for_request, "stdio"))) as client:
+    async with demo_client(runtime) as client:
         tokens = await asyncio.gather(*(ok(client, "request_token", ASK) for _ in range(50)))
     assert len(token_requests(state, "refresh_token")) == 1
     assert len(token_requests(state, TOKEN_VAULT_GRANT)) == 1  # and one exchange, reused by the other 49
@@ -135,7 +134,7 @@ async def test_serve_with_a_login_stored_refresh_token_of_the_native_client_uses
     )
     try:
         await runtime.broker.credit(USER, 100)
-        async with held(Client(build_mcp(runtime, runtime.identity.for_request, "stdio"))) as client:
+        async with demo_client(runtime) as client:
             await ok(client, "buy_quota", {"listing_id": "gh", "units": 1, "max_unit_price": 10})
             token = await ok(client, "request_token", ASK)
     finally:

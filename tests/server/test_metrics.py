@@ -12,10 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from mcp import Client
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.app import Runtime, build_mcp, open_runtime
+from server.app import Runtime, open_runtime
 from server.clock import ManualClock
 from server.config import load_config
 from server.demo import DEMO_ISSUER
@@ -23,7 +22,7 @@ from server.emulator.demo import DEMO_ACCOUNT
 from server.errors import AuditUnavailable, ConfigError, PolicyDenied, RateLimited, Unauthenticated
 from server.metrics import Metrics
 from server.remote import build_remote_app, remote_settings
-from tests.conftest import demo_runtime, held, ok, refused
+from tests.conftest import demo_client, demo_runtime, ok, refused
 from tests.server.test_serve_stdio import rpc, server_env
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -82,7 +81,7 @@ async def test_tool_calls_refusals_auth0_requests_reuse_and_commits_are_counted_
 ) -> None:
     rt, port = metered, metered.config.metrics_port
     assert port is not None and rt.tenant is not None and rt.metrics is not None and rt.metrics.port == port
-    async with held(Client(build_mcp(rt, rt.identity.for_request, "stdio"))) as client:
+    async with demo_client(rt) as client:
         before, batches = samples(await scrape(port)), len(batch_sizes)
         await ok(client, "list_market", {})
         await ok(client, "check_balance", {})
@@ -145,7 +144,7 @@ async def test_tool_calls_refusals_auth0_requests_reuse_and_commits_are_counted_
 async def test_a_grant_token_held_and_a_remote_authentication_refusal_are_counted(metered: Runtime) -> None:
     rt, port = metered, metered.config.metrics_port
     assert port is not None
-    async with held(Client(build_mcp(rt, rt.identity.for_request, "stdio"))) as client:
+    async with demo_client(rt) as client:
         await ok(client, "buy_quota", {"listing_id": "github-repo-read-api", "units": 1, "max_unit_price": 1000})
         before = samples(await scrape(port))
         await ok(client, "call_api", {**TOKEN_ASK, "method": "GET", "url": DEMO_ISSUER + "provider/github/user"})

@@ -12,13 +12,13 @@ import pytest
 from mcp import Client
 
 from server import audit, market
-from server.app import Runtime, build_mcp
+from server.app import Runtime
 from server.clock import ManualClock
 from server.demo import DEMO_ISSUER
 from server.invariants import check_invariants
 from server.policy import parse_policy
 from server.store import AuditFilter
-from tests.conftest import demo_runtime, held, ok, refused
+from tests.conftest import demo_client, demo_runtime, ok, refused
 
 pytestmark = pytest.mark.both_backends
 
@@ -54,7 +54,7 @@ async def gated(runtime: Runtime) -> Runtime:
 
 @pytest.fixture
 async def client(approving: Runtime) -> AsyncIterator[Client]:
-    async with held(Client(build_mcp(approving, approving.identity.for_request, "stdio"))) as c:
+    async with demo_client(approving) as c:
         yield c
 
 

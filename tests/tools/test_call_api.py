@@ -14,14 +14,14 @@ import pytest
 from mcp import Client
 
 from server import audit, grants, market
-from server.app import Runtime, build_mcp, open_runtime
+from server.app import Runtime, open_runtime
 from server.auth0_client import TOKEN_VAULT_GRANT
 from server.clock import ManualClock
 from server.config import load_config
 from server.grants import GrantAsk
 from server.invariants import check_invariants
 from server.store import AuditFilter
-from tests.conftest import held, ok, refused, side, text_of
+from tests.conftest import demo_client, ok, refused, side, text_of
 from tests.server.provider_harness import Provider, body_json, provider_api
 
 pytestmark = pytest.mark.both_backends
@@ -58,7 +58,7 @@ class Setup:
         return runtime
 
     def client(self, runtime: Runtime) -> Any:
-        return held(Client(build_mcp(runtime, runtime.identity.for_request, "stdio")))
+        return demo_client(runtime)
 
     async def aclose(self) -> None:
         for runtime in self.runtimes:

@@ -15,7 +15,7 @@ from server.clock import ManualClock
 from server.config import load_config
 from server.principal import Principal
 from server.store import AuditFilter
-from tests.conftest import DEMO_NOW, held, refused
+from tests.conftest import DEMO_NOW, demo_client, held, refused
 from tools import ALL_TOOLS
 
 pytestmark = pytest.mark.both_backends
@@ -86,7 +86,7 @@ async def test_a_refused_login_is_unauthenticated_for_every_tool(tmp_path: Path)
     )
     runtime = await open_runtime(config, clock=ManualClock(DEMO_NOW))
     try:
-        async with held(Client(build_mcp(runtime, runtime.identity.for_request, "stdio"))) as client:
+        async with demo_client(runtime) as client:
             for tool, args in ARGS.items():
                 text = await refused(client, tool, args)
                 assert text.startswith("[unauthenticated] "), text

@@ -18,17 +18,15 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from mcp import Client
 
 from server import audit, market
-from server.app import build_mcp
 from server.audit import Event
 from server.clock import ManualClock, rfc3339
 from server.policy import parse_policy
 from server.store import Tx, open_database
 from server.store.migrate import TABLES, MigrationFailed, MigrationRefused, migrate
 from server.store.pg_schema import PG_SCHEMA_VERSION
-from tests.conftest import DEMO_NOW, demo_runtime, held, ok, pg_database, refused, side
+from tests.conftest import DEMO_NOW, demo_client, demo_runtime, ok, pg_database, refused, side
 from tests.server.provider_harness import provider_api
 from tests.server.test_cli import Done, environment, run
 
@@ -86,7 +84,7 @@ async def build(path: Path) -> History:
         }]})
         await rt.db.write(lambda tx: market.load(tx, proxy))
         assert rt.tenant is not None
-        async with held(Client(build_mcp(rt, rt.identity.for_request, "stdio"))) as c:
+        async with demo_client(rt) as c:
             buy = {"listing_id": "github-repo-read", "units": 3, "max_unit_price": 100, "idempotency_key": "k-1"}
             first = await ok(c, "buy_quota", buy)
             assert (await ok(c, "buy_quota", buy))["purchase_id"] == first["purchase_id"]  # charged once
