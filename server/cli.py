@@ -9,7 +9,7 @@ import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server import audit, market, policy
 from server.clock import SystemClock, parse_rfc3339, rfc3339
@@ -18,6 +18,9 @@ from server.errors import BrokerError, ConfigError
 from server.ledger import MAX_CREDIT
 from server.store import AuditFilter, Database, DatabaseMissing, StoreUnavailable, Tx, open_database
 from server.textsafe import escape_controls
+
+if TYPE_CHECKING:
+    from server.broker import Broker
 
 OK, NO, USAGE = 0, 1, 2
 
@@ -192,6 +195,17 @@ def _with_db(config: Config, work: Callable[[Database], Awaitable[int]], *, crea
             await db.close()
 
     return asyncio.run(run())
+
+
+def _with_broker(config: Config, work: Callable[[Broker], Awaitable[int]], *, create: bool = False) -> int:
+    """Run an operator action `work` on a broker of the configured database (one that never calls Auth0)."""
+
+    async def with_broker(db: Database) -> int:
+        from server.broker import Broker  # imported here: the other commands start faster without it
+
+        return await work(Broker(db))
+
+    return _with_db(config, with_broker, create=create)
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -419,15 +433,12 @@ def _audit_lookup(config: Config, args: argparse.Namespace) -> int:
 # ---- wallet and market ------------------------------------------------------------------------
 
 def _wallet_credit(config: Config, args: argparse.Namespace) -> int:
-    async def work(db: Database) -> int:
-        from server.broker import Broker  # imported here: the other commands start faster without it
-
-        broker = Broker(db)  # crediting never calls Auth0
+    async def work(broker: Broker) -> int:
         balance = await broker.credit(args.account, args.amount)
         print(f"credited {args.amount} to {escape_controls(args.account)}; balance {balance}")
         return OK
 
-    return _with_db(config, work, create=True)
+    return _with_broker(config, work, create=True)
 
 
 def _wallet_show(config: Config, args: argparse.Namespace) -> int:
@@ -551,42 +562,36 @@ def _agent_list(config: Config, args: argparse.Namespace) -> int:
 def _agent_block(config: Config, args: argparse.Namespace) -> int:
     agent, reason = _operator_text(args.agent, "AGENT"), _operator_text(args.reason, "--reason", 500)
 
-    async def work(db: Database) -> int:
-        from server.broker import Broker
-
-        closed = await Broker(db).block_agent(agent, reason, operator_name())
+    async def work(broker: Broker) -> int:
+        closed = await broker.block_agent(agent, reason, operator_name())
         print(f"blocked {escape_controls(agent)}; {closed} live grants closed")
         return OK
 
-    return _with_db(config, work, create=True)
+    return _with_broker(config, work, create=True)
 
 
 def _agent_unblock(config: Config, args: argparse.Namespace) -> int:
     agent = _operator_text(args.agent, "AGENT")
 
-    async def work(db: Database) -> int:
-        from server.broker import Broker
-
-        if not await Broker(db).unblock_agent(agent, operator_name()):
+    async def work(broker: Broker) -> int:
+        if not await broker.unblock_agent(agent, operator_name()):
             print(f"token-vault-mcp: agent {escape_controls(agent)} is not blocked", file=sys.stderr)
             return NO
         print(f"unblocked {escape_controls(agent)}")
         return OK
 
-    return _with_db(config, work)
+    return _with_broker(config, work)
 
 
 def _policy_load(config: Config, args: argparse.Namespace) -> int:
     loaded = policy.read_policy_file(args.file)
 
-    async def work(db: Database) -> int:
-        from server.broker import Broker
-
-        count = await Broker(db).load_policy(loaded, operator_name())
+    async def work(broker: Broker) -> int:
+        count = await broker.load_policy(loaded, operator_name())
         print(f"loaded {count} agent rules from {args.file}")
         return OK
 
-    return _with_db(config, work, create=True)
+    return _with_broker(config, work, create=True)
 
 
 def _policy_show(config: Config, args: argparse.Namespace) -> int:
