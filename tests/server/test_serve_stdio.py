@@ -177,4 +177,7 @@ async def test_a_block_from_the_cli_stops_a_running_stdio_server_within_a_second
             "[agent_blocked] the operator blocked agent token-vault-mcp-demo: incident 42"
         )
         assert await cli("agent", "unblock", "token-vault-mcp-demo") == 0
+        unblocked_at = time.monotonic()  # in force everywhere within a second too (a process's copy lasts 0.25 s)
+        while (await client.call_tool("check_balance", {})).is_error:
+            assert time.monotonic() - unblocked_at < 1.0, "the unblock was not in force within a second"
         await ok(client, "check_balance", {})
