@@ -12,20 +12,20 @@ import httpx
 from mcp.server import MCPServer
 
 from server import approval, demo, market
-from server.auth0_client import Auth0Client
+from server.auth0.client import Auth0Client
+from server.auth0.identity import StdioIdentity
+from server.auth0.login import read_credentials
+from server.auth0.token_verifier import JwtVerifier
 from server.broker import Approver, Broker
 from server.clock import Clock
 from server.config import Config
 from server.emulator import DemoTenant
 from server.errors import ConfigError
-from server.identity import StdioIdentity
-from server.login import read_credentials
 from server.metrics import Metrics
 from server.policy import Policy, PolicyFileError, read_policy_file
 from server.provider import ProviderClient
 from server.store import Database, Tx, open_database
 from server.textsafe import escape_controls
-from server.token_verifier import JwtVerifier
 from server.vault import TokenVault
 from tools import ALL_TOOLS
 from tools.registry import PrincipalSource

@@ -18,7 +18,7 @@ import unicodedata
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from server.auth0_client import Auth0Client, Auth0Error, seconds
+from server.auth0.client import Auth0Client, Auth0Error, seconds
 from server.errors import ApprovalDenied, ApprovalTimeout, BrokerError, RateLimited, VaultUnavailable
 
 RAR_TYPE = "token_vault_grant"

@@ -293,7 +293,7 @@ def _emulator(config: Config, args: argparse.Namespace) -> int:
 # ---- login and logout -----------------------------------------------------------------------
 
 def _login(config: Config, args: argparse.Namespace) -> int:
-    from server import login
+    from server.auth0 import login
 
     if args.status:
         logged_in, text = login.status(config)
@@ -310,7 +310,7 @@ def _login(config: Config, args: argparse.Namespace) -> int:
 
 
 def _logout(config: Config, args: argparse.Namespace) -> int:
-    from server import login
+    from server.auth0 import login
 
     print(escape_controls(asyncio.run(login.logout(config))))
     return OK

@@ -6,8 +6,8 @@ the layers as optional hooks (None without it: nothing is counted, nothing costs
     tools/registry.py  ToolSpec.call         call_done     tvm_tool_calls_total{tool,outcome,code}
                                                            tvm_tool_call_seconds{tool}
                                                            tvm_refusals_total{kind}
-    server/remote.py   BearerAuth            refused       tvm_refusals_total{kind}
-    auth0_client.py    Auth0Client._attempt  auth0_request tvm_auth0_requests_total{endpoint,grant_type,status}
+    server/web/remote.py   BearerAuth            refused       tvm_refusals_total{kind}
+    auth0/client.py    Auth0Client._attempt  auth0_request tvm_auth0_requests_total{endpoint,grant_type,status}
                                                            tvm_auth0_request_seconds{endpoint,grant_type}
     vault.py           TokenVault            vault_reuse   tvm_vault_reuse_total{result}
     store/database.py  Database (a commit)   batch_done    tvm_commit_batch_size
@@ -131,7 +131,7 @@ class Metrics:
         self.refusals.labels(self._code(error)).inc()
 
     def auth0_request(self, endpoint: str, grant_type: str, status: int | None, seconds: float) -> None:
-        """One HTTP request to Auth0 (auth0_client passes its fixed path and grant name)."""
+        """One HTTP request to Auth0 (the Auth0 client passes its fixed path and grant name)."""
         shown = "none" if status is None else str(status) if 100 <= status <= 599 else OTHER
         self.auth0_requests.labels(endpoint, grant_type, shown).inc()
         self.auth0_seconds.labels(endpoint, grant_type).observe(seconds)

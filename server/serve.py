@@ -43,7 +43,7 @@ async def serve_remote(config: Config, transport: str, host: str, port: int) -> 
     """SSE or Streamable HTTP on `host:port` with one shared runtime for every connection."""
     import uvicorn
 
-    from server.remote import build_remote_app, remote_settings
+    from server.web.remote import build_remote_app, remote_settings
 
     if config.metrics_port == port:
         raise ConfigError(f"TVM_METRICS_PORT must be another port than the server's own ({port})")

@@ -1,6 +1,7 @@
 """Token Vault brokering (SPEC §4): exchange, granted-scope check, error mapping, reuse cache.
 
-Retries and deadlines live in auth0_client; by the time an Auth0Error reaches here it is final.
+Retries and deadlines live in the Auth0 client (server/auth0/client.py);
+by the time an Auth0Error reaches here it is final.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from server.auth0_client import Auth0Client, Auth0Error, TokenSet, seconds
+from server.auth0.client import Auth0Client, Auth0Error, TokenSet, seconds
 from server.errors import AccountNotConnected, BrokerError, RateLimited, VaultDenied, VaultUnavailable
 from server.principal import SubjectToken
 from server.singleflight import SingleFlight

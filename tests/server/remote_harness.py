@@ -23,7 +23,7 @@ from server.clock import ManualClock
 from server.config import load_config
 from server.demo import demo_listings
 from server.emulator import DemoTenant, create_app, demo_tenant
-from server.remote import build_remote_app, remote_settings
+from server.web.remote import build_remote_app, remote_settings
 
 ISSUER = "https://tenant.test/"
 ALL_SCOPES = ["read:market", "read:balance", "buy:quota", "request:token", "call:api"]

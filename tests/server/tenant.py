@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 from joserfc.jwk import RSAKey
 
-from server.auth0_client import Auth0Client, RetryPolicy
+from server.auth0.client import Auth0Client, RetryPolicy
 from server.emulator import EmulatorState, create_app
 from server.emulator.keys import generate_signing_key
 from server.principal import SubjectToken

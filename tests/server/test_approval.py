@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from server.approval import authorization_details, await_approval, binding_message
-from server.auth0_client import Auth0Client, RetryPolicy
+from server.auth0.client import Auth0Client, RetryPolicy
 from server.emulator import EmulatorState
 from server.errors import ApprovalDenied, ApprovalTimeout, BrokerError, RateLimited, VaultUnavailable
 from tests.server.tenant import BROKER_ID, BROKER_SECRET, ISSUER, USER, Sleeps, make_tenant, transport

@@ -16,7 +16,7 @@ from mcp import Client
 
 from server import audit
 from server.app import Runtime
-from server.auth0_client import TOKEN_VAULT_GRANT
+from server.auth0.client import TOKEN_VAULT_GRANT
 from server.clock import ManualClock
 from server.emulator import EmulatorState, FaultSettings
 from server.invariants import check_invariants

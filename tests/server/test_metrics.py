@@ -21,7 +21,7 @@ from server.demo import DEMO_ISSUER
 from server.emulator.demo import DEMO_ACCOUNT
 from server.errors import AuditUnavailable, ConfigError, PolicyDenied, RateLimited, Unauthenticated
 from server.metrics import Metrics
-from server.remote import build_remote_app, remote_settings
+from server.web.remote import build_remote_app, remote_settings
 from tests.conftest import demo_client, demo_runtime, ok, refused
 from tests.server.test_serve_stdio import rpc, server_env
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from server.auth0_client import TOKEN_VAULT_GRANT, Auth0Error
+from server.auth0.client import TOKEN_VAULT_GRANT, Auth0Error
 from server.errors import AccountNotConnected, BrokerError, RateLimited, VaultDenied, VaultUnavailable
 from server.vault import NOT_WITHIN, REUSE_FOR, TokenVault, map_exchange_error
 from tests.server.tenant import METHODS, USER, Sleeps, auth0_client, make_tenant, other_key, user_subject

@@ -15,7 +15,7 @@ from mcp import Client
 
 from server import audit, grants, market
 from server.app import Runtime, open_runtime
-from server.auth0_client import TOKEN_VAULT_GRANT
+from server.auth0.client import TOKEN_VAULT_GRANT
 from server.clock import ManualClock
 from server.config import load_config
 from server.grants import GrantAsk

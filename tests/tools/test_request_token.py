@@ -9,7 +9,7 @@ from mcp import Client
 
 from server import audit
 from server.app import Runtime
-from server.auth0_client import TOKEN_VAULT_GRANT
+from server.auth0.client import TOKEN_VAULT_GRANT
 from server.invariants import check_invariants
 from server.store import AuditFilter
 from tests.conftest import ok, refused, side

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.auth0_client import Auth0Client, Auth0Error, RetryPolicy
+from server.auth0.client import Auth0Client, Auth0Error, RetryPolicy
 from server.emulator import EmulatorState, Faults, FaultSettings, demo_tenant
 from server.emulator.app import ConnectionReset
 from server.emulator.serve import configure, describe

@@ -13,16 +13,16 @@ import httpx
 import pytest
 
 from server.app import Runtime, open_runtime
-from server.auth0_client import TOKEN_VAULT_GRANT
+from server.auth0.client import TOKEN_VAULT_GRANT
+from server.auth0.identity import StdioIdentity
+from server.auth0.login import StoredLogin, write_credentials
+from server.auth0.token_verifier import JwtVerifier
 from server.broker import Call
 from server.clock import ManualClock
 from server.config import load_config
 from server.emulator import EmulatorState, create_app
 from server.errors import RateLimited, Unauthenticated, VaultUnavailable
-from server.identity import StdioIdentity
-from server.login import StoredLogin, write_credentials
 from server.principal import Principal
-from server.token_verifier import JwtVerifier
 from tests.conftest import DEMO_NOW, demo_client, ok
 from tests.server.tenant import AUDIENCE, BROKER_ID, NATIVE_ID, SCOPES, USER, auth0_client, make_tenant, token_requests
 

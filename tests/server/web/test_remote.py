@@ -23,7 +23,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from server import audit, market
-from server.auth0_client import TOKEN_VAULT_GRANT
+from server.auth0.client import TOKEN_VAULT_GRANT
 from server.clock import ManualClock
 from server.store import AuditFilter
 from tests.conftest import DEMO_NOW, held, ok, refused
@@ -201,7 +201,7 @@ async def test_bad_origin_is_403_bad_host_is_421_and_metadata_is_exact(remote: R
 
 def test_allowlists_come_from_the_resource_url_and_the_environment(tmp_path: Path) -> None:
     from server.config import load_config
-    from server.remote import remote_settings
+    from server.web.remote import remote_settings
 
     config = load_config(
         {
@@ -226,7 +226,7 @@ def test_allowlists_come_from_the_resource_url_and_the_environment(tmp_path: Pat
      ("evil.example:8000", False), ("127.0.0.2:8000", False), ("::1", False), ("", False)],
 )
 def test_loopback_names_on_any_port_are_loopback_and_nothing_else_is(host: str, loopback: bool) -> None:
-    from server.remote import is_loopback_host, is_loopback_origin
+    from server.web.remote import is_loopback_host, is_loopback_origin
 
     assert is_loopback_host(host) is loopback
     assert is_loopback_origin(f"http://{host}") is loopback

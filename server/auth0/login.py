@@ -29,10 +29,10 @@ from typing import Any, TextIO
 
 import httpx
 
-from server.auth0_client import Auth0Client, Auth0Error, TokenSet
+from server.auth0.client import Auth0Client, Auth0Error, TokenSet
+from server.auth0.token_verifier import InvalidToken, JwtVerifier
 from server.config import Config
 from server.errors import ConfigError
-from server.token_verifier import InvalidToken, JwtVerifier
 
 log = logging.getLogger(__name__)
 

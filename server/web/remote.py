@@ -27,12 +27,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.app import Runtime, build_mcp
+from server.auth0.token_verifier import InvalidToken
 from server.broker import Call
 from server.config import Config
 from server.control import AuthFailures
 from server.errors import BrokerError, RateLimited, Unauthenticated
 from server.principal import Principal, SubjectToken
-from server.token_verifier import InvalidToken
 from tools import ALL_TOOLS
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
-from server.auth0_client import Auth0Client, Auth0Error
+from server.auth0.client import Auth0Client, Auth0Error
 
 log = logging.getLogger(__name__)
 

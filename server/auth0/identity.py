@@ -6,11 +6,11 @@ import logging
 import time
 from collections.abc import Callable
 
-from server.auth0_client import Auth0Client, Auth0Error, renew_at, seconds
+from server.auth0.client import Auth0Client, Auth0Error, renew_at, seconds
+from server.auth0.token_verifier import InvalidToken, JwtVerifier
 from server.errors import BrokerError, RateLimited, Unauthenticated, VaultUnavailable
 from server.principal import Principal, SubjectToken
 from server.singleflight import SingleFlight
-from server.token_verifier import InvalidToken, JwtVerifier
 
 log = logging.getLogger(__name__)
 

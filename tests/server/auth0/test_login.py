@@ -15,13 +15,8 @@ from pathlib import Path
 import pytest
 from mcp import Client, StdioServerParameters
 
-from server.auth0_client import DEVICE_CODE_GRANT
-from server.broker import Broker
-from server.config import Config, load_config
-from server.emulator import EmulatorState
-from server.emulator.demo import DEMO_ACCOUNT, DEMO_LOGIN_CLIENT_ID
-from server.errors import ConfigError
-from server.login import (
+from server.auth0.client import DEVICE_CODE_GRANT
+from server.auth0.login import (
     LOGIN_SCOPES,
     LoginError,
     StoredLogin,
@@ -32,6 +27,11 @@ from server.login import (
     status,
     write_credentials,
 )
+from server.broker import Broker
+from server.config import Config, load_config
+from server.emulator import EmulatorState
+from server.emulator.demo import DEMO_ACCOUNT, DEMO_LOGIN_CLIENT_ID
+from server.errors import ConfigError
 from server.store import Database
 from tests.conftest import held, ok
 from tests.server.emulator_process import clean_env, emulator_process

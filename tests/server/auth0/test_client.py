@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from server.auth0_client import CIBA_GRANT, TOKEN_VAULT_GRANT, Auth0Error, RetryPolicy, renew_at
+from server.auth0.client import CIBA_GRANT, TOKEN_VAULT_GRANT, Auth0Error, RetryPolicy, renew_at
 from server.errors import ConfigError
 from tests.server.tenant import (
     AUDIENCE,
@@ -78,7 +78,7 @@ async def test_wrong_secret_or_key_is_refused_once_without_retry(method: str, wr
 
 
 async def test_a_key_file_that_is_not_a_pem_key_is_a_configuration_error() -> None:
-    from server.auth0_client import Auth0Client
+    from server.auth0.client import Auth0Client
 
     with pytest.raises(ConfigError, match="TVM_CLIENT_KEY_FILE"):
         Auth0Client("https://tenant.test", "c", auth_method="private_key_jwt", private_key_pem=b"not a key")

@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator, Callable
 import httpx
 import pytest
 
-from server.auth0_client import Auth0Client
+from server.auth0.client import Auth0Client
+from server.auth0.token_verifier import InvalidToken, JwtVerifier
 from server.emulator import EmulatorState, create_app
 from server.principal import Principal
-from server.token_verifier import InvalidToken, JwtVerifier
 
 ISSUER = "https://tenant.test/"
 AUDIENCE = "https://api.test/"
@@ -119,7 +119,7 @@ async def test_a_verified_token_is_not_checked_again_but_still_expires(
     def no_second_rsa_check(*args: object, **kwargs: object) -> None:
         raise AssertionError("the signature was checked again")
 
-    monkeypatch.setattr("server.token_verifier.jwt.decode", no_second_rsa_check)
+    monkeypatch.setattr("server.auth0.token_verifier.jwt.decode", no_second_rsa_check)
     assert (await verifier.verify(token))["sub"] == "auth0|u1"
     clock[0] += 100 + 61
     with pytest.raises(InvalidToken, match="expired") as refused:

@@ -1,0 +1,1 @@
+"""Everything that talks to Auth0: the client, token verification, the stdio identity and login."""
