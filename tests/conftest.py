@@ -26,6 +26,7 @@ from server.app import Runtime, build_mcp, open_runtime
 from server.clock import ManualClock
 from server.config import load_config
 from server.store import Database, open_database
+from tests.browser import browser  # noqa: F401  (a real headless Chromium for every test that asks)
 
 T = TypeVar("T")
 
