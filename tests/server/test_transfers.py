@@ -166,6 +166,11 @@ async def test_operator_and_account_names_are_one_bounded_line(db: Database, dat
         with pytest.raises(InvalidArgument):
             await move
     assert snapshot(database) == before
+    refusals = await db.read(lambda tx: tx.find_audit(AuditFilter(outcome="denied")))
+    # a refused sender's name is not written as an account (it may be anything a console was sent)
+    assert [(e.account, e.tool) for e in refusals] == [
+        ("alice", "wallet_transfer"), ("alice", "wallet_transfer"), (None, "quota_transfer")
+    ]
 
 
 async def test_the_same_key_again_answers_the_first_move_and_moves_nothing(db: Database) -> None:
