@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -23,7 +24,8 @@ from server.errors import (
     UnknownListing,
 )
 from server.invariants import check_invariants
-from server.store import AuditFilter, Database, open_database
+from server.models import Grant
+from server.store import AuditFilter, Database, Tx, open_database
 from tests.conftest import DEMO_NOW, ok, refused, side
 
 pytestmark = pytest.mark.both_backends
@@ -114,6 +116,32 @@ async def test_reserved_units_stay_and_only_held_ones_move(db: Database, databas
             "SELECT account, units_bought, units_held, units_reserved FROM holdings ORDER BY account"
         ) == [("alice", 1, 0, 1), ("bob", 1, 1, 0)]
     assert await db.read(check_invariants) == []
+
+
+async def test_a_live_grant_stays_with_the_account_that_paid_for_it(db: Database, database: str) -> None:
+    """A grant (§8) was one unit spent: moving the holding's other units leaves it where it is."""
+    broker = await funded(db, alice=1_000)
+    await bought(db, "alice", 3)
+
+    def open_grant(tx: Tx) -> str:
+        rid, holding = ledger.reserve(tx, "alice", "github", ["repo:read"], "h:1:2", DEMO_NOW)
+        assert ledger.settle(tx, rid, committed=True, now=DEMO_NOW)
+        tx.insert_grant(Grant("gr_1", "alice", "agent-a", "github", ("repo:read",), None, holding.id, rid,
+                              bytes(32), DEMO_NOW, DEMO_NOW + timedelta(minutes=10)))
+        return rid
+
+    await db.write(open_grant)
+    await broker.transfer_units(OPERATOR, "alice", "bob", LISTING, 2)
+    live = await db.read(lambda tx: (tx.live_grants("alice", "agent-a", DEMO_NOW),
+                                     tx.live_grants("bob", "agent-a", DEMO_NOW)))
+    assert [g.id for g in live[0]] == ["gr_1"] and live[1] == []
+    with side(database) as conn:
+        assert conn.execute("SELECT g.account, h.account FROM grants g JOIN holdings h ON h.id = g.holding_id") == [
+            ("alice", "alice")
+        ]
+        assert conn.execute("SELECT account, units_held, units_consumed FROM holdings ORDER BY account") == [
+            ("alice", 0, 1), ("bob", 2, 0)
+        ]
 
 
 @pytest.mark.parametrize(
