@@ -54,6 +54,13 @@ KEPT_ARGS = frozenset(
         "agent",
         "grants_closed",
         "rules",
+        # operator moves (§11)
+        "operator",
+        "from_account",
+        "to_account",
+        "move_id",
+        "side",
+        "replayed",
     }
 )
 REDACTED = "[redacted]"
