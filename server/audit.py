@@ -54,6 +54,12 @@ KEPT_ARGS = frozenset(
         "agent",
         "grants_closed",
         "rules",
+        # connect flows (§10): which step, the link's fingerprint (never the id), who signed in instead
+        "step",
+        "link",
+        "signed_in_as",
+        "connected_account",
+        "for_tool",
     }
 )
 REDACTED = "[redacted]"

@@ -195,4 +195,24 @@ PG_MIGRATIONS: list[tuple[int, str]] = [
 PG_MIGRATIONS.append(
     (6, "ALTER TABLE reservations ADD COLUMN lease_until BIGINT;")  # reservation leases, as SQLite's 6
 )
+PG_MIGRATIONS.append(
+    (
+        7,  # connect links (§10), as SQLite's 7
+        f"""
+        CREATE TABLE connect_links (
+            id             {_TEXT} PRIMARY KEY,
+            account        {_TEXT} NOT NULL,
+            agent          {_TEXT} NOT NULL,
+            connection     {_TEXT} NOT NULL,
+            scopes         {_TEXT} NOT NULL,
+            elicitation_id {_TEXT} NOT NULL UNIQUE,
+            created_at     BIGINT NOT NULL,
+            expires_at     BIGINT NOT NULL CHECK (expires_at >= created_at),
+            status         {_TEXT} NOT NULL DEFAULT 'new' CHECK (status IN ('new', 'opened', 'connected', 'refused')),
+            finished_at    BIGINT
+        );
+        CREATE INDEX connect_links_expiry ON connect_links(expires_at);
+        """,
+    )
+)
 PG_SCHEMA_VERSION = PG_MIGRATIONS[-1][0]
