@@ -75,11 +75,24 @@ class ConnectSite:
 
 def connect_routes(site: ConnectSite) -> list[Route]:
     """The routes of the flow, to mount beside /mcp (remote) or on the loopback listener (stdio, CLI)."""
+
+    async def style(request: Request) -> Response:
+        return _style()
+
+    async def start(request: Request) -> Response:
+        return await _start(site, request)
+
+    async def callback(request: Request) -> Response:
+        return await _callback(site, request)
+
+    async def complete(request: Request) -> Response:
+        return await _complete(site, request)
+
     return [
-        Route("/connect/static/connect.css", lambda request: _style(), methods=["GET"]),
-        Route("/connect/callback", lambda request: _callback(site, request), methods=["GET"]),
-        Route("/connect/complete", lambda request: _complete(site, request), methods=["GET"]),
-        Route("/connect/{link_id}", lambda request: _start(site, request), methods=["GET"]),
+        Route("/connect/static/connect.css", style, methods=["GET"]),
+        Route("/connect/callback", callback, methods=["GET"]),
+        Route("/connect/complete", complete, methods=["GET"]),
+        Route("/connect/{link_id}", start, methods=["GET"]),
     ]
 
 
