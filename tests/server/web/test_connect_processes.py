@@ -185,3 +185,26 @@ async def test_two_replicas_sharing_keys_and_a_database_one_starts_the_flow_the_
             if process is not None and process.returncode is None:
                 process.terminate()
                 await asyncio.wait_for(process.wait(), timeout=10)
+
+
+async def test_headless_chromium_walks_the_flow_and_the_next_request_token_succeeds(
+    tenant: Emulator, tmp_path: Path, browser: Any
+) -> None:
+    params = StdioServerParameters(
+        command=sys.executable, args=["-m", "server", "serve"], env=broker_env(tenant, tmp_path), cwd=str(tmp_path)
+    )
+    async with Client(params) as client:
+        await fund(tmp_path / "vault.db")
+        await ok(client, "buy_quota", {"listing_id": "slack-read", "units": 2, "max_unit_price": 10})
+        url = link_in(await refused(client, "request_token", ASK))
+        context = await browser.new_context()
+        try:
+            page = await context.new_page()
+            await page.goto(url)  # → Auth0 sign-in (auto) → callback → the provider's consent page
+            await page.get_by_role("button", name="Allow").click()
+            await page.wait_for_selector("main.ok h1")
+            assert await page.inner_text("h1") == "Connected"
+            assert "go back to your agent" in (await page.inner_text("#message")).lower()
+        finally:
+            await context.close()
+        assert (await ok(client, "request_token", ASK))["units_remaining"] == 1
