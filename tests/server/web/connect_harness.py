@@ -30,19 +30,19 @@ ASK = {"connection": CONNECTION, "scopes": SCOPES, "purpose": "read channels"}
 _TICKET = re.compile(r'name="ticket" value="([^"]+)"')
 
 
-async def add_listing(runtime: Runtime, units: int = 3) -> None:
-    """The unconnected connection's listing, and `units` of it in the demo wallet."""
+async def add_listing(runtime: Runtime, units: int = 3, **changes: Any) -> None:
+    """The unconnected connection's listing (with `changes`), and `units` of it in the demo wallet."""
     from datetime import datetime
 
     spec = dict(LISTING, opens_at=datetime.fromisoformat(LISTING["opens_at"]),  # type: ignore[arg-type]
-                closes_at=datetime.fromisoformat(LISTING["closes_at"]))  # type: ignore[arg-type]
+                closes_at=datetime.fromisoformat(LISTING["closes_at"]), **changes)  # type: ignore[arg-type]
     specs = parse_listings({"listing": [spec]}, "test market")
     await runtime.db.write(lambda tx: market.load(tx, specs))
     from server.broker import Call
     from server.principal import Principal
 
     owner = Principal(DEMO_ACCOUNT, "setup", frozenset({"buy:quota"}))
-    await runtime.broker.buy_quota(Call("buy_quota", "buy:quota", "test"), owner, listing_id="slack-read",
+    await runtime.broker.buy_quota(Call("buy_quota", "buy:quota", "test"), owner, listing_id=str(spec["id"]),
                                    units=units, max_unit_price=10, idempotency_key=None)
 
 

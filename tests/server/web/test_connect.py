@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
+import httpx
 import pytest
 from mcp import Client
 from mcp.shared.exceptions import MCPError
@@ -21,6 +22,7 @@ from mcp.types import ElicitRequestURLParams, ElicitResult, InputRequiredResult
 from server import audit
 from server.app import Runtime, build_mcp
 from server.clock import ManualClock
+from server.demo import DEMO_ISSUER
 from server.emulator.demo import DEMO_ACCOUNT
 from tests.conftest import demo_runtime, held, ok, refused, text_of
 from tests.server.web.connect_harness import (
@@ -105,6 +107,18 @@ async def test_the_scripted_browser_connects_and_the_next_request_token_spends_o
     assert steps == [("ok", "start"), ("ok", "complete")]
     # no token of any kind rode in a URL: the My Account token and the verifiers stayed in the sealed cookie
     assert not any("eyJ" in u or "access_token" in u or "code_verifier" in u for u in browser.visited)
+
+
+async def test_call_api_answers_with_a_link_too_and_works_once_connected(rt: Runtime, browser: Browser) -> None:
+    await add_listing(rt, id="slack-api", delivery="proxy", api=[DEMO_ISSUER + "provider/slack"])
+    call = {**ASK, "method": "GET", "url": DEMO_ISSUER + "provider/slack/channels"}
+    async with sdk_client(rt, "legacy") as client:
+        text = await refused(client, "call_api", call)
+        assert LINK_TEXT.match(text), text
+        assert (await browser.connect(link_in(text))).status_code == 200
+        answer = await ok(client, "call_api", call)
+        assert answer["status"] == 200 and answer["units_remaining"] == 2
+    assert [e["args"]["for_tool"] for e in await connect_events(rt) if e["args"]["step"] == "start"] == ["call_api"]
 
 
 async def test_the_connect_url_names_only_an_opaque_single_use_id(rt: Runtime, pages: Any) -> None:
@@ -307,3 +321,16 @@ async def test_a_connected_account_makes_no_link(rt: Runtime) -> None:
 async def test_the_pages_stylesheet_is_served_from_the_package(browser: Browser) -> None:
     page = await browser.http.get(f"{PUBLIC_URL}/connect/static/connect.css")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/css") and "main" in page.text
+
+
+async def test_remote_mode_serves_the_pages_beside_mcp_without_a_bearer_but_with_host_checks(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    from tests.server.remote_harness import remote_server
+
+    async with remote_server(tmp_path, "http", clock) as remote, httpx.AsyncClient() as http:
+        page = await http.get(remote.base_url + "/connect/" + "A" * 22)
+        assert page.status_code == 410 and "not one this broker made" in page.text  # no 401: no bearer needed
+        assert (await http.post(remote.base_url + "/mcp", json={})).status_code == 401  # /mcp still wants one
+        rebound = await http.get(remote.base_url + "/connect/" + "A" * 22, headers={"Host": "evil.example"})
+        assert rebound.status_code == 421
