@@ -97,6 +97,8 @@ class Runtime:
                 try:
                     await self.broker.renew_leases()
                     refunded = await self.broker.recover_reservations(transport="lease")
+                    if self.connects is not None:
+                        await self.connects.forget_expired()
                 except Exception as exc:  # the database is away: try again next time
                     log.error("lease housekeeping failed: %s", type(exc).__name__)
                     continue

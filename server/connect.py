@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LINK_TTL = timedelta(minutes=10)
+KEEP_EXPIRED = timedelta(days=1)  # an expired link is still told apart from a forged one this long
 POLL_EVERY = 0.25  # seconds between looks at the database for flows finished by another process
 LIVE = ("new", "opened")
 # Public URL of the flow's pages, made when first needed (stdio: opens the loopback listener).
@@ -154,6 +155,11 @@ class ConnectFlows:
             if link is None or not link.live(self.broker.clock.now()) or time.monotonic() >= deadline:
                 return link
             await asyncio.sleep(min(POLL_EVERY, max(0.0, deadline - time.monotonic())))
+
+    async def forget_expired(self) -> int:
+        """Drop links that expired a day ago or more (housekeeping; their audit events stay)."""
+        before = self.broker.clock.now() - KEEP_EXPIRED
+        return int(await self.broker.db.write(lambda tx: tx.drop_connect_links_before(before)))
 
     def watch(self, link: ConnectLink, watcher: Watcher) -> None:
         """Call `watcher` once when `link` ends here or on any process sharing the database (or expires)."""

@@ -205,10 +205,20 @@ async def _step(
 ) -> tuple[ConnectLink, dict[str, Any]] | Response:
     """The link a redirect back belongs to, when its `state` is ours and this browser started the flow."""
     try:
-        state = sealer.open(request.query_params.get("state", ""), STEP_AGE)
         carried = site.cookie.open(request.cookies.get(COOKIE, ""), STEP_AGE)
     except StateRejected:
+        carried = None
+    try:
+        state = sealer.open(request.query_params.get("state", ""), STEP_AGE)
+    except StateRejected:
+        state = None
+    if state is None or carried is None:
         log.info("connect %s: a state or cookie that is not ours, altered or too old", step)
+        if carried is not None:  # this browser's flow came back with a state we did not seal: it ends here
+            link = await site.flows.get(str(carried.get("l", "")))
+            if link is not None and link.live(site.flows.broker.clock.now()):
+                await site.flows.refuse(link, Refusal("invalid_argument", "a state that is not ours came back"),
+                                        step, TRANSPORT)
         return page(
             "This sign-in cannot be trusted",
             "The page that sent you here did not come from this connect flow, was changed, was opened in "

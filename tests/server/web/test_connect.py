@@ -263,6 +263,12 @@ async def test_a_tampered_state_is_refused_and_nothing_is_connected(rt: Runtime,
         page = await browser.http.get(tampered)
         assert page.status_code == 400 and "cannot be trusted" in page.text
         assert LINK_TEXT.match(await refused(client, "request_token", ASK))
+        untampered = await browser.http.get(signed_in.headers["location"])  # the flow ended with the refusal
+        assert untampered.status_code == 410
+    refusal = [e for e in await connect_events(rt) if e["outcome"] == "denied"]
+    assert [(e["code"], e["args"]["reason"]) for e in refusal] == [
+        ("invalid_argument", "a state that is not ours came back")
+    ]
 
 
 async def test_a_state_from_another_browser_is_refused(rt: Runtime, pages: Any) -> None:
@@ -308,6 +314,16 @@ async def test_without_served_pages_the_answer_is_the_plain_refusal(tmp_path: Pa
         async with sdk_client(runtime, "legacy") as client:
             text = await refused(client, "request_token", ASK)
     assert text.startswith("[account_not_connected] ") and "/connect/" not in text
+
+
+async def test_links_expired_a_day_ago_are_forgotten(rt: Runtime, pages: Any, clock: ManualClock) -> None:
+    async with sdk_client(rt, "legacy") as client:
+        link_id = link_in(await refused(client, "request_token", ASK)).rsplit("/", 1)[1]
+    assert rt.connects is not None
+    clock.advance(timedelta(hours=23))
+    assert await rt.connects.forget_expired() == 0
+    clock.advance(timedelta(hours=2))
+    assert await rt.connects.forget_expired() == 1 and await rt.connects.get(link_id) is None
 
 
 async def test_a_connected_account_makes_no_link(rt: Runtime) -> None:
