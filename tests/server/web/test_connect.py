@@ -350,3 +350,32 @@ async def test_remote_mode_serves_the_pages_beside_mcp_without_a_bearer_but_with
         assert (await http.post(remote.base_url + "/mcp", json={})).status_code == 401  # /mcp still wants one
         rebound = await http.get(remote.base_url + "/connect/" + "A" * 22, headers={"Host": "evil.example"})
         assert rebound.status_code == 421
+
+
+async def test_a_2026_retry_before_the_flow_ended_asks_again_with_state_only_and_a_decline_gets_the_text(
+    rt: Runtime, pages: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tools.connect_answer as connect_answer
+
+    monkeypatch.setattr(connect_answer, "RESUME_WAIT", 0.1)
+
+    async def elicit(ctx: Any, params: Any) -> ElicitResult:  # pragma: no cover - the loop is driven by hand
+        return ElicitResult(action="accept")
+
+    async with sdk_client(rt, "2026-07-28", elicitation_callback=elicit) as client:
+        first = await client.session.call_tool("request_token", ASK, allow_input_required=True)
+        assert isinstance(first, InputRequiredResult) and first.request_state
+        url = first.input_requests["connect"].params.url  # type: ignore[index, union-attr]
+        accepted = {"connect": ElicitResult(action="accept")}
+        again = await client.session.call_tool(
+            "request_token", ASK, allow_input_required=True, request_state=first.request_state,
+            input_responses=accepted,
+        )
+        assert isinstance(again, InputRequiredResult) and not again.input_requests and again.request_state
+        declined = await client.session.call_tool(
+            "request_token", ASK, allow_input_required=True, request_state=again.request_state,
+            input_responses={"connect": ElicitResult(action="decline")},
+        )
+        assert not isinstance(declined, InputRequiredResult) and declined.is_error
+        assert text_of(declined) == f"[account_not_connected] connect your slack account at {url}, then call again"
+        assert await units_left(client) == 3
