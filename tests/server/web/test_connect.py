@@ -57,7 +57,7 @@ async def pages(rt: Runtime) -> Any:
 
 
 @pytest.fixture
-async def browser(rt: Runtime, pages: Any) -> AsyncIterator[Browser]:
+async def scripted(rt: Runtime, pages: Any) -> AsyncIterator[Browser]:
     async with browser_for(rt, pages) as b:
         yield b
 
@@ -95,27 +95,27 @@ async def test_a_client_without_url_elicitation_gets_the_link_as_text_and_spends
 
 
 async def test_the_scripted_browser_connects_and_the_next_request_token_spends_one_unit(
-    rt: Runtime, browser: Browser
+    rt: Runtime, scripted: Browser
 ) -> None:
     async with sdk_client(rt, "legacy") as client:
         url = link_in(await refused(client, "request_token", ASK))
-        page = await browser.connect(url)
+        page = await scripted.connect(url)
         assert page.status_code == 200 and "Connected" in page.text and "go back to your agent" in page.text.lower()
         token = await ok(client, "request_token", ASK)
         assert token["connection"] == CONNECTION and token["units_remaining"] == 2  # 3 bought, only this one spent
     steps = [(e["outcome"], e["args"]["step"]) for e in await connect_events(rt)]
     assert steps == [("ok", "start"), ("ok", "complete")]
     # no token of any kind rode in a URL: the My Account token and the verifiers stayed in the sealed cookie
-    assert not any("eyJ" in u or "access_token" in u or "code_verifier" in u for u in browser.visited)
+    assert not any("eyJ" in u or "access_token" in u or "code_verifier" in u for u in scripted.visited)
 
 
-async def test_call_api_answers_with_a_link_too_and_works_once_connected(rt: Runtime, browser: Browser) -> None:
+async def test_call_api_answers_with_a_link_too_and_works_once_connected(rt: Runtime, scripted: Browser) -> None:
     await add_listing(rt, id="slack-api", delivery="proxy", api=[DEMO_ISSUER + "provider/slack"])
     call = {**ASK, "method": "GET", "url": DEMO_ISSUER + "provider/slack/channels"}
     async with sdk_client(rt, "legacy") as client:
         text = await refused(client, "call_api", call)
         assert LINK_TEXT.match(text), text
-        assert (await browser.connect(link_in(text))).status_code == 200
+        assert (await scripted.connect(link_in(text))).status_code == 200
         answer = await ok(client, "call_api", call)
         assert answer["status"] == 200 and answer["units_remaining"] == 2
     assert [e["args"]["for_tool"] for e in await connect_events(rt) if e["args"]["step"] == "start"] == ["call_api"]
@@ -133,7 +133,7 @@ async def test_the_connect_url_names_only_an_opaque_single_use_id(rt: Runtime, p
 
 
 async def test_a_legacy_client_with_url_elicitation_gets_32042_then_elicitation_complete(
-    rt: Runtime, browser: Browser
+    rt: Runtime, scripted: Browser
 ) -> None:
     seen: list[Any] = []
 
@@ -154,7 +154,7 @@ async def test_a_legacy_client_with_url_elicitation_gets_32042_then_elicitation_
         url, elicitation_id = elicitations[0]["url"], elicitations[0]["elicitationId"]
         assert url == link_in(error.message) and elicitation_id
         assert await units_left(client) == 3
-        assert (await browser.connect(url)).status_code == 200
+        assert (await scripted.connect(url)).status_code == 200
         deadline = time.monotonic() + 10
         while not any(_completes(m, elicitation_id) for m in seen):
             assert time.monotonic() < deadline, f"no notifications/elicitation/complete: {seen}"
@@ -171,13 +171,13 @@ def _completes(message: Any, elicitation_id: str) -> bool:
 
 
 async def test_a_2026_client_with_url_elicitation_connects_and_its_retry_succeeds(
-    rt: Runtime, browser: Browser
+    rt: Runtime, scripted: Browser
 ) -> None:
     asked: list[ElicitRequestURLParams] = []
 
     async def elicit(ctx: Any, params: Any) -> ElicitResult:
         asked.append(params)
-        page = await browser.connect(params.url)  # the user follows the link, then the client retries
+        page = await scripted.connect(params.url)  # the user follows the link, then the client retries
         assert page.status_code == 200
         return ElicitResult(action="accept")
 
@@ -207,13 +207,13 @@ async def test_a_2026_round_carries_a_sealed_request_state_and_a_forged_one_is_r
         assert raised.value.error.code == -32602
 
 
-async def test_another_user_finishing_the_flow_is_refused_and_audited(rt: Runtime, browser: Browser) -> None:
+async def test_another_user_finishing_the_flow_is_refused_and_audited(rt: Runtime, scripted: Browser) -> None:
     assert rt.tenant is not None
     rt.tenant.state.add_user("auth0|mallory", name="Mallory")
     rt.tenant.state.auto_login_sub = "auth0|mallory"
     async with sdk_client(rt, "legacy") as client:
         url = link_in(await refused(client, "request_token", ASK))
-        page = await browser.connect(url)
+        page = await scripted.connect(url)
         assert page.status_code == 403 and "Signed in as someone else" in page.text
         assert "auth0|mallory" not in page.text  # the page does not name accounts
         assert LINK_TEXT.match(await refused(client, "request_token", ASK))  # still not connected: a new link
@@ -224,46 +224,46 @@ async def test_another_user_finishing_the_flow_is_refused_and_audited(rt: Runtim
     assert CONNECTION not in {a.connection for a in rt.tenant.state.accounts.get("auth0|mallory", {}).values()}
 
 
-async def test_a_reused_link_is_refused(rt: Runtime, browser: Browser) -> None:
+async def test_a_reused_link_is_refused(rt: Runtime, scripted: Browser) -> None:
     async with sdk_client(rt, "legacy") as client:
         url = link_in(await refused(client, "request_token", ASK))
-    assert (await browser.connect(url)).status_code == 200
-    again = await browser.http.get(url)
+    assert (await scripted.connect(url)).status_code == 200
+    again = await scripted.http.get(url)
     assert again.status_code == 410 and "already used" in again.text
 
 
-async def test_an_expired_link_is_refused(rt: Runtime, browser: Browser, clock: ManualClock) -> None:
+async def test_an_expired_link_is_refused(rt: Runtime, scripted: Browser, clock: ManualClock) -> None:
     async with sdk_client(rt, "legacy") as client:
         url = link_in(await refused(client, "request_token", ASK))
     clock.advance(timedelta(minutes=10, seconds=1))
-    page = await browser.http.get(url)
+    page = await scripted.http.get(url)
     assert page.status_code == 410 and "expired" in page.text
     events = await connect_events(rt)
     assert events[-1]["outcome"] == "denied" and events[-1]["args"]["reason"] == "link expired"
 
 
 @pytest.mark.parametrize("link_id", ["A" * 22, secrets.token_urlsafe(16), "..%2F..%2Fetc", "<script>x</script>"])
-async def test_a_forged_link_id_is_refused(browser: Browser, link_id: str) -> None:
-    page = await browser.http.get(f"{PUBLIC_URL}/connect/{link_id}")
+async def test_a_forged_link_id_is_refused(scripted: Browser, link_id: str) -> None:
+    page = await scripted.http.get(f"{PUBLIC_URL}/connect/{link_id}")
     assert page.status_code in (404, 410)
     assert "<script>" not in page.text
 
 
-async def test_a_tampered_state_is_refused_and_nothing_is_connected(rt: Runtime, browser: Browser) -> None:
+async def test_a_tampered_state_is_refused_and_nothing_is_connected(rt: Runtime, scripted: Browser) -> None:
     async with sdk_client(rt, "legacy") as client:
         url = link_in(await refused(client, "request_token", ASK))
-        to_auth0 = await browser.http.get(url, follow_redirects=False)
+        to_auth0 = await scripted.http.get(url, follow_redirects=False)
         assert to_auth0.status_code == 303
-        signed_in = await browser.http.get(to_auth0.headers["location"], follow_redirects=False)
+        signed_in = await scripted.http.get(to_auth0.headers["location"], follow_redirects=False)
         back = urlsplit(signed_in.headers["location"])
         query = parse_qs(back.query)
         state = query["state"][0]
         query["state"] = [state[:20] + ("x" if state[20] != "x" else "y") + state[21:]]
         tampered = back._replace(query=urlencode({k: v[0] for k, v in query.items()})).geturl()
-        page = await browser.http.get(tampered)
+        page = await scripted.http.get(tampered)
         assert page.status_code == 400 and "cannot be trusted" in page.text
         assert LINK_TEXT.match(await refused(client, "request_token", ASK))
-        untampered = await browser.http.get(signed_in.headers["location"])  # the flow ended with the refusal
+        untampered = await scripted.http.get(signed_in.headers["location"])  # the flow ended with the refusal
         assert untampered.status_code == 410
     refusal = [e for e in await connect_events(rt) if e["outcome"] == "denied"]
     assert [(e["code"], e["args"]["reason"]) for e in refusal] == [
@@ -281,27 +281,27 @@ async def test_a_state_from_another_browser_is_refused(rt: Runtime, pages: Any) 
         assert page.status_code == 400 and "cannot be trusted" in page.text
 
 
-async def test_the_provider_refusing_ends_the_flow_with_a_page_and_an_event(rt: Runtime, browser: Browser) -> None:
+async def test_the_provider_refusing_ends_the_flow_with_a_page_and_an_event(rt: Runtime, scripted: Browser) -> None:
     async with sdk_client(rt, "legacy") as client:
         url = link_in(await refused(client, "request_token", ASK))
-        page = await browser.connect(url, approve=False)
+        page = await scripted.connect(url, approve=False)
         assert page.status_code == 403 and "did not grant access" in page.text and "call the tool again" in page.text
     refusal = (await connect_events(rt))[-1]
     assert refusal["code"] == "vault_denied" and refusal["args"]["step"] == "consent"
 
 
-async def test_an_auth0_error_ends_the_flow_with_a_page_naming_it(rt: Runtime, browser: Browser) -> None:
+async def test_an_auth0_error_ends_the_flow_with_a_page_naming_it(rt: Runtime, scripted: Browser) -> None:
     assert rt.tenant is not None
     async with sdk_client(rt, "legacy") as client:
         url = link_in(await refused(client, "request_token", ASK))
         del rt.tenant.state.connections[CONNECTION]  # the tenant no longer offers it for Connected Accounts
-        page = await browser.connect(url)
+        page = await scripted.connect(url)
         assert page.status_code == 400 and "Auth0 refused the connect step" in page.text
     assert (await connect_events(rt))[-1]["code"] == "vault_denied"
 
 
-async def test_the_pages_carry_a_strict_csp_and_escape_what_they_show(browser: Browser) -> None:
-    page = await browser.http.get(f"{PUBLIC_URL}/connect/callback?state=%3Cscript%3E&code=x")
+async def test_the_pages_carry_a_strict_csp_and_escape_what_they_show(scripted: Browser) -> None:
+    page = await scripted.http.get(f"{PUBLIC_URL}/connect/callback?state=%3Cscript%3E&code=x")
     assert page.status_code == 400
     csp = page.headers["content-security-policy"]
     assert "default-src 'none'" in csp and "script-src" not in csp and "unsafe-inline" not in csp
@@ -334,8 +334,8 @@ async def test_a_connected_account_makes_no_link(rt: Runtime) -> None:
     assert await connect_events(rt) == []
 
 
-async def test_the_pages_stylesheet_is_served_from_the_package(browser: Browser) -> None:
-    page = await browser.http.get(f"{PUBLIC_URL}/connect/static/connect.css")
+async def test_the_pages_stylesheet_is_served_from_the_package(scripted: Browser) -> None:
+    page = await scripted.http.get(f"{PUBLIC_URL}/connect/static/connect.css")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/css") and "main" in page.text
 
 
