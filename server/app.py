@@ -6,10 +6,11 @@ import asyncio
 import functools
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 from mcp.server import MCPServer
+from mcp.server.mcpserver import RequestStateSecurity
 
 from server import approval, demo, market
 from server.auth0.client import Auth0Client
@@ -19,15 +20,19 @@ from server.auth0.token_verifier import JwtVerifier
 from server.broker import Approver, Broker
 from server.clock import Clock
 from server.config import Config
+from server.connect import ConnectFlows, PublicUrl
 from server.emulator import DemoTenant
 from server.errors import ConfigError
 from server.metrics import Metrics
 from server.policy import Policy, PolicyFileError, read_policy_file
 from server.provider import ProviderClient
+from server.sealing import generate_keys
 from server.store import Database, Tx, open_database
 from server.textsafe import escape_controls
 from server.vault import TokenVault
-from tools import ALL_TOOLS
+from server.web.connect import ConnectSite
+from server.web.connect_listener import LoopbackListener
+from tools import ALL_TOOLS, connect_answer
 from tools.registry import PrincipalSource
 
 log = logging.getLogger(__name__)
@@ -55,6 +60,27 @@ class Runtime:
     identity: StdioIdentity
     tenant: DemoTenant | None
     metrics: Metrics | None = None  # TVM_METRICS_PORT: serving /metrics
+    connects: ConnectFlows | None = None  # connect links (SPEC §10); served once `serve_connect_pages` says where
+    state_keys: tuple[bytes, ...] = field(default=(), repr=False)  # TVM_STATE_KEYS (or made at start)
+    connect_client_id: str | None = None  # the connect flow's sign-in client
+    listener: LoopbackListener | None = None  # stdio and the CLI: the connect pages on loopback, on demand
+
+    def connect_site(self, public_url: PublicUrl) -> ConnectSite:
+        """The connect pages of this runtime, served at `public_url` (links name it too)."""
+        assert self.connects is not None and self.connect_client_id is not None
+        self.connects.public_url = public_url
+        return ConnectSite(self.auth0, self.connects, self.connect_client_id, self.state_keys, public_url)
+
+    def serve_connect_on_loopback(self) -> LoopbackListener:
+        """stdio and the CLI: links open a loopback listener for the flows' lifetime (SPEC §10)."""
+        assert self.connects is not None
+        site = self.connect_site(_unserved)
+        listener = LoopbackListener(site, self.broker.clock, self.config.connect_public_url)
+        site.public_url = self.connects.public_url = listener.ensure
+        self.connects.on_started = listener.hold
+        self.connects.on_finished = listener.release
+        self.listener = listener
+        return listener
 
     async def housekeeping(self, every: float = 1.0) -> None:
         """Work a serving process does on its own: once a second, write the counts of folded refusals; every
@@ -71,6 +97,8 @@ class Runtime:
                 try:
                     await self.broker.renew_leases()
                     refunded = await self.broker.recover_reservations(transport="lease")
+                    if self.connects is not None:
+                        await self.connects.forget_expired()
                 except Exception as exc:  # the database is away: try again next time
                     log.error("lease housekeeping failed: %s", type(exc).__name__)
                     continue
@@ -78,6 +106,10 @@ class Runtime:
                     log.warning("refunded %d reservation(s) whose lease lapsed", refunded)
 
     async def aclose(self) -> None:
+        if self.listener is not None:
+            await self.listener.aclose()
+        if self.connects is not None:
+            await self.connects.aclose()
         await self.broker.flush_refusals(everything=True)
         await self.auth0.aclose()
         await self.provider.aclose()
@@ -169,7 +201,18 @@ async def open_runtime(
         await provider.aclose()
         await db.close()
         raise
-    return Runtime(config, db, auth0, provider, verifier, vault, broker, identity, tenant, metrics)
+    connects = ConnectFlows(broker, _unserved)
+    broker.connects = connects
+    keys = config.state_keys or generate_keys()
+    return Runtime(
+        config, db, auth0, provider, verifier, vault, broker, identity, tenant, metrics, connects, keys,
+        config.connect_client_id if not config.demo else client_id,
+    )
+
+
+async def _unserved() -> str:
+    """No connect pages are served (yet): the broker answers a plain account_not_connected."""
+    raise RuntimeError("the connect pages are not served by this process")
 
 
 async def _fund_demo_wallet(broker: Broker, account: str) -> None:
@@ -183,8 +226,10 @@ async def _fund_demo_wallet(broker: Broker, account: str) -> None:
 
 def build_mcp(runtime: Runtime, principals: PrincipalSource, transport: str, **kwargs: object) -> MCPServer:
     """The MCP server with the five tools, each bound to this runtime and principal source."""
+    security = RequestStateSecurity(keys=list(runtime.state_keys), bind_principal=connect_answer.bound_principal)
     return MCPServer(
         name="token-vault-mcp",
+        request_state_security=security,  # 2026-07-28 retries may land on any replica sharing TVM_STATE_KEYS
         title="Token Vault broker",
         instructions=INSTRUCTIONS,
         version="0.1.0",

@@ -61,6 +61,12 @@ KEPT_ARGS = frozenset(
         "move_id",
         "side",
         "replayed",
+        # connect flows (§10): which step, the link's fingerprint (never the id), who signed in instead
+        "step",
+        "link",
+        "signed_in_as",
+        "connected_account",
+        "for_tool",
     }
 )
 REDACTED = "[redacted]"

@@ -19,8 +19,10 @@ from server.approval import Progress
 from server.audit import Event
 from server.clock import Clock, SystemClock, rfc3339
 from server.config import DEFAULT_GRANT_TTL, DEFAULT_RESERVATION_LEASE
+from server.connect import ConnectRequired
 from server.control import Control
 from server.errors import (
+    AccountNotConnected,
     AgentBlocked,
     ApprovalDenied,
     AuditUnavailable,
@@ -40,6 +42,7 @@ from server.store import Database, StoreUnavailable, Tx
 from server.vault import TokenVault, VaultToken
 
 if TYPE_CHECKING:  # only the type: prometheus_client stays out of the domain
+    from server.connect import ConnectFlows
     from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -179,6 +182,7 @@ class Broker:
         self.holding = 0  # reservations this process holds now (their leases are renewed while > 0)
         self._api_calls = ApiCalls(self)
         self.metrics = metrics  # told of each tool call's answer by tools/registry (None: no metrics)
+        self.connects: ConnectFlows | None = None  # makes connect links (SPEC §10); None: plain account_not_connected
 
     def _blocked_now(self, agents: set[str]) -> None:
         """Agents the operator just blocked: their cached tokens go at once (their grants are closed)."""
@@ -338,8 +342,30 @@ class Broker:
         """Reserve a unit, exchange through Token Vault, then commit it (or refund it on failure).
 
         With an answer that may be reused (SPEC §4) there is no exchange to wait for: the unit is spent and
-        the event written in one transaction.
+        the event written in one transaction. An account that is not connected is ConnectRequired (a link
+        to connect it, SPEC §10) when this broker makes connect links; the unit is refunded first.
         """
+        try:
+            return await self._request_token(call, principal, connection, scopes, login_hint)
+        except AccountNotConnected as error:
+            raise await self._connect_needed(call, principal, connection, scopes, error) from None
+
+    async def _connect_needed(
+        self, call: Call, principal: Principal, connection: str, scopes: Sequence[str], error: AccountNotConnected
+    ) -> AccountNotConnected:
+        """The answer to a missing connected account: a connect link (with its start event), or `error` itself
+        when this broker makes none or the link could not be made."""
+        if self.connects is None or isinstance(error, ConnectRequired):
+            return error
+        try:
+            return await self.connects.start(call, principal, connection, list(scopes))
+        except Exception as exc:  # the refusal stands; only the way out is missing
+            log.error("could not make a connect link: %s", describe_failure(exc))
+            return error
+
+    async def _request_token(
+        self, call: Call, principal: Principal, connection: str, scopes: list[str], login_hint: str | None
+    ) -> IssuedToken:
         if self.vault is None:  # pragma: no cover - only the CLI builds a broker without a vault
             raise InternalError()
         vault = self.vault
@@ -439,8 +465,13 @@ class Broker:
         )
 
     async def call_api(self, call: Call, principal: Principal, api: ApiCall) -> ApiResult:
-        """Call the provider's API with a brokered token the caller never sees (SPEC §8; server.api_calls)."""
-        return await self._api_calls.call(call, principal, api)
+        """Call the provider's API with a brokered token the caller never sees (SPEC §8; server.api_calls).
+
+        A missing connected account is answered as by `request_token` (ConnectRequired)."""
+        try:
+            return await self._api_calls.call(call, principal, api)
+        except AccountNotConnected as error:
+            raise await self._connect_needed(call, principal, api.connection, api.scopes, error) from None
 
     async def _write(
         self, call: Call, principal: Principal | None, job: Callable[[Tx], R], *, record_failure: bool = False

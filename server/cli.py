@@ -78,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     log_in.set_defaults(handler=_login)
     log_out = sub.add_parser("logout", help="revoke and remove the login stored by `login`")
     log_out.set_defaults(handler=_logout)
+    conn = sub.add_parser("connect", help="connect an account (e.g. github) to your Auth0 user for Token Vault")
+    conn.add_argument("connection", help="the Auth0 connection, e.g. github or google-oauth2")
+    conn.add_argument("--scopes", nargs="*", default=[], metavar="S", help="provider scopes to ask for")
+    conn.set_defaults(handler=_connect)
 
     aud = _group(sub, "audit", "read and check the audit log")
     lst = aud.add_parser("list", help="who got what, when, and why")
@@ -331,6 +335,15 @@ def _login(config: Config, args: argparse.Namespace) -> int:
     print(f"logged in as {escape_controls(stored.account or '?')}; login stored in {config.credentials_file} "
           "(only you can read it)", file=sys.stderr)
     return OK
+
+
+def _connect(config: Config, args: argparse.Namespace) -> int:
+    from server.connect_cli import connect
+
+    name = args.connection
+    if not name or len(name) > 128 or not name.isascii() or any(not (c.isalnum() or c in "-_") for c in name):
+        raise ConfigError("connect: CONNECTION must be an Auth0 connection name like github")
+    return OK if asyncio.run(connect(config, args.connection, list(args.scopes), sys.stdout)) else NO
 
 
 def _logout(config: Config, args: argparse.Namespace) -> int:

@@ -5,6 +5,8 @@ A wrong value raises ConfigError with one line naming the variable.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import logging
 import os
@@ -62,6 +64,11 @@ class Config:
     # TVM_DATABASE=postgresql://…: PostgreSQL (SPEC §12) instead of the file (it may hold a password: no repr)
     database_url: str | None = field(default=None, repr=False)
     metrics_port: int | None = None  # TVM_METRICS_PORT: /metrics on 127.0.0.1 (SPEC §12); None = no metrics
+    # SPEC §10: where browsers reach /connect/* (None: the origin of TVM_RESOURCE_URL, else the loopback address
+    # served), the Auth0 client that signs the user in for the My Account API, and the keys that seal states
+    public_url: str | None = None  # TVM_PUBLIC_URL
+    connect_client_id_set: str | None = None  # TVM_CONNECT_CLIENT_ID
+    state_keys: tuple[bytes, ...] = field(default=(), repr=False)  # TVM_STATE_KEYS (empty: made at start)
 
     @property
     def demo(self) -> bool:
@@ -70,6 +77,22 @@ class Config:
     @property
     def issuer(self) -> str | None:
         return None if self.auth0_base_url is None else self.auth0_base_url + "/"
+
+    @property
+    def connect_client_id(self) -> str | None:
+        """The client of the connect flow's sign-in: TVM_CONNECT_CLIENT_ID, else TVM_LOGIN_CLIENT_ID, else
+        AUTH0_CLIENT_ID."""
+        return self.connect_client_id_set or self.login_client_id or self.client_id
+
+    @property
+    def connect_public_url(self) -> str | None:
+        """TVM_PUBLIC_URL, else the origin of TVM_RESOURCE_URL; None: the loopback address this process serves."""
+        if self.public_url is not None:
+            return self.public_url
+        if self.resource_url is not None:
+            parts = urlsplit(self.resource_url)
+            return f"{parts.scheme}://{parts.netloc}"
+        return None
 
     @property
     def refresh_client_id(self) -> str | None:
@@ -118,6 +141,8 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv: bool = True) -
             raise ConfigError(f"TVM_RESOURCE_URL must be an absolute http(s) URL, not {resource_url!r}")
         if parts.scheme == "http" and not is_loopback_host(parts.hostname or ""):
             raise ConfigError("TVM_RESOURCE_URL must use https unless it is on loopback")
+    public_url = _public_url(env["TVM_PUBLIC_URL"]) if "TVM_PUBLIC_URL" in env else None
+    state_keys = state_keys_from(env["TVM_STATE_KEYS"]) if "TVM_STATE_KEYS" in env else ()
     market = Path(env["TVM_MARKET_FILE"]).expanduser() if "TVM_MARKET_FILE" in env else None
     if market is not None and not market.is_file():
         raise ConfigError(f"TVM_MARKET_FILE points to {market}, which is not a readable file")
@@ -149,6 +174,9 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv: bool = True) -
         approval_timeout=approval_timeout,
         reservation_lease=reservation_lease,
         metrics_port=metrics_port,
+        public_url=public_url,
+        connect_client_id_set=env.get("TVM_CONNECT_CLIENT_ID"),
+        state_keys=state_keys,
         credentials_file=Path(
             env.get("TVM_CREDENTIALS_FILE", str(Path(user_config_dir(APP_NAME, appauthor=False)) / "credentials.json"))
         ).expanduser(),
@@ -200,6 +228,42 @@ def _database_url(url: str) -> str:
         reason = " ".join(str(exc).replace(url, shown).split())
         raise ConfigError(f"TVM_DATABASE is not a PostgreSQL URL libpq accepts ({reason}): {shown}") from None
     return url
+
+
+def _public_url(value: str) -> str:
+    """TVM_PUBLIC_URL: an absolute http(s) URL, https unless on loopback, no query; no trailing slash."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ConfigError(f"TVM_PUBLIC_URL must be an absolute http(s) URL like https://broker.example, not {value!r}")
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        raise ConfigError("TVM_PUBLIC_URL must use https unless it is on loopback")
+    return value.rstrip("/")
+
+
+MIN_STATE_KEY = 32  # bytes: the SDK's requestState codec and our sealing both want at least this much
+
+
+def state_keys_from(value: str) -> tuple[bytes, ...]:
+    """TVM_STATE_KEYS: comma-separated base64 (standard or URL-safe, padded or not) keys of at least 32 bytes.
+
+    The first one seals, all of them open (rotation). Raises ConfigError naming the variable and the key's
+    position (never the key).
+    """
+    keys: list[bytes] = []
+    for n, text in enumerate((p.strip() for p in value.split(",")), start=1):
+        if not text:
+            continue
+        try:
+            raw = base64.b64decode(text.replace("-", "+").replace("_", "/") + "=" * (-len(text) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigError(f"TVM_STATE_KEYS: key {n} is not base64") from None
+        if len(raw) < MIN_STATE_KEY:
+            raise ConfigError(f"TVM_STATE_KEYS: key {n} has {len(raw)} bytes; each key needs at least {MIN_STATE_KEY} "
+                              "(make one with: openssl rand -base64 32)")
+        keys.append(raw)
+    if not keys:
+        raise ConfigError("TVM_STATE_KEYS holds no key")
+    return tuple(keys)
 
 
 def _auth0_base_url(value: str) -> str:

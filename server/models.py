@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple
 
@@ -137,3 +137,24 @@ class AuditRecord(NamedTuple):
     latency_ms: float | None
     prev_hash: bytes | None
     hash: bytes
+
+
+@dataclass(frozen=True)
+class ConnectLink:
+    """A connect link (§10): the user may connect `connection` for `account` through it until `expires_at`,
+    once. `id` is the only thing that names it in a URL; it grants nothing without the Auth0 sign-in."""
+
+    id: str = field(repr=False)
+    account: str
+    agent: str
+    connection: str
+    scopes: tuple[str, ...]
+    elicitation_id: str
+    created_at: datetime
+    expires_at: datetime
+    status: str  # new | opened | connected | refused
+    finished_at: datetime | None = None
+
+    def live(self, now: datetime) -> bool:
+        """Still waiting for the user: not finished and not expired."""
+        return self.status in ("new", "opened") and now < self.expires_at

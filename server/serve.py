@@ -29,6 +29,7 @@ async def serve_stdio(config: Config) -> None:
         refunded = await runtime.broker.recover_reservations()
         if refunded:
             log.warning("refunded %d reservation(s) left by a process that died", refunded)
+        runtime.serve_connect_on_loopback()  # opened by the first connect link, closed after the last
         mcp = build_mcp(runtime, runtime.identity.for_request, "stdio")
         chores = asyncio.create_task(runtime.housekeeping())
         try:

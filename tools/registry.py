@@ -15,13 +15,15 @@ from typing import Any, Generic, TypeVar
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.tools import Tool
 from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase, FuncMetadata
-from mcp.types import CallToolResult, TextContent, ToolAnnotations
+from mcp.types import CallToolResult, InputRequiredResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from server.approval import Progress
 from server.broker import Broker, Call
+from server.connect import ConnectRequired
 from server.errors import BrokerError, InternalError, InvalidArgument, Unauthenticated, describe_failure
 from server.principal import Principal, require_scope
+from tools import connect_answer
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,8 @@ In = TypeVar("In", bound=BaseModel)
 Out = TypeVar("Out", bound=BaseModel)
 # Resolves the caller from the HTTP request's ASGI scope (remote), or from nothing (stdio: one user).
 PrincipalSource = Callable[[Mapping[str, Any] | None], Awaitable[Principal]]
+# What a client hears when the account must be connected first (bound to its request: tools.connect_answer).
+ConnectAnswer = Callable[[ConnectRequired], Awaitable[CallToolResult | InputRequiredResult]]
 
 
 class StrictInput(BaseModel):
@@ -63,13 +67,17 @@ class ToolSpec(Generic[In, Out]):
         arguments: dict[str, Any],
         http_scope: Mapping[str, Any] | None = None,
         progress: Progress | None = None,
-    ) -> Out | CallToolResult:
-        """Authenticate, check scope, validate, run; any refusal becomes an `isError` result."""
+        connect: ConnectAnswer | None = None,
+    ) -> Out | CallToolResult | InputRequiredResult:
+        """Authenticate, check scope, validate, run; any refusal becomes an `isError` result, and a missing
+        connected account the answer `connect` gives for this client (tools.connect_answer; default: text)."""
         started = time.perf_counter()
         answer = await self._answer(broker, principals, transport, arguments, http_scope, progress)
         error = answer if isinstance(answer, BrokerError) else None
         if broker.metrics is not None:  # every tool call ends here, whatever its transport
             broker.metrics.call_done(self.name, error, time.perf_counter() - started)
+        if isinstance(answer, ConnectRequired) and connect is not None:
+            return await connect(answer)
         return error_result(answer) if isinstance(answer, BrokerError) else answer
 
     async def _answer(
@@ -106,11 +114,22 @@ class ToolSpec(Generic[In, Out]):
     def to_mcp(self, broker: Broker, principals: PrincipalSource, transport: str) -> Tool:
         """The SDK's Tool, with our schema and our validation (the SDK passes arguments through)."""
 
-        async def handler(arguments: dict[str, Any], ctx: Context[Any, Any]) -> Out | CallToolResult:
+        async def handler(arguments: dict[str, Any], ctx: Context[Any, Any]) -> Out | connect_answer.Answer:
             async def progress(done: float, total: float | None, message: str) -> None:
                 await ctx.report_progress(done, total, message)  # sent only when the request asked for it
 
-            return await self.call(broker, principals, transport, arguments, _http_scope(ctx), progress)
+            flows = broker.connects
+            if flows is None:
+                return await self.call(broker, principals, transport, arguments, _http_scope(ctx), progress)
+            if ctx.request_state is not None:  # a 2026-07-28 retry after a connect request (or a forged one)
+                pending = await connect_answer.resume(ctx, flows)
+                if pending is not None:
+                    return pending
+
+            async def connect(needed: ConnectRequired) -> CallToolResult | InputRequiredResult:
+                return await connect_answer.answer(ctx, flows, needed)
+
+            return await self.call(broker, principals, transport, arguments, _http_scope(ctx), progress, connect)
 
         return Tool(
             fn=handler,

@@ -351,6 +351,33 @@ class Auth0Client:
         """
         return self._token_set(await self._post_token({"grant_type": CIBA_GRANT, "auth_req_id": auth_req_id}))
 
+    def authorize_url(
+        self, *, client_id: str, redirect_uri: str, scope: str, audience: str, state: str, code_challenge: str
+    ) -> str:
+        """Where a browser signs in: `/authorize` for an authorization code with PKCE (S256). No request here."""
+        query = {
+            "response_type": "code", "client_id": client_id, "redirect_uri": redirect_uri, "scope": scope,
+            "audience": audience, "state": state, "code_challenge": code_challenge, "code_challenge_method": "S256",
+        }
+        return f"{self.base_url}/authorize?{urlencode(query)}"
+
+    async def exchange_code(self, *, client_id: str, code: str, redirect_uri: str, code_verifier: str) -> TokenSet:
+        """An authorization code (with its PKCE verifier) for tokens, as `client_id`: this confidential client
+        with its authentication, any other as a public client. Raises Auth0Error."""
+        form = {
+            "grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri,
+            "code_verifier": code_verifier,
+        }
+        return self._token_set(await self._post_token(form, as_client=client_id))
+
+    async def call_api(self, method: str, path: str, body: dict[str, Any], bearer: str) -> dict[str, Any]:
+        """A JSON request to one of the tenant's own APIs (the My Account API) with a user's access token.
+
+        Retried and bounded like every operation here. Raises Auth0Error (Auth0's `{type, status, title,
+        detail}` errors are read into its `error` and `description`).
+        """
+        return await self._request(method, path, json_body=body, bearer=bearer)
+
     async def revoke_refresh_token(self, refresh_token: str, client_id: str) -> None:
         """Revoke a refresh token at the tenant (`/oauth/revoke`) as the public client it was issued to.
 
@@ -398,6 +425,8 @@ class Auth0Client:
         auth: ClientAuth | None = None,
         *,
         expect_json: bool = True,
+        json_body: dict[str, Any] | None = None,
+        bearer: str | None = None,
     ) -> dict[str, Any]:
         """One Auth0 operation: attempts under one deadline, retried per the policy. Raises Auth0Error."""
         policy = self.retry
@@ -408,7 +437,7 @@ class Auth0Client:
             attempt += 1
             budget = min(deadline - loop.time(), policy.per_attempt)
             try:
-                response = await self._attempt(method, path, form, auth, budget)
+                response = await self._attempt(method, path, form, auth, budget, json_body, bearer)
                 return _parse(response, expect_json)
             except Auth0Error as exc:
                 error = exc
@@ -434,14 +463,20 @@ class Auth0Client:
         return backoff
 
     async def _attempt(
-        self, method: str, path: str, form: dict[str, str] | None, auth: ClientAuth | None, budget: float
+        self, method: str, path: str, form: dict[str, str] | None, auth: ClientAuth | None, budget: float,
+        json_body: dict[str, Any] | None = None, bearer: str | None = None,
     ) -> httpx.Response:
         if budget <= 0:
             raise Auth0Error("Auth0 did not answer in time")
         url = self.base_url + path
         headers: dict[str, str] = {}
         body: str | None = None
-        if form is not None:
+        if bearer is not None:
+            headers["Authorization"] = f"Bearer {bearer}"
+        if json_body is not None:
+            headers["Content-Type"] = "application/json"
+            body = json.dumps(json_body, separators=(",", ":"))
+        elif form is not None:
             headers["Content-Type"] = "application/x-www-form-urlencoded"
             body = urlencode(form)
             if auth is not None:
@@ -482,7 +517,11 @@ def _parse(response: httpx.Response, expect_json: bool = True) -> dict[str, Any]
             raise Auth0Error("Auth0 sent an answer that is not a JSON object", status=response.status_code)
         return data
     error = description = interval = None
-    if isinstance(data, dict):
+    if isinstance(data, dict) and data.get("error") is None and data.get("title") is not None:
+        # the My Account API's errors: {type, status, title, detail, validation_errors?}
+        error = str(data.get("title"))[:100]
+        description = str(data.get("detail") or "")[:300] or None
+    elif isinstance(data, dict):
         error = str(data.get("error")) if data.get("error") is not None else None
         description = str(data.get("error_description", ""))[:300] or None
         value = data.get("interval")

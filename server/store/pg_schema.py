@@ -195,7 +195,26 @@ PG_MIGRATIONS: list[tuple[int, str]] = [
 PG_MIGRATIONS.append(
     (6, "ALTER TABLE reservations ADD COLUMN lease_until BIGINT;")  # reservation leases, as SQLite's 6
 )
-# 7 is the console's schema change (issue 16, another branch; the integrator puts it here, before 8)
+PG_MIGRATIONS.append(
+    (
+        7,  # connect links (§10), as SQLite's 7
+        f"""
+        CREATE TABLE connect_links (
+            id             {_TEXT} PRIMARY KEY,
+            account        {_TEXT} NOT NULL,
+            agent          {_TEXT} NOT NULL,
+            connection     {_TEXT} NOT NULL,
+            scopes         {_TEXT} NOT NULL,
+            elicitation_id {_TEXT} NOT NULL UNIQUE,
+            created_at     BIGINT NOT NULL,
+            expires_at     BIGINT NOT NULL CHECK (expires_at >= created_at),
+            status         {_TEXT} NOT NULL DEFAULT 'new' CHECK (status IN ('new', 'opened', 'connected', 'refused')),
+            finished_at    BIGINT
+        );
+        CREATE INDEX connect_links_expiry ON connect_links(expires_at);
+        """,
+    )
+)
 PG_MIGRATIONS.append(
     (
         8,  # operator moves of credits or units, as SQLite's 8

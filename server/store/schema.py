@@ -230,9 +230,24 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE reservations ADD COLUMN lease_until INTEGER;
     """,
-    # 7: not this branch's — the console's schema change (issue 16, written in parallel) is version 7;
-    # the integrator puts it here. Empty so that this list's index stays the version number.
-    "",
+    # 7: connect links (§10). A link a tool answer names so the user can connect an account: single use,
+    # bound to (account, agent, connection, scopes), valid until expires_at; its status moves only forward
+    # (new → opened → connected | refused). Shared through the database so any replica can serve the flow.
+    """
+    CREATE TABLE connect_links (
+        id             TEXT PRIMARY KEY,
+        account        TEXT NOT NULL,
+        agent          TEXT NOT NULL,
+        connection     TEXT NOT NULL,
+        scopes         TEXT NOT NULL,
+        elicitation_id TEXT NOT NULL UNIQUE,
+        created_at     INTEGER NOT NULL,
+        expires_at     INTEGER NOT NULL CHECK (expires_at >= created_at),
+        status         TEXT NOT NULL DEFAULT 'new' CHECK (status IN ('new', 'opened', 'connected', 'refused')),
+        finished_at    INTEGER
+    ) WITHOUT ROWID;
+    CREATE INDEX connect_links_expiry ON connect_links(expires_at);
+    """,
     # 8: operator moves (§11 "CLI twins", the console's allocation): credits or units moved from one
     # account to another by an operator. A credits move is also one `transfers` row (wallet to wallet,
     # reason 'wallet_transfer'); a units move changes two holdings, whose units_bought then counts units

@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
-from server.models import AuditRecord, Grant, Holding, Listing, Move, Receipt, Reservation
+from server.models import AuditRecord, ConnectLink, Grant, Holding, Listing, Move, Receipt, Reservation
 
 _LISTING_COLUMNS = (
     "id, title, connection, scopes, supply, sold, start_price, floor_price, opens_at, closes_at, "
@@ -38,6 +38,9 @@ _MOVE_COLUMNS = (
 _GRANT_COLUMNS = (
     "id, account, agent, connection, scopes, login_hint, holding_id, reservation_id, token_id, opened_at, "
     "expires_at, closed_at"
+)
+_LINK_COLUMNS = (
+    "id, account, agent, connection, scopes, elicitation_id, created_at, expires_at, status, finished_at"
 )
 _GENESIS = bytes(32)  # the first event chains from this (server.audit.GENESIS)
 # An audit row as stored, names as ids into audit_names (what `audit verify` walks)
@@ -532,6 +535,33 @@ class Tx:
             seen[agent] = (before[0] + int(calls), max(before[1], str(last)), accounts)
         return [(agent, calls, last, sorted(accounts)) for agent, (calls, last, accounts) in sorted(seen.items())]
 
+    # ---- connect links (§10) ----------------------------------------------------------------
+    def insert_connect_link(self, link: ConnectLink) -> None:
+        self._x(
+            f"INSERT INTO connect_links({_LINK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+            (link.id, link.account, link.agent, link.connection, json.dumps(list(link.scopes)), link.elicitation_id,
+             to_micros(link.created_at), to_micros(link.expires_at), link.status),
+        )
+
+    def get_connect_link(self, link_id: str) -> ConnectLink | None:
+        row = self._x(f"SELECT {_LINK_COLUMNS} FROM connect_links WHERE id = ?", (link_id,)).fetchone()
+        return None if row is None else _connect_link(row)
+
+    def move_connect_link(self, link_id: str, before: Sequence[str], after: str, now: datetime) -> bool:
+        """Move a link from one of the statuses `before` to `after` (only forward); False when it was not in one
+        of them (another request moved it first: a link is used once)."""
+        marks = ", ".join("?" for _ in before)
+        finished = to_micros(now) if after in ("connected", "refused") else None
+        cur = self._x(
+            f"UPDATE connect_links SET status = ?, finished_at = ? WHERE id = ? AND status IN ({marks})",
+            (after, finished, link_id, *before),
+        )
+        return bool(cur.rowcount == 1)
+
+    def drop_connect_links_before(self, moment: datetime) -> int:
+        """Forget links that expired before `moment` (they can no longer be used; their events stay)."""
+        return int(self._x("DELETE FROM connect_links WHERE expires_at < ?", (to_micros(moment),)).rowcount)
+
     # ---- grants (§8) ----------------------------------------------------------------------
     def insert_grant(self, grant: Grant) -> None:
         self._x(
@@ -862,6 +892,14 @@ def _holding(row: Sequence[Any]) -> Holding:
         api=_strings(row[11]),
         methods=_strings(row[12]),
         approval=row[13],
+    )
+
+
+def _connect_link(row: Sequence[Any]) -> ConnectLink:
+    return ConnectLink(
+        id=row[0], account=row[1], agent=row[2], connection=row[3], scopes=_strings(row[4]), elicitation_id=row[5],
+        created_at=from_micros(row[6]), expires_at=from_micros(row[7]), status=row[8],
+        finished_at=None if row[9] is None else from_micros(row[9]),
     )
 
 

@@ -33,6 +33,7 @@ from server.config import Config
 from server.control import AuthFailures
 from server.errors import BrokerError, RateLimited, Unauthenticated
 from server.principal import Principal, SubjectToken
+from server.web.connect import connect_routes
 from tools import ALL_TOOLS
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,12 @@ class RemoteSettings:
     @property
     def protected_paths(self) -> tuple[str, ...]:
         return ("/mcp",) if self.transport == "http" else ("/sse", "/messages")
+
+    @property
+    def origin(self) -> str:
+        """The origin this server is reached at (the resource URL's)."""
+        parts = urlsplit(self.resource_url)
+        return f"{parts.scheme}://{parts.netloc}"
 
     @property
     def metadata_path(self) -> str:
@@ -125,6 +132,14 @@ def build_remote_app(runtime: Runtime, settings: RemoteSettings) -> Starlette:
 
     mcp = build_mcp(runtime, principals, settings.transport)
     document = metadata_document(runtime, settings)
+    if runtime.connects is not None:  # /connect/* beside /mcp: no bearer token, Host checks as everywhere
+        public = runtime.config.connect_public_url or settings.origin
+
+        async def public_url() -> str:
+            return public
+
+        for route in connect_routes(runtime.connect_site(public_url)):
+            mcp.custom_route(route.path, methods=["GET"])(route.endpoint)
 
     @mcp.custom_route("/healthz", methods=["GET"])
     async def healthz(request: Request) -> Response:

@@ -57,6 +57,12 @@ def test_demo_defaults_and_domain_forms(tmp_path: Path) -> None:
         ({"TVM_METRICS_PORT": "-1"}, "TVM_METRICS_PORT"),
         ({"TVM_METRICS_PORT": "9464.0"}, "TVM_METRICS_PORT"),
         ({"TVM_METRICS_PORT": "http://127.0.0.1:9464"}, "TVM_METRICS_PORT"),
+        ({"TVM_PUBLIC_URL": "broker.example.com"}, "TVM_PUBLIC_URL"),
+        ({"TVM_PUBLIC_URL": "http://broker.example.com"}, "TVM_PUBLIC_URL"),
+        ({"TVM_PUBLIC_URL": "https://broker.example.com/?x=1"}, "TVM_PUBLIC_URL"),
+        ({"TVM_STATE_KEYS": "not base64!"}, "TVM_STATE_KEYS"),
+        ({"TVM_STATE_KEYS": "c2hvcnQ="}, "TVM_STATE_KEYS"),
+        ({"TVM_STATE_KEYS": ","}, "TVM_STATE_KEYS"),
     ],
 )
 def test_a_wrong_value_names_its_variable(env: dict[str, str], variable: str) -> None:
@@ -72,3 +78,19 @@ async def test_an_invalid_market_file_stops_the_start_naming_the_variable(tmp_pa
     config = load_config({"TVM_DATABASE": str(tmp_path / "v.db"), "TVM_MARKET_FILE": str(market)}, dotenv=False)
     with pytest.raises(ConfigError, match="TVM_MARKET_FILE"):
         await open_runtime(config)
+
+
+def test_connect_settings_default_as_the_spec_says() -> None:
+    key = "A" * 43  # 32 bytes, URL-safe base64 without padding
+    config = load_config({
+        "AUTH0_DOMAIN": "t.example.com", "AUTH0_CLIENT_ID": "main", "AUTH0_AUDIENCE": "https://api",
+        "TVM_RESOURCE_URL": "https://broker.example.com/mcp", "TVM_STATE_KEYS": f"{key}, {'B' * 44}",
+    }, dotenv=False)
+    assert config.connect_public_url == "https://broker.example.com"  # the origin of TVM_RESOURCE_URL
+    assert config.connect_client_id == "main" and len(config.state_keys) == 2
+    assert all(len(k) >= 32 for k in config.state_keys)
+    login = load_config({"TVM_LOGIN_CLIENT_ID": "native", "TVM_PUBLIC_URL": "http://127.0.0.1:8765/"}, dotenv=False)
+    assert login.connect_client_id == "native" and login.connect_public_url == "http://127.0.0.1:8765"
+    own = load_config({"TVM_LOGIN_CLIENT_ID": "native", "TVM_CONNECT_CLIENT_ID": "web"}, dotenv=False)
+    assert own.connect_client_id == "web" and own.connect_public_url is None  # None: the loopback address served
+    assert "state_keys" not in repr(config) or key not in repr(config)
