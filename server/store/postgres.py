@@ -49,6 +49,7 @@ import random
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from functools import lru_cache
 from typing import Any, TypeVar, cast
 
@@ -57,7 +58,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from server.store.base import Database, DatabaseMissing, Job, StoreUnavailable, deliver, fail_all, shown_url
 from server.store.pg_schema import PG_MIGRATIONS, PG_SCHEMA_VERSION
-from server.store.tx import Tx
+from server.store.tx import Tx, to_micros
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -73,6 +74,21 @@ MIGRATION_LOCK = 0x74766D00  # pg_advisory_lock key: one replica at a time creat
 _BEGIN_WRITE = "BEGIN ISOLATION LEVEL READ COMMITTED"
 _WRITE_LOCK = "SELECT id FROM write_lock WHERE id = 1 FOR UPDATE"
 _BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+# Tx.take_rate_token's read, refill, check and write as one statement: a new bucket starts full (the token
+# taken from it), a stored one is refilled since its last write and capped at the (perhaps lowered) rate;
+# the token is taken when one is there, or always with `debt` (down to one minute's worth below zero).
+# No row comes back when it is refused (the row is left as it was).
+_BUCKET = (
+    "LEAST(%(full)s, CASE WHEN %(at)s > b.updated_at THEN b.tokens + "
+    "CAST(%(at)s - b.updated_at AS DOUBLE PRECISION) / CAST(60e6 AS DOUBLE PRECISION) * %(full)s ELSE b.tokens END)"
+)
+_TAKE_RATE_TOKEN = (
+    "INSERT INTO rate_buckets AS b (account, agent, tokens, updated_at) "
+    "VALUES (%(account)s, %(agent)s, %(full)s - 1, %(at)s) "
+    f"ON CONFLICT (account, agent) DO UPDATE SET tokens = GREATEST({_BUCKET}, %(floor)s) - 1, "
+    "updated_at = GREATEST(b.updated_at, excluded.updated_at) "
+    f"WHERE %(debt)s OR {_BUCKET} >= 1 RETURNING b.tokens"
+)
 
 
 @lru_cache(maxsize=1024)
@@ -94,8 +110,12 @@ class PgTx(Tx):
         self._x = self._execute
 
     def _execute(self, sql: str, params: Any = None) -> psycopg.Cursor[Any]:
+        return self._named(_placeholders(sql), params)
+
+    def _named(self, sql: str, params: Any = None) -> psycopg.Cursor[Any]:
+        """Execute a statement in psycopg's own placeholders (`%(name)s`)."""
         try:
-            return self._conn.execute(_placeholders(sql), params)
+            return self._conn.execute(sql, params)
         except psycopg.OperationalError as exc:
             if self.failure is None:
                 self.failure = exc
@@ -123,6 +143,21 @@ class PgTx(Tx):
             "INSERT INTO meta(key, text) VALUES ('control_version', '1') "
             "ON CONFLICT(key) DO UPDATE SET text = CAST(CAST(meta.text AS BIGINT) + 1 AS TEXT)"
         )
+
+    def take_rate_token(
+        self, account: str, agent: str, per_minute: int, now: datetime, *, take: bool = True, debt: bool = False
+    ) -> float:
+        """Tx.take_rate_token in one round trip when a token is taken: the bucket's refill, check and write
+        are one upsert (the same arithmetic as Tx's, in the same order). A refusal, or a look only, reads
+        the bucket as Tx does (no row comes back when the upsert's condition fails)."""
+        if take and per_minute >= 1:
+            row = self._named(_TAKE_RATE_TOKEN, {
+                "account": account, "agent": agent, "full": float(per_minute), "at": to_micros(now),
+                "floor": 1.0 - per_minute, "debt": debt,
+            }).fetchone()
+            if row is not None:
+                return 0.0
+        return super().take_rate_token(account, agent, per_minute, now, take=take, debt=debt)
 
     def _insert_id(self, sql: str, params: Any) -> int:
         row = self._x(sql + " RETURNING id", params).fetchone()

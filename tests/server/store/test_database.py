@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -194,3 +195,33 @@ async def test_a_lone_call_that_finds_the_lock_held_waits_for_it_without_blockin
     side.execute("ROLLBACK")
     side.close()
     assert await write == 3 * SOLO_CALLS + 1
+
+
+
+async def test_a_rate_bucket_fills_takes_refuses_and_goes_into_debt_alike_on_both_backends(db: Database) -> None:
+    # PostgreSQL takes a token in one upsert, SQLite reads the bucket and then writes it: the same arithmetic
+    start = datetime(2027, 6, 1, 12, 0, tzinfo=UTC)
+
+    async def at(seconds: float, per_minute: int = 6, **kw: bool) -> float:
+        moment = start + timedelta(seconds=seconds)
+        return await db.write(lambda tx: tx.take_rate_token("auth0|a", "bot", per_minute, moment, **kw))
+
+    async def tokens() -> float:
+        return float(await db.read(lambda tx: tx._x("SELECT tokens FROM rate_buckets").fetchone()[0]))
+
+    assert [await at(0) for _ in range(6)] == [0.0] * 6  # a new bucket starts full: 6 a minute
+    assert await tokens() == 0.0
+    assert await at(0) == pytest.approx(10.0)  # empty: the next token in 10 s, nothing taken
+    assert (await at(5), await at(5, take=False)) == (pytest.approx(5.0), pytest.approx(5.0))
+    assert await at(20) == 0.0  # refilled by 2, one taken
+    assert (await at(20, take=False), await tokens()) == (0.0, 1.0)  # a look takes nothing
+    assert await at(20) == 0.0
+    assert await at(25, debt=True) == 0.0  # taken below zero
+    assert await tokens() == pytest.approx(-0.5)
+    assert await at(25) == pytest.approx(15.0)
+    assert await at(24) == pytest.approx(15.0)  # a clock that went back refills nothing
+    for _ in range(20):  # debt stops at one minute's worth
+        assert await at(25, debt=True) == 0.0
+    assert await tokens() == pytest.approx(1.0 - 6 - 1)
+    assert await at(3600, per_minute=2) == 0.0  # refilled, capped at a lowered rate, one taken
+    assert await tokens() == pytest.approx(1.0)
