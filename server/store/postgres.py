@@ -58,7 +58,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from server.store.base import Database, DatabaseMissing, Job, StoreUnavailable, deliver, fail_all, shown_url
 from server.store.pg_schema import PG_MIGRATIONS, PG_SCHEMA_VERSION
-from server.store.tx import Tx, to_micros
+from server.store.tx import AUDIT_HEAD_KEY, INSERT_AUDIT, Tx, to_micros
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -74,6 +74,12 @@ MIGRATION_LOCK = 0x74766D00  # pg_advisory_lock key: one replica at a time creat
 _BEGIN_WRITE = "BEGIN ISOLATION LEVEL READ COMMITTED"
 _WRITE_LOCK = "SELECT id FROM write_lock WHERE id = 1 FOR UPDATE"
 _BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+# read in the same round trip once the lock is held (a statement of its own: it sees every commit before)
+_READ_HEAD = f"SELECT text, bytes FROM meta WHERE key = '{AUDIT_HEAD_KEY}'"
+_SET_META = (
+    "INSERT INTO meta(key, text, bytes) VALUES (?, ?, ?) "
+    "ON CONFLICT(key) DO UPDATE SET text = excluded.text, bytes = excluded.bytes"
+)
 # Tx.take_rate_token's read, refill, check and write as one statement: a new bucket starts full (the token
 # taken from it), a stored one is refilled since its last write and capped at the (perhaps lowered) rate;
 # the token is taken when one is there, or always with `debt` (down to one minute's worth below zero).
@@ -108,6 +114,13 @@ class PgTx(Tx):
         # the whole batch is over (and retried when nothing of it can have been kept)
         self.failure: psycopg.OperationalError | None = None
         self._x = self._execute
+        # meta values read under the write lock (the audit head, at BEGIN): no other writer can change them
+        # before COMMIT, so they are read once and kept as this transaction writes them
+        self._meta: dict[str, bytes | str | None] = {}
+
+    def began(self, meta: dict[str, bytes | str | None]) -> None:
+        """The write transaction began, the write lock held, with these meta values read."""
+        self._meta = meta
 
     def _execute(self, sql: str, params: Any = None) -> psycopg.Cursor[Any]:
         return self._named(_placeholders(sql), params)
@@ -123,16 +136,31 @@ class PgTx(Tx):
 
     # meta values are text or bytes, as they were set (SQLite's column takes either)
     def get_meta(self, key: str) -> bytes | None:
-        row = self._x("SELECT text, bytes FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else row[1] if row[1] is not None else row[0]
+        if key in self._meta:
+            value = self._meta[key]
+        else:
+            value = _meta_value(self._x("SELECT text, bytes FROM meta WHERE key = ?", (key,)).fetchone())
+        return cast(bytes | None, value)  # text or bytes, as Tx.get_meta says
 
     def set_meta(self, key: str, value: bytes | str) -> None:
         text, blob = (None, bytes(value)) if isinstance(value, bytes | memoryview) else (value, None)
-        self._x(
-            "INSERT INTO meta(key, text, bytes) VALUES (?, ?, ?) "
-            "ON CONFLICT(key) DO UPDATE SET text = excluded.text, bytes = excluded.bytes",
-            (key, text, blob),
-        )
+        self._x(_SET_META, (key, text, blob))
+        self._kept(key, blob if blob is not None else text)
+
+    def _kept(self, key: str, value: bytes | str | None) -> None:
+        """`key` now holds `value` in this transaction: so does the copy of it, if one is kept."""
+        if key in self._meta:
+            before = self._meta[key]
+            self._meta[key] = value
+            self.on_undo(lambda: self._meta.__setitem__(key, before))
+
+    def _write_audit_row(self, row: tuple[Any, ...], head: tuple[str, str] | None) -> None:
+        """The event's row and its head meta in one statement (one round trip, not two)."""
+        if head is None:
+            super()._write_audit_row(row, head)
+            return
+        self._x(f"WITH head AS ({_SET_META}) {INSERT_AUDIT}", (head[0], head[1], None, *row))
+        self._kept(*head)
 
     def control_version(self) -> int:
         row = self._x("SELECT text FROM meta WHERE key = 'control_version'").fetchone()
@@ -280,8 +308,12 @@ class PgDatabase(Database):
         committing = False
         try:
             if write:
-                # one round trip: the lock first, always (the one order every writer takes its locks in)
-                conn.execute(f"{_BEGIN_WRITE}; {_WRITE_LOCK}")
+                # one round trip: the lock first, always (the one order every writer takes its locks in), then
+                # the audit head, which every event chains on
+                cur = conn.execute(f"{_BEGIN_WRITE}; {_WRITE_LOCK}; {_READ_HEAD}")
+                cur.nextset()
+                cur.nextset()
+                tx.began({AUDIT_HEAD_KEY: _meta_value(cur.fetchone())})
             else:
                 conn.execute(_BEGIN_READ)
             outcomes, keep = _run_jobs(tx, jobs)
@@ -370,6 +402,11 @@ def _run_jobs(tx: PgTx, jobs: list[Job[Any]]) -> tuple[list[tuple[bool, Any]], b
         tx.release_savepoint()
         outcomes.append((True, value))
     return outcomes, True
+
+
+def _meta_value(row: tuple[Any, ...] | None) -> bytes | str | None:
+    """A meta row's (text, bytes) as the value it was set to."""
+    return None if row is None else bytes(row[1]) if row[1] is not None else row[0]
 
 
 def _rollback(conn: psycopg.Connection[Any]) -> None:

@@ -39,6 +39,9 @@ _GRANT_COLUMNS = (
 _GENESIS = bytes(32)  # the first event chains from this (server.audit.GENESIS)
 # An audit row as stored, names as ids into audit_names (what `audit verify` walks)
 _AUDIT_ROW = "id, ts, account, agent, tool, transport, scope, outcome, code, args, token_id, latency_ms, hash"
+INSERT_AUDIT = f"INSERT INTO audit({_AUDIT_ROW}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# The meta key of the audit chain's recorded head, `id:hash` of its newest event (server.audit)
+AUDIT_HEAD_KEY = "audit_head"
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -543,30 +546,35 @@ class Tx:
         row = self._x("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
         return None if row is None else (int(row[0]), bytes(row[1]))
 
-    def insert_audit(self, record: AuditRecord) -> None:
-        """Store an event (its names by id; its prev_hash is the previous row's hash, not stored)."""
+    def insert_audit(self, record: AuditRecord, head: tuple[str, str] | None = None) -> None:
+        """Store an event (its names by id; its prev_hash is the previous row's hash, not stored). With
+        `head` (a meta key and value: the chain's recorded head), that meta is set along with it."""
         before = self.last_event
         self.last_event = (record.id, bytes(record.hash))
         self.on_undo(lambda: setattr(self, "last_event", before))
         name = self.name_id
-        self._x(
-            f"INSERT INTO audit({_AUDIT_ROW}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                record.id,
-                record.ts,
-                name(record.account),
-                name(record.agent),
-                name(record.tool),
-                name(record.transport),
-                name(record.scope),
-                name(record.outcome),
-                name(record.code),
-                record.args,
-                record.token_id,
-                record.latency_ms,
-                record.hash,
-            ),
+        row = (
+            record.id,
+            record.ts,
+            name(record.account),
+            name(record.agent),
+            name(record.tool),
+            name(record.transport),
+            name(record.scope),
+            name(record.outcome),
+            name(record.code),
+            record.args,
+            record.token_id,
+            record.latency_ms,
+            record.hash,
         )
+        self._write_audit_row(row, head)
+
+    def _write_audit_row(self, row: tuple[Any, ...], head: tuple[str, str] | None) -> None:
+        """The INSERT of an event's row, then its `head` meta set: two statements (PgTx makes them one)."""
+        self._x(INSERT_AUDIT, row)
+        if head is not None:
+            self.set_meta(*head)
 
     def audit_count(self) -> int:
         return int(self._x("SELECT count(*) FROM audit").fetchone()[0])

@@ -225,6 +225,29 @@ async def test_events_written_by_two_replicas_make_one_gap_free_chain(replicas: 
     assert accounts == {f"auth0|{n}" for n in range(5)}  # each name once in audit_names, whoever added it
 
 
+
+async def test_an_event_is_one_statement_after_a_begin_that_read_the_head_under_the_lock(
+    replicas: tuple[PgDatabase, PgDatabase], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = replicas
+    await a.write(lambda tx: audit.append(tx, event("auth0|x")))  # its names are known from here on
+    await b.write(lambda tx: audit.append(tx, event("auth0|x")))  # the head moved behind a's back
+    sent: list[str] = []
+    real = psycopg.Connection.execute
+
+    def counted(conn: Any, query: Any, params: Any = None, **kw: Any) -> Any:
+        sent.append(str(query))
+        return real(conn, query, params, **kw)
+
+    monkeypatch.setattr(psycopg.Connection, "execute", counted)
+    assert await a.write(lambda tx: [audit.append(tx, event("auth0|x")) for _ in range(2)]) == [3, 4]
+    monkeypatch.undo()
+    begin, *statements, commit = sent
+    assert "FOR UPDATE" in begin and "audit_head" in begin and commit == "COMMIT"
+    assert len(statements) == 2 and all(s.startswith("WITH head AS (INSERT INTO meta") for s in statements)
+    result = await b.read(audit.verify_log)
+    assert (result.ok, result.checked) == (True, 4)
+
 # ---- retries and failures ------------------------------------------------------------------------
 
 def lock_waiter(url: str) -> Callable[[], bool]:
