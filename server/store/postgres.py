@@ -58,7 +58,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from server.store.base import Database, DatabaseMissing, Job, StoreUnavailable, deliver, fail_all, shown_url
 from server.store.pg_schema import PG_MIGRATIONS, PG_SCHEMA_VERSION
-from server.store.tx import AUDIT_HEAD_KEY, INSERT_AUDIT, Tx, to_micros
+from server.store.tx import AUDIT_HEAD_KEY, INSERT_AUDIT, Mark, Tx, to_micros
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ _WRITE_LOCK = "SELECT id FROM write_lock WHERE id = 1 FOR UPDATE"
 _BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
 # read in the same round trip once the lock is held (a statement of its own: it sees every commit before)
 _READ_HEAD = f"SELECT text, bytes FROM meta WHERE key = '{AUDIT_HEAD_KEY}'"
+_SAVEPOINT, _RELEASE, _ROLLBACK_TO = "SAVEPOINT atomic", "RELEASE atomic", "ROLLBACK TO atomic"
 _SET_META = (
     "INSERT INTO meta(key, text, bytes) VALUES (?, ?, ?) "
     "ON CONFLICT(key) DO UPDATE SET text = excluded.text, bytes = excluded.bytes"
@@ -117,6 +118,8 @@ class PgTx(Tx):
         # meta values read under the write lock (the audit head, at BEGIN): no other writer can change them
         # before COMMIT, so they are read once and kept as this transaction writes them
         self._meta: dict[str, bytes | str | None] = {}
+        # savepoint statements not sent yet: they go with the next statement, in the same round trip
+        self._unsent: list[str] = []
 
     def began(self, meta: dict[str, bytes | str | None]) -> None:
         """The write transaction began, the write lock held, with these meta values read."""
@@ -126,13 +129,51 @@ class PgTx(Tx):
         return self._named(_placeholders(sql), params)
 
     def _named(self, sql: str, params: Any = None) -> psycopg.Cursor[Any]:
-        """Execute a statement in psycopg's own placeholders (`%(name)s`)."""
+        """Execute a statement in psycopg's own placeholders (`%(name)s`), after the savepoint statements
+        not sent yet, in one round trip: one query string when it has no parameters, else a pipeline."""
+        conn, unsent = self._conn, self._unsent
         try:
-            return self._conn.execute(sql, params)
+            if not unsent:
+                return conn.execute(sql, params)
+            self._unsent = []
+            if params is None:
+                cur = conn.execute("; ".join([*unsent, sql]))
+                for _ in unsent:
+                    cur.nextset()
+                return cur
+            with conn.pipeline():
+                for statement in unsent:
+                    conn.execute(statement)
+                cur = conn.execute(sql, params)
+            return cur
         except psycopg.OperationalError as exc:
             if self.failure is None:
                 self.failure = exc
             raise
+
+    # Savepoints are sent with the statement after them (or not at all when none runs inside one): a tool call's
+    # savepoint and its release cost no round trip of their own. In the order they were asked for, so the
+    # database is where Tx's statements one by one would have put it at every statement.
+    def savepoint(self) -> Mark:
+        self._unsent.append(_SAVEPOINT)
+        return self.mark()
+
+    def release_savepoint(self) -> None:
+        if self._unsent and self._unsent[-1] == _SAVEPOINT:
+            self._unsent.pop()  # nothing ran inside it
+        else:
+            self._unsent.append(_RELEASE)
+
+    def rollback_savepoint(self, mark: Mark) -> None:
+        if self._unsent and self._unsent[-1] == _SAVEPOINT:
+            self._unsent.pop()  # nothing ran inside it: nothing to roll back
+        else:
+            self._x(f"{_ROLLBACK_TO}; {_RELEASE}")
+        self.undo(mark)
+
+    def committing(self) -> None:
+        """COMMIT is next: savepoint statements still unsent (releases, empty savepoints) change nothing."""
+        self._unsent = []
 
     # meta values are text or bytes, as they were set (SQLite's column takes either)
     def get_meta(self, key: str) -> bytes | None:
@@ -322,6 +363,7 @@ class PgDatabase(Database):
                 _rollback(conn)
                 return outcomes
             committing = True
+            tx.committing()
             status = conn.execute("COMMIT").statusmessage
         except psycopg.Error as exc:
             landed = self._landed(tx.last_event, backend) if committing and conn.broken else None
