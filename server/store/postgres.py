@@ -56,9 +56,22 @@ from typing import Any, TypeVar, cast
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from server.models import Holding
 from server.store.base import Database, DatabaseMissing, Job, StoreUnavailable, deliver, fail_all, shown_url
 from server.store.pg_schema import PG_MIGRATIONS, PG_SCHEMA_VERSION
-from server.store.tx import AUDIT_HEAD_KEY, INSERT_AUDIT, Mark, Tx, to_micros
+from server.store.tx import (
+    ADD_UNITS,
+    AUDIT_HEAD_KEY,
+    HOLDING_COLUMNS,
+    INSERT_AUDIT,
+    MOVE,
+    TAKE_UNIT,
+    TRANSFER,
+    Mark,
+    Tx,
+    _holding,
+    to_micros,
+)
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -227,6 +240,28 @@ class PgTx(Tx):
             if row is not None:
                 return 0.0
         return super().take_rate_token(account, agent, per_minute, now, take=take, debt=debt)
+
+    # a step's statements as one, with data-modifying WITH (one round trip where Tx makes two or three)
+    def transfer(self, debit: str, credit: str, amount: int, reason: str, reference: str | None, ts: str) -> int:
+        return self._insert_id(
+            f"WITH moved AS ({MOVE}) {TRANSFER}",
+            (debit, amount, credit, amount, debit, credit, ts, debit, credit, amount, reason, reference),
+        )
+
+    def add_units(self, account: str, listing_id: str, units: int, ts: str) -> Holding:
+        row = self._x(
+            f"WITH h AS ({ADD_UNITS} RETURNING *) "
+            f"SELECT {HOLDING_COLUMNS} FROM h JOIN listings l ON l.id = h.listing_id",
+            (account, listing_id, units, units, ts),
+        ).fetchone()
+        return _holding(row)
+
+    def _take_unit(self, holding_id: int, into: str, reservation: tuple[Any, ...]) -> bool:
+        sql = (
+            f"WITH taken AS ({TAKE_UNIT.format(into=into)} RETURNING id) INSERT INTO reservations(id, holding_id, "
+            "status, owner, created_at, settled_at) SELECT ?, id, ?, ?, ?, CAST(? AS TEXT) FROM taken"
+        )
+        return bool(self._x(sql, (holding_id, *reservation)).rowcount == 1)
 
     def _insert_id(self, sql: str, params: Any) -> int:
         row = self._x(sql + " RETURNING id", params).fetchone()

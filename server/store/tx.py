@@ -27,11 +27,27 @@ _LISTING_COLUMNS = (
     "id, title, connection, scopes, supply, sold, start_price, floor_price, opens_at, closes_at, "
     "delivery, api, methods, approval"
 )
-_HOLDING_SELECT = """
-    SELECT h.id, h.account, h.listing_id, l.connection, l.scopes, h.units_bought, h.units_held,
-           h.units_consumed, h.units_reserved, h.created_at, l.delivery, l.api, l.methods, l.approval
-    FROM holdings h JOIN listings l ON l.id = h.listing_id
+HOLDING_COLUMNS = """
+    h.id, h.account, h.listing_id, l.connection, l.scopes, h.units_bought, h.units_held,
+    h.units_consumed, h.units_reserved, h.created_at, l.delivery, l.api, l.methods, l.approval
 """
+_HOLDING_SELECT = f"SELECT {HOLDING_COLUMNS} FROM holdings h JOIN listings l ON l.id = h.listing_id"
+ADD_UNITS = (
+    "INSERT INTO holdings(account, listing_id, units_bought, units_held, created_at) "
+    "VALUES (?, ?, ?, ?, ?) ON CONFLICT(account, listing_id) DO UPDATE SET "
+    "units_bought = holdings.units_bought + excluded.units_bought, "
+    "units_held = holdings.units_held + excluded.units_held"
+)
+# a transfer's two balances in one statement (debit = credit moves nothing, as two updates would)
+MOVE = (
+    "UPDATE accounts SET balance = balance - CASE WHEN name = ? THEN ? ELSE 0 END "
+    "+ CASE WHEN name = ? THEN ? ELSE 0 END WHERE name IN (?, ?)"
+)
+TRANSFER = "INSERT INTO transfers(ts, debit, credit, amount, reason, reference) VALUES (?, ?, ?, ?, ?, ?)"
+TAKE_UNIT = "UPDATE holdings SET units_held = units_held - 1, {into} = {into} + 1 WHERE id = ? AND units_held > 0"
+RESERVATION = (
+    "INSERT INTO reservations(id, holding_id, status, owner, created_at, settled_at) VALUES (?, ?, ?, ?, ?, ?)"
+)
 _GRANT_COLUMNS = (
     "id, account, agent, connection, scopes, login_hint, holding_id, reservation_id, token_id, opened_at, "
     "expires_at, closed_at"
@@ -186,12 +202,8 @@ class Tx:
 
     def transfer(self, debit: str, credit: str, amount: int, reason: str, reference: str | None, ts: str) -> int:
         """Move `amount` from `debit` to `credit`; the CHECKs keep wallets non-negative."""
-        self._x("UPDATE accounts SET balance = balance - ? WHERE name = ?", (amount, debit))
-        self._x("UPDATE accounts SET balance = balance + ? WHERE name = ?", (amount, credit))
-        return self._insert_id(
-            "INSERT INTO transfers(ts, debit, credit, amount, reason, reference) VALUES (?, ?, ?, ?, ?, ?)",
-            (ts, debit, credit, amount, reason, reference),
-        )
+        self._x(MOVE, (debit, amount, credit, amount, debit, credit))
+        return self._insert_id(TRANSFER, (ts, debit, credit, amount, reason, reference))
 
     # ---- listings -------------------------------------------------------------------------
     def upsert_listing(self, listing: Listing) -> None:
@@ -253,13 +265,7 @@ class Tx:
 
     # ---- holdings -------------------------------------------------------------------------
     def add_units(self, account: str, listing_id: str, units: int, ts: str) -> Holding:
-        self._x(
-            "INSERT INTO holdings(account, listing_id, units_bought, units_held, created_at) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(account, listing_id) DO UPDATE SET "
-            "units_bought = holdings.units_bought + excluded.units_bought, "
-            "units_held = holdings.units_held + excluded.units_held",
-            (account, listing_id, units, units, ts),
-        )
+        self._x(ADD_UNITS, (account, listing_id, units, units, ts))
         row = self._x(
             _HOLDING_SELECT + " WHERE h.account = ? AND h.listing_id = ?", (account, listing_id)
         ).fetchone()
@@ -309,33 +315,18 @@ class Tx:
 
     # ---- reservations ---------------------------------------------------------------------
     def reserve_unit(self, holding_id: int, reservation_id: str, owner: str, ts: str) -> bool:
-        cur = self._x(
-            "UPDATE holdings SET units_held = units_held - 1, units_reserved = units_reserved + 1 "
-            "WHERE id = ? AND units_held > 0",
-            (holding_id,),
-        )
-        if cur.rowcount != 1:
-            return False
-        self._x(
-            "INSERT INTO reservations(id, holding_id, status, owner, created_at) VALUES (?, ?, 'pending', ?, ?)",
-            (reservation_id, holding_id, owner, ts),
-        )
-        return True
+        return self._take_unit(holding_id, "units_reserved", (reservation_id, "pending", owner, ts, None))
 
     def spend_unit(self, holding_id: int, reservation_id: str, ts: str) -> bool:
         """Reserve and commit one unit at once (a reused Token Vault answer: nothing to wait for)."""
-        cur = self._x(
-            "UPDATE holdings SET units_held = units_held - 1, units_consumed = units_consumed + 1 "
-            "WHERE id = ? AND units_held > 0",
-            (holding_id,),
-        )
-        if cur.rowcount != 1:
+        return self._take_unit(holding_id, "units_consumed", (reservation_id, "committed", "", ts, ts))
+
+    def _take_unit(self, holding_id: int, into: str, reservation: tuple[Any, ...]) -> bool:
+        """Move one held unit of a holding to `into` and insert its reservation (id, status, owner, created_at,
+        settled_at); False when none is held."""
+        if self._x(TAKE_UNIT.format(into=into), (holding_id,)).rowcount != 1:
             return False
-        self._x(
-            "INSERT INTO reservations(id, holding_id, status, owner, created_at, settled_at) "
-            "VALUES (?, ?, 'committed', '', ?, ?)",
-            (reservation_id, holding_id, ts, ts),
-        )
+        self._x(RESERVATION, (reservation[0], holding_id, *reservation[1:]))
         return True
 
     def settle_reservation(self, reservation_id: str, status: str, ts: str) -> bool:
