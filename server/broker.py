@@ -412,7 +412,7 @@ class Broker:
             if self.control.needs_approval(tx, principal, holding.approval):
                 return None
             self.control.count_grant(tx, principal, connection, now)
-            return ledger.spend(tx, principal.account, connection, scopes, now, fit)
+            return ledger.spend(tx, principal.account, connection, scopes, now, fit, holding)
 
         spent = await self._run(
             call, principal, spend, audit_ok=lambda done: done is not None,
