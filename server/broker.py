@@ -305,13 +305,8 @@ class Broker:
 
     async def check_balance(self, call: Call, principal: Principal) -> Balance:
         def op(tx: Tx, now: datetime) -> Balance:
-            return Balance(
-                principal.account,
-                ledger.wallet_balance(tx, principal.account),
-                tx.holdings_of(principal.account),
-                now,
-                tx.live_grants(principal.account, principal.agent or "", now),
-            )
+            balance, holdings, live = tx.balance_sheet(principal.account, principal.agent or "", now)
+            return Balance(principal.account, balance or 0, holdings, now, live)
 
         return await self._run(call, principal, op, reads_only=True)
 

@@ -48,6 +48,7 @@ import logging
 import random
 import secrets
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from functools import lru_cache
@@ -159,6 +160,21 @@ class PgTx(Tx):
                     conn.execute(statement)
                 cur = conn.execute(sql, params)
             return cur
+        except psycopg.OperationalError as exc:
+            if self.failure is None:
+                self.failure = exc
+            raise
+
+    def _fetch_all(self, reads: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Any]]:
+        """The reads (and any savepoint statement not sent yet) in one pipeline: one round trip."""
+        conn, unsent = self._conn, self._unsent
+        self._unsent = []
+        try:
+            with conn.pipeline():
+                for statement in unsent:
+                    conn.execute(statement)
+                cursors = [conn.execute(_placeholders(sql), params) for sql, params in reads]
+            return [cur.fetchall() for cur in cursors]
         except psycopg.OperationalError as exc:
             if self.failure is None:
                 self.failure = exc

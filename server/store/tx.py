@@ -52,6 +52,12 @@ _GRANT_COLUMNS = (
     "id, account, agent, connection, scopes, login_hint, holding_id, reservation_id, token_id, opened_at, "
     "expires_at, closed_at"
 )
+_BALANCE = "SELECT balance FROM accounts WHERE name = ?"
+_HOLDINGS_OF = _HOLDING_SELECT + " WHERE h.account = ? ORDER BY h.id"
+_LIVE_GRANTS = (
+    f"SELECT {_GRANT_COLUMNS} FROM grants WHERE account = ? AND agent = ? AND expires_at > ? "
+    "AND closed_at IS NULL ORDER BY expires_at, id"
+)
 _GENESIS = bytes(32)  # the first event chains from this (server.audit.GENESIS)
 # An audit row as stored, names as ids into audit_names (what `audit verify` walks)
 _AUDIT_ROW = "id, ts, account, agent, tool, transport, scope, outcome, code, args, token_id, latency_ms, hash"
@@ -193,8 +199,21 @@ class Tx:
         self._x("INSERT INTO accounts(name, kind) VALUES (?, 'wallet') ON CONFLICT DO NOTHING", (name,))
 
     def balance(self, name: str) -> int | None:
-        row = self._x("SELECT balance FROM accounts WHERE name = ?", (name,)).fetchone()
+        row = self._x(_BALANCE, (name,)).fetchone()
         return None if row is None else int(row[0])
+
+    def balance_sheet(self, account: str, agent: str, now: datetime) -> tuple[int | None, list[Holding], list[Grant]]:
+        """What check_balance shows: the wallet's balance (None: no wallet), its holdings, the agent's live grants."""
+        balance, holdings, grants = self._fetch_all(
+            [(_BALANCE, (account,)), (_HOLDINGS_OF, (account,)), (_LIVE_GRANTS, (account, agent, to_micros(now)))]
+        )
+        return (
+            None if not balance else int(balance[0][0]), [_holding(r) for r in holdings], [_grant(r) for r in grants]
+        )
+
+    def _fetch_all(self, reads: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Any]]:
+        """Every row of each of these reads (statement, parameters), in order (PgTx sends them together)."""
+        return [self._x(sql, params).fetchall() for sql, params in reads]
 
     def account_kind(self, name: str) -> str | None:
         row = self._x("SELECT kind FROM accounts WHERE name = ?", (name,)).fetchone()
@@ -273,7 +292,7 @@ class Tx:
 
     def holdings_of(self, account: str, connection: str | None = None) -> list[Holding]:
         if connection is None:
-            rows = self._x(_HOLDING_SELECT + " WHERE h.account = ? ORDER BY h.id", (account,))
+            rows = self._x(_HOLDINGS_OF, (account,))
         else:
             rows = self._x(
                 _HOLDING_SELECT + " WHERE h.account = ? AND l.connection = ? ORDER BY h.id", (account, connection)
@@ -490,11 +509,7 @@ class Tx:
         return [_grant(r) for r in rows]
 
     def live_grants(self, account: str, agent: str, now: datetime) -> list[Grant]:
-        rows = self._x(
-            f"SELECT {_GRANT_COLUMNS} FROM grants WHERE account = ? AND agent = ? AND expires_at > ? "
-            "AND closed_at IS NULL ORDER BY expires_at, id",
-            (account, agent, to_micros(now)),
-        ).fetchall()
+        rows = self._x(_LIVE_GRANTS, (account, agent, to_micros(now))).fetchall()
         return [_grant(r) for r in rows]
 
     def set_grant_token(self, grant_id: str, token_id: bytes) -> None:
