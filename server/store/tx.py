@@ -58,6 +58,11 @@ _LIVE_GRANTS = (
     f"SELECT {_GRANT_COLUMNS} FROM grants WHERE account = ? AND agent = ? AND expires_at > ? "
     "AND closed_at IS NULL ORDER BY expires_at, id"
 )
+_HOLDINGS_ON = _HOLDING_SELECT + " WHERE h.account = ? AND l.connection = ? ORDER BY h.id"
+_LIVE_GRANTS_FOR = (
+    f"SELECT {_GRANT_COLUMNS} FROM grants WHERE account = ? AND agent = ? AND connection = ? AND scopes = ? "
+    "AND login_hint = ? AND expires_at > ? AND closed_at IS NULL ORDER BY expires_at DESC, id"
+)
 _GENESIS = bytes(32)  # the first event chains from this (server.audit.GENESIS)
 # An audit row as stored, names as ids into audit_names (what `audit verify` walks)
 _AUDIT_ROW = "id, ts, account, agent, tool, transport, scope, outcome, code, args, token_id, latency_ms, hash"
@@ -294,9 +299,7 @@ class Tx:
         if connection is None:
             rows = self._x(_HOLDINGS_OF, (account,))
         else:
-            rows = self._x(
-                _HOLDING_SELECT + " WHERE h.account = ? AND l.connection = ? ORDER BY h.id", (account, connection)
-            )
+            rows = self._x(_HOLDINGS_ON, (account, connection))
         return [_holding(r) for r in rows.fetchall()]
 
     # ---- purchases ------------------------------------------------------------------------
@@ -501,12 +504,17 @@ class Tx:
         self, account: str, agent: str, connection: str, scopes: Sequence[str], login_hint: str | None, now: datetime
     ) -> list[Grant]:
         """The caller's grants for exactly this ask that are live at `now`, the one that lasts longest first."""
-        rows = self._x(
-            f"SELECT {_GRANT_COLUMNS} FROM grants WHERE account = ? AND agent = ? AND connection = ? AND scopes = ? "
-            "AND login_hint = ? AND expires_at > ? AND closed_at IS NULL ORDER BY expires_at DESC, id",
-            (account, agent, connection, json.dumps(list(scopes)), login_hint or "", to_micros(now)),
-        ).fetchall()
+        ask = (account, agent, connection, json.dumps(list(scopes)), login_hint or "", to_micros(now))
+        rows = self._x(_LIVE_GRANTS_FOR, ask).fetchall()
         return [_grant(r) for r in rows]
+
+    def live_grants_and_holdings_for(
+        self, account: str, agent: str, connection: str, scopes: Sequence[str], login_hint: str | None, now: datetime
+    ) -> tuple[list[Grant], list[Holding]]:
+        """`live_grants_for`, and the account's holdings on `connection` (`holdings_of`): read together."""
+        ask = (account, agent, connection, json.dumps(list(scopes)), login_hint or "", to_micros(now))
+        grants, holdings = self._fetch_all([(_LIVE_GRANTS_FOR, ask), (_HOLDINGS_ON, (account, connection))])
+        return [_grant(r) for r in grants], [_holding(r) for r in holdings]
 
     def live_grants(self, account: str, agent: str, now: datetime) -> list[Grant]:
         rows = self._x(_LIVE_GRANTS, (account, agent, to_micros(now))).fetchall()
