@@ -50,9 +50,11 @@ class _Collector:
     def audit_head(self) -> tuple[int, bytes] | None:
         return self.head
 
-    def insert_audit(self, record: AuditRecord) -> None:
+    def insert_audit(self, record: AuditRecord, head: tuple[str, str] | None = None) -> None:
         self.rows.append(record)
         self.head = (record.id, record.hash)
+        if head is not None:
+            self.set_meta(*head)
 
     def get_meta(self, key: str) -> str | None:
         return self.head_text or None

@@ -20,7 +20,7 @@ from typing import Any, cast
 from server.allowlist import keys_only
 from server.errors import AuditUnavailable
 from server.models import AuditRecord
-from server.store import Tx
+from server.store import AUDIT_HEAD_KEY, Tx
 
 GENESIS = bytes(32)
 MAX_TEXT = 500  # longest argument string kept; longer ones are cut (events stay small)
@@ -70,7 +70,7 @@ KEPT_ARGS = frozenset(
     }
 )
 REDACTED = "[redacted]"
-HEAD_KEY = "audit_head"
+HEAD_KEY = AUDIT_HEAD_KEY
 
 
 @dataclass
@@ -258,6 +258,7 @@ def append(tx: Tx, event: Event) -> int:
             new_id, event.ts, event.account, event.agent, event.tool, event.transport, event.scope,
             event.outcome, event.code, args, event.token_id, latency,
         )
+        new_hash = chain_hash(prev_hash, body)
         tx.insert_audit(
             AuditRecord(
                 id=new_id,
@@ -273,11 +274,11 @@ def append(tx: Tx, event: Event) -> int:
                 token_id=event.token_id,
                 latency_ms=latency,
                 prev_hash=prev_hash,
-                hash=(new_hash := chain_hash(prev_hash, body)),
-            )
+                hash=new_hash,
+            ),
+            # the head is kept apart from the rows, so deleting the newest events is noticed too
+            head=(HEAD_KEY, f"{new_id}:{new_hash.hex()}"),
         )
-        # the head is kept apart from the rows, so deleting the newest events is noticed too
-        tx.set_meta(HEAD_KEY, f"{new_id}:{new_hash.hex()}")
     except Exception as exc:
         raise AuditUnavailable("the audit log could not be written, so nothing was done; try again") from exc
     return new_id

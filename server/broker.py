@@ -314,13 +314,8 @@ class Broker:
 
     async def check_balance(self, call: Call, principal: Principal) -> Balance:
         def op(tx: Tx, now: datetime) -> Balance:
-            return Balance(
-                principal.account,
-                ledger.wallet_balance(tx, principal.account),
-                tx.holdings_of(principal.account),
-                now,
-                tx.live_grants(principal.account, principal.agent or "", now),
-            )
+            balance, holdings, live = tx.balance_sheet(principal.account, principal.agent or "", now)
+            return Balance(principal.account, balance or 0, holdings, now, live)
 
         return await self._run(call, principal, op, reads_only=True)
 
@@ -443,7 +438,7 @@ class Broker:
             if self.control.needs_approval(tx, principal, holding.approval):
                 return None
             self.control.count_grant(tx, principal, connection, now)
-            return ledger.spend(tx, principal.account, connection, scopes, now, fit)
+            return ledger.spend(tx, principal.account, connection, scopes, now, fit, holding)
 
         spent = await self._run(
             call, principal, spend, audit_ok=lambda done: done is not None,

@@ -51,9 +51,12 @@ class Plan:
 def plan(tx: Tx, ask: GrantAsk, owner: str, now: datetime) -> Plan:
     """Find the caller's live grant, else reserve a unit for a new one. Raises ApiNotAllowed (nothing
     spent) when the URL or method is outside what the listing allows, or what `ledger.reserve` raises."""
-    live = _live(tx, ask, now)
+    # the holdings are read with the grants (one round trip on PostgreSQL): a call inside a grant needs both
+    live, covering = tx.live_grants_and_holdings_for(
+        ask.account, ask.agent, ask.connection, ask.scopes, ask.login_hint, now
+    )
     if live:
-        holdings = {h.id: h for h in tx.holdings_of(ask.account, ask.connection)}
+        holdings = {h.id: h for h in covering}
         for grant in live:  # a grant whose listing admits this call (its listing may have changed since)
             holding = holdings.get(grant.holding_id)
             if holding is None:  # pragma: no cover - a grant's holding is never deleted

@@ -175,13 +175,19 @@ def reserve(
 
 
 def spend(
-    tx: Tx, account: str, connection: str, scopes: Sequence[str], now: datetime, fit: Fit | None = None
+    tx: Tx, account: str, connection: str, scopes: Sequence[str], now: datetime, fit: Fit | None = None,
+    holding: Holding | None = None,
 ) -> tuple[str, int]:
     """Spend one unit from the right holding at once, as a committed reservation (the token is already
-    in hand). Return the reservation id and the units left in that holding."""
-    reservation_id, holding = _take_unit(
-        tx, account, connection, scopes, lambda holding, rid: tx.spend_unit(holding, rid, rfc3339(now)), fit
-    )
+    in hand), or from `holding` when the caller chose it in this transaction already. Return the
+    reservation id and the units left in that holding."""
+    def take(holding_id: int, rid: str) -> bool:
+        return tx.spend_unit(holding_id, rid, rfc3339(now))
+
+    if holding is None:
+        reservation_id, holding = _take_unit(tx, account, connection, scopes, take, fit)
+    else:
+        reservation_id = _take_from(holding, connection, take)
     return reservation_id, holding.units_held - 1
 
 
@@ -206,10 +212,14 @@ def _take_unit(
 ) -> tuple[str, Holding]:
     """Pick the holding to spend (least privilege) and `take(holding_id, reservation_id)` one unit of it."""
     holding = choose_holding(tx.holdings_of(account, connection), connection, scopes, fit)
+    return _take_from(holding, connection, take), holding
+
+
+def _take_from(holding: Holding, connection: str, take: Callable[[int, str], bool]) -> str:
     reservation_id = "res_" + secrets.token_hex(12)
     if not take(holding.id, reservation_id):  # pragma: no cover - chosen in the same transaction
         raise NoQuota(f"no units left for {connection}")
-    return reservation_id, holding
+    return reservation_id
 
 
 def settle(tx: Tx, reservation_id: str, committed: bool, now: datetime) -> bool:

@@ -48,16 +48,31 @@ import logging
 import random
 import secrets
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from functools import lru_cache
 from typing import Any, TypeVar, cast
 
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from server.models import Holding
 from server.store.base import Database, DatabaseMissing, Job, StoreUnavailable, deliver, fail_all, shown_url
 from server.store.pg_schema import PG_MIGRATIONS, PG_SCHEMA_VERSION
-from server.store.tx import Tx
+from server.store.tx import (
+    ADD_UNITS,
+    AUDIT_HEAD_KEY,
+    HOLDING_COLUMNS,
+    INSERT_AUDIT,
+    MOVE,
+    TAKE_UNIT,
+    TRANSFER,
+    Mark,
+    Tx,
+    _holding,
+    to_micros,
+)
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -73,6 +88,28 @@ MIGRATION_LOCK = 0x74766D00  # pg_advisory_lock key: one replica at a time creat
 _BEGIN_WRITE = "BEGIN ISOLATION LEVEL READ COMMITTED"
 _WRITE_LOCK = "SELECT id FROM write_lock WHERE id = 1 FOR UPDATE"
 _BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+# read in the same round trip once the lock is held (a statement of its own: it sees every commit before)
+_READ_HEAD = f"SELECT text, bytes FROM meta WHERE key = '{AUDIT_HEAD_KEY}'"
+_SAVEPOINT, _RELEASE, _ROLLBACK_TO = "SAVEPOINT atomic", "RELEASE atomic", "ROLLBACK TO atomic"
+_SET_META = (
+    "INSERT INTO meta(key, text, bytes) VALUES (?, ?, ?) "
+    "ON CONFLICT(key) DO UPDATE SET text = excluded.text, bytes = excluded.bytes"
+)
+# Tx.take_rate_token's read, refill, check and write as one statement: a new bucket starts full (the token
+# taken from it), a stored one is refilled since its last write and capped at the (perhaps lowered) rate;
+# the token is taken when one is there, or always with `debt` (down to one minute's worth below zero).
+# No row comes back when it is refused (the row is left as it was).
+_BUCKET = (
+    "LEAST(%(full)s, CASE WHEN %(at)s > b.updated_at THEN b.tokens + "
+    "CAST(%(at)s - b.updated_at AS DOUBLE PRECISION) / CAST(60e6 AS DOUBLE PRECISION) * %(full)s ELSE b.tokens END)"
+)
+_TAKE_RATE_TOKEN = (
+    "INSERT INTO rate_buckets AS b (account, agent, tokens, updated_at) "
+    "VALUES (%(account)s, %(agent)s, %(full)s - 1, %(at)s) "
+    f"ON CONFLICT (account, agent) DO UPDATE SET tokens = GREATEST({_BUCKET}, %(floor)s) - 1, "
+    "updated_at = GREATEST(b.updated_at, excluded.updated_at) "
+    f"WHERE %(debt)s OR {_BUCKET} >= 1 RETURNING b.tokens"
+)
 
 
 @lru_cache(maxsize=1024)
@@ -92,27 +129,108 @@ class PgTx(Tx):
         # the whole batch is over (and retried when nothing of it can have been kept)
         self.failure: psycopg.OperationalError | None = None
         self._x = self._execute
+        # meta values read under the write lock (the audit head, at BEGIN): no other writer can change them
+        # before COMMIT, so they are read once and kept as this transaction writes them
+        self._meta: dict[str, bytes | str | None] = {}
+        # savepoint statements not sent yet: they go with the next statement, in the same round trip
+        self._unsent: list[str] = []
+
+    def began(self, meta: dict[str, bytes | str | None]) -> None:
+        """The write transaction began, the write lock held, with these meta values read."""
+        self._meta = meta
 
     def _execute(self, sql: str, params: Any = None) -> psycopg.Cursor[Any]:
+        return self._named(_placeholders(sql), params)
+
+    def _named(self, sql: str, params: Any = None) -> psycopg.Cursor[Any]:
+        """Execute a statement in psycopg's own placeholders (`%(name)s`), after the savepoint statements
+        not sent yet, in one round trip: one query string when it has no parameters, else a pipeline."""
+        conn, unsent = self._conn, self._unsent
         try:
-            return self._conn.execute(_placeholders(sql), params)
+            if not unsent:
+                return conn.execute(sql, params)
+            self._unsent = []
+            if params is None:
+                cur = conn.execute("; ".join([*unsent, sql]))
+                for _ in unsent:
+                    cur.nextset()
+                return cur
+            with conn.pipeline():
+                for statement in unsent:
+                    conn.execute(statement)
+                cur = conn.execute(sql, params)
+            return cur
         except psycopg.OperationalError as exc:
             if self.failure is None:
                 self.failure = exc
             raise
 
+    def _fetch_all(self, reads: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Any]]:
+        """The reads (and any savepoint statement not sent yet) in one pipeline: one round trip."""
+        conn, unsent = self._conn, self._unsent
+        self._unsent = []
+        try:
+            with conn.pipeline():
+                for statement in unsent:
+                    conn.execute(statement)
+                cursors = [conn.execute(_placeholders(sql), params) for sql, params in reads]
+            return [cur.fetchall() for cur in cursors]
+        except psycopg.OperationalError as exc:
+            if self.failure is None:
+                self.failure = exc
+            raise
+
+    # Savepoints are sent with the statement after them (or not at all when none runs inside one): a tool call's
+    # savepoint and its release cost no round trip of their own. In the order they were asked for, so the
+    # database is where Tx's statements one by one would have put it at every statement.
+    def savepoint(self) -> Mark:
+        self._unsent.append(_SAVEPOINT)
+        return self.mark()
+
+    def release_savepoint(self) -> None:
+        if self._unsent and self._unsent[-1] == _SAVEPOINT:
+            self._unsent.pop()  # nothing ran inside it
+        else:
+            self._unsent.append(_RELEASE)
+
+    def rollback_savepoint(self, mark: Mark) -> None:
+        if self._unsent and self._unsent[-1] == _SAVEPOINT:
+            self._unsent.pop()  # nothing ran inside it: nothing to roll back
+        else:
+            self._x(f"{_ROLLBACK_TO}; {_RELEASE}")
+        self.undo(mark)
+
+    def committing(self) -> None:
+        """COMMIT is next: savepoint statements still unsent (releases, empty savepoints) change nothing."""
+        self._unsent = []
+
     # meta values are text or bytes, as they were set (SQLite's column takes either)
     def get_meta(self, key: str) -> bytes | None:
-        row = self._x("SELECT text, bytes FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else row[1] if row[1] is not None else row[0]
+        if key in self._meta:
+            value = self._meta[key]
+        else:
+            value = _meta_value(self._x("SELECT text, bytes FROM meta WHERE key = ?", (key,)).fetchone())
+        return cast(bytes | None, value)  # text or bytes, as Tx.get_meta says
 
     def set_meta(self, key: str, value: bytes | str) -> None:
         text, blob = (None, bytes(value)) if isinstance(value, bytes | memoryview) else (value, None)
-        self._x(
-            "INSERT INTO meta(key, text, bytes) VALUES (?, ?, ?) "
-            "ON CONFLICT(key) DO UPDATE SET text = excluded.text, bytes = excluded.bytes",
-            (key, text, blob),
-        )
+        self._x(_SET_META, (key, text, blob))
+        self._kept(key, blob if blob is not None else text)
+
+    def _kept(self, key: str, value: bytes | str | None) -> None:
+        """`key` now holds `value` in this transaction: so does the copy of it, if one is kept."""
+        if key in self._meta:
+            before = self._meta[key]
+            self._meta[key] = value
+            self.on_undo(lambda: self._meta.__setitem__(key, before))
+
+    def _write_audit_row(self, row: tuple[Any, ...], head: tuple[str, str] | None) -> None:
+        """The event's row and its head meta in one statement (one round trip, not two)."""
+        if head is None:
+            super()._write_audit_row(row, head)
+            return
+        self._x(f"WITH head AS ({_SET_META}) {INSERT_AUDIT}", (head[0], head[1], None, *row))
+        self._kept(*head)
 
     def control_version(self) -> int:
         row = self._x("SELECT text FROM meta WHERE key = 'control_version'").fetchone()
@@ -123,6 +241,43 @@ class PgTx(Tx):
             "INSERT INTO meta(key, text) VALUES ('control_version', '1') "
             "ON CONFLICT(key) DO UPDATE SET text = CAST(CAST(meta.text AS BIGINT) + 1 AS TEXT)"
         )
+
+    def take_rate_token(
+        self, account: str, agent: str, per_minute: int, now: datetime, *, take: bool = True, debt: bool = False
+    ) -> float:
+        """Tx.take_rate_token in one round trip when a token is taken: the bucket's refill, check and write
+        are one upsert (the same arithmetic as Tx's, in the same order). A refusal, or a look only, reads
+        the bucket as Tx does (no row comes back when the upsert's condition fails)."""
+        if take and per_minute >= 1:
+            row = self._named(_TAKE_RATE_TOKEN, {
+                "account": account, "agent": agent, "full": float(per_minute), "at": to_micros(now),
+                "floor": 1.0 - per_minute, "debt": debt,
+            }).fetchone()
+            if row is not None:
+                return 0.0
+        return super().take_rate_token(account, agent, per_minute, now, take=take, debt=debt)
+
+    # a step's statements as one, with data-modifying WITH (one round trip where Tx makes two or three)
+    def transfer(self, debit: str, credit: str, amount: int, reason: str, reference: str | None, ts: str) -> int:
+        return self._insert_id(
+            f"WITH moved AS ({MOVE}) {TRANSFER}",
+            (debit, amount, credit, amount, debit, credit, ts, debit, credit, amount, reason, reference),
+        )
+
+    def add_units(self, account: str, listing_id: str, units: int, ts: str) -> Holding:
+        row = self._x(
+            f"WITH h AS ({ADD_UNITS} RETURNING *) "
+            f"SELECT {HOLDING_COLUMNS} FROM h JOIN listings l ON l.id = h.listing_id",
+            (account, listing_id, units, units, ts),
+        ).fetchone()
+        return _holding(row)
+
+    def _take_unit(self, holding_id: int, into: str, reservation: tuple[Any, ...]) -> bool:
+        sql = (
+            f"WITH taken AS ({TAKE_UNIT.format(into=into)} RETURNING id) INSERT INTO reservations(id, holding_id, "
+            "status, owner, created_at, settled_at) SELECT ?, id, ?, ?, ?, CAST(? AS TEXT) FROM taken"
+        )
+        return bool(self._x(sql, (holding_id, *reservation)).rowcount == 1)
 
     def _insert_id(self, sql: str, params: Any) -> int:
         row = self._x(sql + " RETURNING id", params).fetchone()
@@ -245,8 +400,12 @@ class PgDatabase(Database):
         committing = False
         try:
             if write:
-                # one round trip: the lock first, always (the one order every writer takes its locks in)
-                conn.execute(f"{_BEGIN_WRITE}; {_WRITE_LOCK}")
+                # one round trip: the lock first, always (the one order every writer takes its locks in), then
+                # the audit head, which every event chains on
+                cur = conn.execute(f"{_BEGIN_WRITE}; {_WRITE_LOCK}; {_READ_HEAD}")
+                cur.nextset()
+                cur.nextset()
+                tx.began({AUDIT_HEAD_KEY: _meta_value(cur.fetchone())})
             else:
                 conn.execute(_BEGIN_READ)
             outcomes, keep = _run_jobs(tx, jobs)
@@ -255,6 +414,7 @@ class PgDatabase(Database):
                 _rollback(conn)
                 return outcomes
             committing = True
+            tx.committing()
             status = conn.execute("COMMIT").statusmessage
         except psycopg.Error as exc:
             landed = self._landed(tx.last_event, backend) if committing and conn.broken else None
@@ -335,6 +495,11 @@ def _run_jobs(tx: PgTx, jobs: list[Job[Any]]) -> tuple[list[tuple[bool, Any]], b
         tx.release_savepoint()
         outcomes.append((True, value))
     return outcomes, True
+
+
+def _meta_value(row: tuple[Any, ...] | None) -> bytes | str | None:
+    """A meta row's (text, bytes) as the value it was set to."""
+    return None if row is None else bytes(row[1]) if row[1] is not None else row[0]
 
 
 def _rollback(conn: psycopg.Connection[Any]) -> None:

@@ -27,13 +27,29 @@ _LISTING_COLUMNS = (
     "id, title, connection, scopes, supply, sold, start_price, floor_price, opens_at, closes_at, "
     "delivery, api, methods, approval"
 )
-_HOLDING_SELECT = """
-    SELECT h.id, h.account, h.listing_id, l.connection, l.scopes, h.units_bought, h.units_held,
-           h.units_consumed, h.units_reserved, h.created_at, l.delivery, l.api, l.methods, l.approval
-    FROM holdings h JOIN listings l ON l.id = h.listing_id
+HOLDING_COLUMNS = """
+    h.id, h.account, h.listing_id, l.connection, l.scopes, h.units_bought, h.units_held,
+    h.units_consumed, h.units_reserved, h.created_at, l.delivery, l.api, l.methods, l.approval
 """
 _MOVE_COLUMNS = (
     "id, kind, from_account, to_account, listing_id, amount, from_after, to_after, operator, moved_at"
+)
+_HOLDING_SELECT = f"SELECT {HOLDING_COLUMNS} FROM holdings h JOIN listings l ON l.id = h.listing_id"
+ADD_UNITS = (
+    "INSERT INTO holdings(account, listing_id, units_bought, units_held, created_at) "
+    "VALUES (?, ?, ?, ?, ?) ON CONFLICT(account, listing_id) DO UPDATE SET "
+    "units_bought = holdings.units_bought + excluded.units_bought, "
+    "units_held = holdings.units_held + excluded.units_held"
+)
+# a transfer's two balances in one statement (debit = credit moves nothing, as two updates would)
+MOVE = (
+    "UPDATE accounts SET balance = balance - CASE WHEN name = ? THEN ? ELSE 0 END "
+    "+ CASE WHEN name = ? THEN ? ELSE 0 END WHERE name IN (?, ?)"
+)
+TRANSFER = "INSERT INTO transfers(ts, debit, credit, amount, reason, reference) VALUES (?, ?, ?, ?, ?, ?)"
+TAKE_UNIT = "UPDATE holdings SET units_held = units_held - 1, {into} = {into} + 1 WHERE id = ? AND units_held > 0"
+RESERVATION = (
+    "INSERT INTO reservations(id, holding_id, status, owner, created_at, settled_at) VALUES (?, ?, ?, ?, ?, ?)"
 )
 _GRANT_COLUMNS = (
     "id, account, agent, connection, scopes, login_hint, holding_id, reservation_id, token_id, opened_at, "
@@ -42,9 +58,23 @@ _GRANT_COLUMNS = (
 _LINK_COLUMNS = (
     "id, account, agent, connection, scopes, elicitation_id, created_at, expires_at, status, finished_at"
 )
+_BALANCE = "SELECT balance FROM accounts WHERE name = ?"
+_HOLDINGS_OF = _HOLDING_SELECT + " WHERE h.account = ? ORDER BY h.id"
+_LIVE_GRANTS = (
+    f"SELECT {_GRANT_COLUMNS} FROM grants WHERE account = ? AND agent = ? AND expires_at > ? "
+    "AND closed_at IS NULL ORDER BY expires_at, id"
+)
+_HOLDINGS_ON = _HOLDING_SELECT + " WHERE h.account = ? AND l.connection = ? ORDER BY h.id"
+_LIVE_GRANTS_FOR = (
+    f"SELECT {_GRANT_COLUMNS} FROM grants WHERE account = ? AND agent = ? AND connection = ? AND scopes = ? "
+    "AND login_hint = ? AND expires_at > ? AND closed_at IS NULL ORDER BY expires_at DESC, id"
+)
 _GENESIS = bytes(32)  # the first event chains from this (server.audit.GENESIS)
 # An audit row as stored, names as ids into audit_names (what `audit verify` walks)
 _AUDIT_ROW = "id, ts, account, agent, tool, transport, scope, outcome, code, args, token_id, latency_ms, hash"
+INSERT_AUDIT = f"INSERT INTO audit({_AUDIT_ROW}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# The meta key of the audit chain's recorded head, `id:hash` of its newest event (server.audit)
+AUDIT_HEAD_KEY = "audit_head"
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -183,8 +213,21 @@ class Tx:
         self._x("INSERT INTO accounts(name, kind) VALUES (?, 'wallet') ON CONFLICT DO NOTHING", (name,))
 
     def balance(self, name: str) -> int | None:
-        row = self._x("SELECT balance FROM accounts WHERE name = ?", (name,)).fetchone()
+        row = self._x(_BALANCE, (name,)).fetchone()
         return None if row is None else int(row[0])
+
+    def balance_sheet(self, account: str, agent: str, now: datetime) -> tuple[int | None, list[Holding], list[Grant]]:
+        """What check_balance shows: the wallet's balance (None: no wallet), its holdings, the agent's live grants."""
+        balance, holdings, grants = self._fetch_all(
+            [(_BALANCE, (account,)), (_HOLDINGS_OF, (account,)), (_LIVE_GRANTS, (account, agent, to_micros(now)))]
+        )
+        return (
+            None if not balance else int(balance[0][0]), [_holding(r) for r in holdings], [_grant(r) for r in grants]
+        )
+
+    def _fetch_all(self, reads: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Any]]:
+        """Every row of each of these reads (statement, parameters), in order (PgTx sends them together)."""
+        return [self._x(sql, params).fetchall() for sql, params in reads]
 
     def account_kind(self, name: str) -> str | None:
         row = self._x("SELECT kind FROM accounts WHERE name = ?", (name,)).fetchone()
@@ -192,12 +235,8 @@ class Tx:
 
     def transfer(self, debit: str, credit: str, amount: int, reason: str, reference: str | None, ts: str) -> int:
         """Move `amount` from `debit` to `credit`; the CHECKs keep wallets non-negative."""
-        self._x("UPDATE accounts SET balance = balance - ? WHERE name = ?", (amount, debit))
-        self._x("UPDATE accounts SET balance = balance + ? WHERE name = ?", (amount, credit))
-        return self._insert_id(
-            "INSERT INTO transfers(ts, debit, credit, amount, reason, reference) VALUES (?, ?, ?, ?, ?, ?)",
-            (ts, debit, credit, amount, reason, reference),
-        )
+        self._x(MOVE, (debit, amount, credit, amount, debit, credit))
+        return self._insert_id(TRANSFER, (ts, debit, credit, amount, reason, reference))
 
     # ---- listings -------------------------------------------------------------------------
     def upsert_listing(self, listing: Listing) -> None:
@@ -259,13 +298,7 @@ class Tx:
 
     # ---- holdings -------------------------------------------------------------------------
     def add_units(self, account: str, listing_id: str, units: int, ts: str) -> Holding:
-        self._x(
-            "INSERT INTO holdings(account, listing_id, units_bought, units_held, created_at) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(account, listing_id) DO UPDATE SET "
-            "units_bought = holdings.units_bought + excluded.units_bought, "
-            "units_held = holdings.units_held + excluded.units_held",
-            (account, listing_id, units, units, ts),
-        )
+        self._x(ADD_UNITS, (account, listing_id, units, units, ts))
         row = self._x(
             _HOLDING_SELECT + " WHERE h.account = ? AND h.listing_id = ?", (account, listing_id)
         ).fetchone()
@@ -273,11 +306,9 @@ class Tx:
 
     def holdings_of(self, account: str, connection: str | None = None) -> list[Holding]:
         if connection is None:
-            rows = self._x(_HOLDING_SELECT + " WHERE h.account = ? ORDER BY h.id", (account,))
+            rows = self._x(_HOLDINGS_OF, (account,))
         else:
-            rows = self._x(
-                _HOLDING_SELECT + " WHERE h.account = ? AND l.connection = ? ORDER BY h.id", (account, connection)
-            )
+            rows = self._x(_HOLDINGS_ON, (account, connection))
         return [_holding(r) for r in rows.fetchall()]
 
     # ---- purchases ------------------------------------------------------------------------
@@ -366,33 +397,18 @@ class Tx:
 
     # ---- reservations ---------------------------------------------------------------------
     def reserve_unit(self, holding_id: int, reservation_id: str, owner: str, ts: str) -> bool:
-        cur = self._x(
-            "UPDATE holdings SET units_held = units_held - 1, units_reserved = units_reserved + 1 "
-            "WHERE id = ? AND units_held > 0",
-            (holding_id,),
-        )
-        if cur.rowcount != 1:
-            return False
-        self._x(
-            "INSERT INTO reservations(id, holding_id, status, owner, created_at) VALUES (?, ?, 'pending', ?, ?)",
-            (reservation_id, holding_id, owner, ts),
-        )
-        return True
+        return self._take_unit(holding_id, "units_reserved", (reservation_id, "pending", owner, ts, None))
 
     def spend_unit(self, holding_id: int, reservation_id: str, ts: str) -> bool:
         """Reserve and commit one unit at once (a reused Token Vault answer: nothing to wait for)."""
-        cur = self._x(
-            "UPDATE holdings SET units_held = units_held - 1, units_consumed = units_consumed + 1 "
-            "WHERE id = ? AND units_held > 0",
-            (holding_id,),
-        )
-        if cur.rowcount != 1:
+        return self._take_unit(holding_id, "units_consumed", (reservation_id, "committed", "", ts, ts))
+
+    def _take_unit(self, holding_id: int, into: str, reservation: tuple[Any, ...]) -> bool:
+        """Move one held unit of a holding to `into` and insert its reservation (id, status, owner, created_at,
+        settled_at); False when none is held."""
+        if self._x(TAKE_UNIT.format(into=into), (holding_id,)).rowcount != 1:
             return False
-        self._x(
-            "INSERT INTO reservations(id, holding_id, status, owner, created_at, settled_at) "
-            "VALUES (?, ?, 'committed', '', ?, ?)",
-            (reservation_id, holding_id, ts, ts),
-        )
+        self._x(RESERVATION, (reservation[0], holding_id, *reservation[1:]))
         return True
 
     def settle_reservation(self, reservation_id: str, status: str, ts: str) -> bool:
@@ -575,19 +591,20 @@ class Tx:
         self, account: str, agent: str, connection: str, scopes: Sequence[str], login_hint: str | None, now: datetime
     ) -> list[Grant]:
         """The caller's grants for exactly this ask that are live at `now`, the one that lasts longest first."""
-        rows = self._x(
-            f"SELECT {_GRANT_COLUMNS} FROM grants WHERE account = ? AND agent = ? AND connection = ? AND scopes = ? "
-            "AND login_hint = ? AND expires_at > ? AND closed_at IS NULL ORDER BY expires_at DESC, id",
-            (account, agent, connection, json.dumps(list(scopes)), login_hint or "", to_micros(now)),
-        ).fetchall()
+        ask = (account, agent, connection, json.dumps(list(scopes)), login_hint or "", to_micros(now))
+        rows = self._x(_LIVE_GRANTS_FOR, ask).fetchall()
         return [_grant(r) for r in rows]
 
+    def live_grants_and_holdings_for(
+        self, account: str, agent: str, connection: str, scopes: Sequence[str], login_hint: str | None, now: datetime
+    ) -> tuple[list[Grant], list[Holding]]:
+        """`live_grants_for`, and the account's holdings on `connection` (`holdings_of`): read together."""
+        ask = (account, agent, connection, json.dumps(list(scopes)), login_hint or "", to_micros(now))
+        grants, holdings = self._fetch_all([(_LIVE_GRANTS_FOR, ask), (_HOLDINGS_ON, (account, connection))])
+        return [_grant(r) for r in grants], [_holding(r) for r in holdings]
+
     def live_grants(self, account: str, agent: str, now: datetime) -> list[Grant]:
-        rows = self._x(
-            f"SELECT {_GRANT_COLUMNS} FROM grants WHERE account = ? AND agent = ? AND expires_at > ? "
-            "AND closed_at IS NULL ORDER BY expires_at, id",
-            (account, agent, to_micros(now)),
-        ).fetchall()
+        rows = self._x(_LIVE_GRANTS, (account, agent, to_micros(now))).fetchall()
         return [_grant(r) for r in rows]
 
     def set_grant_token(self, grant_id: str, token_id: bytes) -> None:
@@ -630,30 +647,35 @@ class Tx:
         row = self._x("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
         return None if row is None else (int(row[0]), bytes(row[1]))
 
-    def insert_audit(self, record: AuditRecord) -> None:
-        """Store an event (its names by id; its prev_hash is the previous row's hash, not stored)."""
+    def insert_audit(self, record: AuditRecord, head: tuple[str, str] | None = None) -> None:
+        """Store an event (its names by id; its prev_hash is the previous row's hash, not stored). With
+        `head` (a meta key and value: the chain's recorded head), that meta is set along with it."""
         before = self.last_event
         self.last_event = (record.id, bytes(record.hash))
         self.on_undo(lambda: setattr(self, "last_event", before))
         name = self.name_id
-        self._x(
-            f"INSERT INTO audit({_AUDIT_ROW}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                record.id,
-                record.ts,
-                name(record.account),
-                name(record.agent),
-                name(record.tool),
-                name(record.transport),
-                name(record.scope),
-                name(record.outcome),
-                name(record.code),
-                record.args,
-                record.token_id,
-                record.latency_ms,
-                record.hash,
-            ),
+        row = (
+            record.id,
+            record.ts,
+            name(record.account),
+            name(record.agent),
+            name(record.tool),
+            name(record.transport),
+            name(record.scope),
+            name(record.outcome),
+            name(record.code),
+            record.args,
+            record.token_id,
+            record.latency_ms,
+            record.hash,
         )
+        self._write_audit_row(row, head)
+
+    def _write_audit_row(self, row: tuple[Any, ...], head: tuple[str, str] | None) -> None:
+        """The INSERT of an event's row, then its `head` meta set: two statements (PgTx makes them one)."""
+        self._x(INSERT_AUDIT, row)
+        if head is not None:
+            self.set_meta(*head)
 
     def audit_count(self) -> int:
         return int(self._x("SELECT count(*) FROM audit").fetchone()[0])

@@ -225,6 +225,76 @@ async def test_events_written_by_two_replicas_make_one_gap_free_chain(replicas: 
     assert accounts == {f"auth0|{n}" for n in range(5)}  # each name once in audit_names, whoever added it
 
 
+
+async def test_an_event_is_one_statement_after_a_begin_that_read_the_head_under_the_lock(
+    replicas: tuple[PgDatabase, PgDatabase], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = replicas
+    await a.write(lambda tx: audit.append(tx, event("auth0|x")))  # its names are known from here on
+    await b.write(lambda tx: audit.append(tx, event("auth0|x")))  # the head moved behind a's back
+    sent: list[str] = []
+    real = psycopg.Connection.execute
+
+    def counted(conn: Any, query: Any, params: Any = None, **kw: Any) -> Any:
+        sent.append(str(query))
+        return real(conn, query, params, **kw)
+
+    monkeypatch.setattr(psycopg.Connection, "execute", counted)
+    assert await a.write(lambda tx: [audit.append(tx, event("auth0|x")) for _ in range(2)]) == [3, 4]
+    monkeypatch.undo()
+    begin, *statements, commit = sent
+    assert "FOR UPDATE" in begin and "audit_head" in begin and commit == "COMMIT"
+    assert len(statements) == 2 and all(s.startswith("WITH head AS (INSERT INTO meta") for s in statements)
+    result = await b.read(audit.verify_log)
+    assert (result.ok, result.checked) == (True, 4)
+
+
+async def test_savepoints_travel_with_the_next_statement_and_still_undo_what_ran_inside_them(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = await open_database(url)
+    trips: list[str] = []
+    real_execute, real_pipeline = psycopg.Connection.execute, psycopg.Connection.pipeline
+
+    def execute(conn: Any, query: Any, params: Any = None, **kw: Any) -> Any:
+        if conn._pipeline is None:  # a pipeline's statements are one round trip, counted by it
+            trips.append(str(query))
+        return real_execute(conn, query, params, **kw)
+
+    def pipeline(conn: Any) -> Any:
+        trips.append("pipeline")
+        return real_pipeline(conn)
+
+    def job(tx: Tx) -> list[str | None]:
+        tx.savepoint()
+        tx.ensure_wallet("auth0|kept")  # 1: SAVEPOINT with it
+        empty = tx.savepoint()
+        tx.rollback_savepoint(empty)  # nothing ran inside: nothing sent
+        tx.savepoint()
+        tx.release_savepoint()  # nor here
+        inner = tx.savepoint()
+        tx.ensure_wallet("auth0|undone")  # 2: SAVEPOINT with it
+        tx.rollback_savepoint(inner)  # 3: ROLLBACK TO and RELEASE
+        tx.savepoint()
+        tx.ensure_wallet("auth0|released")  # 4
+        tx.release_savepoint()
+        kinds = [tx.account_kind(n) for n in ("auth0|kept", "auth0|undone", "auth0|released")]  # 5 (RELEASE), 6, 7
+        tx.release_savepoint()  # COMMIT next: never sent
+        return kinds
+
+    try:
+        monkeypatch.setattr(psycopg.Connection, "execute", execute)
+        monkeypatch.setattr(psycopg.Connection, "pipeline", pipeline)
+        assert await db.write(job) == ["wallet", None, "wallet"]
+        monkeypatch.undo()
+        _begin, *sent, commit = trips
+        assert commit == "COMMIT" and len(sent) == 7, sent  # no savepoint statement took a round trip alone
+        assert await db.read(lambda tx: [tx.account_kind(n) for n in ("auth0|kept", "auth0|undone")]) == [
+            "wallet", None]
+    finally:
+        await db.close()
+
+
 # ---- retries and failures ------------------------------------------------------------------------
 
 def lock_waiter(url: str) -> Callable[[], bool]:
