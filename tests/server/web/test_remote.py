@@ -308,7 +308,9 @@ async def test_a_write_lock_held_by_another_process_stalls_no_client_and_loses_n
         assert await holder.stdout.readline() == b"released\n"
         results = await asyncio.gather(*calls)
         await holder.wait()
-    assert max(health) < 0.1, health
+    # a loop stalled behind the lock would hold one probe for the rest of the 3-s hold (≥ 2 s); under a busy
+    # machine a served probe can still take tens of milliseconds
+    assert sorted(health)[len(health) // 2] < 0.1 and max(health) < 0.5, health
     assert [r.is_error for r in results] == [False] * 16
     verified = run(tmp_path, "audit", "verify", "--ledger", env={"TVM_DATABASE": str(remote.runtime.db.path)})
     assert verified.code == 0, verified.err
