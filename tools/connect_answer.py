@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import weakref
 from typing import Any
 
 from mcp.server.mcpserver import Context
@@ -51,12 +50,13 @@ async def answer(ctx: Context[Any, Any], flows: ConnectFlows, needed: ConnectReq
     if modern(ctx):
         state = json.dumps({"connect": needed.link.id})
         return InputRequiredResult(input_requests={INPUT_KEY: ElicitRequest(params=params)}, request_state=state)
-    session = weakref.ref(ctx.session)  # told when the flow ends, if it still exists then
+    # Held (not a weak reference: the SDK's per-request session object is dropped as soon as this call
+    # returns) until the flow ends or the link expires (10 minutes at most); a session that closed meanwhile
+    # makes the send fail, which the watcher's caller logs and forgets.
+    session = ctx.session
 
     async def tell(link: ConnectLink) -> None:
-        alive = session()
-        if alive is not None:
-            await alive.send_elicit_complete(link.elicitation_id)
+        await session.send_elicit_complete(link.elicitation_id)
 
     flows.watch(needed.link, tell)
     raise UrlElicitationRequiredError([params], message=needed.render())
