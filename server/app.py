@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import httpx
 from mcp.server import MCPServer
 from mcp.server.mcpserver import RequestStateSecurity
+from starlette.routing import BaseRoute
 
 from server import approval, demo, market
 from server.auth0.client import Auth0Client
@@ -32,6 +33,7 @@ from server.textsafe import escape_controls
 from server.vault import TokenVault
 from server.web.connect import ConnectSite
 from server.web.connect_listener import LoopbackListener
+from server.web.demo_tenant import demo_pages, serve_demo_pages_at
 from tools import ALL_TOOLS, connect_answer
 from tools.registry import PrincipalSource
 
@@ -75,7 +77,14 @@ class Runtime:
         """stdio and the CLI: links open a loopback listener for the flows' lifetime (SPEC §10)."""
         assert self.connects is not None
         site = self.connect_site(_unserved)
-        listener = LoopbackListener(site, self.broker.clock, self.config.connect_public_url)
+        routes: list[BaseRoute] = []
+        on_open: Callable[[str], None] | None = None
+        if self.tenant is not None:  # demo: the tenant's sign-in and consent pages on the listener, for a browser
+            routes = [demo_pages(self.tenant)]
+            on_open = functools.partial(serve_demo_pages_at, self.tenant, self.auth0)
+        listener = LoopbackListener(
+            site, self.broker.clock, self.config.connect_public_url, routes=routes, on_open=on_open
+        )
         site.public_url = self.connects.public_url = listener.ensure
         self.connects.on_started = listener.hold
         self.connects.on_finished = listener.release

@@ -218,6 +218,9 @@ class Auth0Client:
         on_request: RequestHook | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        # Where a browser reaches the tenant's pages (`/authorize`): the tenant itself, except in the demo, whose
+        # in-process tenant has no reachable name and whose pages the broker serves on its own origin.
+        self.browser_url: str | None = None
         self.client_id = client_id
         self._secret = client_secret
         self._auth_method = auth_method
@@ -359,7 +362,7 @@ class Auth0Client:
             "response_type": "code", "client_id": client_id, "redirect_uri": redirect_uri, "scope": scope,
             "audience": audience, "state": state, "code_challenge": code_challenge, "code_challenge_method": "S256",
         }
-        return f"{self.base_url}/authorize?{urlencode(query)}"
+        return f"{(self.browser_url or self.base_url).rstrip('/')}/authorize?{urlencode(query)}"
 
     async def exchange_code(self, *, client_id: str, code: str, redirect_uri: str, code_verifier: str) -> TokenSet:
         """An authorization code (with its PKCE verifier) for tokens, as `client_id`: this confidential client

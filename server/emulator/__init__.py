@@ -29,6 +29,11 @@ Auth0's API (`create_app(state)`; tenant data and knobs live in `EmulatorState`)
   or expired), `invalid_grant` (used), or the tokens with `id_token` and
   `authorization_details` echoed
 
+`create_browser_app(state)` serves only the pages a browser visits (sign-in and consent), to mount
+under a prefix on another origin (their forms post back under the mount); `state.browser_url`
+names that place in the `connect_uri`. The demo mode serves them on the broker's own origin, since
+its issuer is a name no browser can reach.
+
 Not Auth0's, a provider stand-in (provider.py): `/provider/{connection}/…`, any method, accepts
 only a live token this Token Vault issued for that connection and answers 200 JSON with what it
 saw (`connection`, `account`, `scopes`, `method`, `path`, `query`, `body`), else 401.
@@ -71,7 +76,7 @@ Test API (served unless `create_app(state, admin=False)`), JSON bodies:
   `kind` is `status`, `rate_limit`, `reset`, `hang` or `malformed`.
 """
 
-from server.emulator.app import create_app
+from server.emulator.app import create_app, create_browser_app
 from server.emulator.demo import DemoTenant, demo_tenant
 from server.emulator.faults import Faults, FaultSettings
 from server.emulator.serve import serve
@@ -84,6 +89,7 @@ __all__ = [
     "Faults",
     "RecordedRequest",
     "create_app",
+    "create_browser_app",
     "demo_tenant",
     "serve",
 ]

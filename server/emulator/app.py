@@ -26,7 +26,7 @@ from server.emulator.errors import NO_STORE, OAuthError, error_response
 from server.emulator.faults import Fault
 from server.emulator.grants import GRANTS, revoke_refresh_token
 from server.emulator.keys import ASSERTION_ALGORITHMS
-from server.emulator.my_account import my_account_routes
+from server.emulator.my_account import consent_routes, my_account_routes
 from server.emulator.provider import provider_routes
 from server.emulator.state import EmulatorState, RecordedRequest
 from server.emulator.tokens import required
@@ -54,6 +54,15 @@ def create_app(state: EmulatorState, *, admin: bool = True) -> Starlette:
 
         routes += admin_routes(state)
     return Starlette(routes=routes)
+
+
+def create_browser_app(state: EmulatorState) -> Starlette:
+    """Only the pages a person's browser visits: the sign-in (`GET /authorize`, `POST /authorize/login`) and
+    the provider consent (`GET|POST /connect`), for mounting on another origin under a prefix (the demo
+    serves them on the broker's origin; forms post back under the mount's `root_path`). The back channel
+    (`/oauth/token`, the My Account API, Token Vault) is not in it.
+    """
+    return Starlette(routes=[*authorize_routes(state), *consent_routes(state)])
 
 
 class _Endpoints:

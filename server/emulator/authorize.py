@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from server.emulator.bodies import read_fields
 from server.emulator.errors import OAuthError
-from server.emulator.pages import error_page, page
+from server.emulator.pages import error_page, mounted_at, page
 from server.emulator.state import AuthorizationCode, Client, EmulatorState, PendingLogin
 from server.emulator.tokens import OIDC_SCOPES, split_scope
 
@@ -62,7 +62,7 @@ def authorize_routes(state: EmulatorState) -> list[Route]:
         if params.get("prompt") == "none":
             return error_redirect(redirect_uri, "login_required", "Login required", given_state)
         state.pending_logins[login.txn] = login
-        return _sign_in_page(state, login)
+        return _sign_in_page(state, login, request)
 
     async def sign_in(request: Request) -> Response:
         try:
@@ -74,7 +74,7 @@ def authorize_routes(state: EmulatorState) -> list[Route]:
             return error_page(state.issuer, "invalid_request", "This sign-in page has expired; start again.")
         sub = fields.get("sub", "").strip()
         if sub not in state.users:
-            return _sign_in_page(state, login, error="Wrong user id.", status=400)
+            return _sign_in_page(state, login, request, error="Wrong user id.", status=400)
         del state.pending_logins[login.txn]
         return _signed_in(state, login, sub)
 
@@ -195,7 +195,7 @@ def _signed_in(state: EmulatorState, login: PendingLogin, sub: str) -> Response:
 
 
 def _sign_in_page(
-    state: EmulatorState, login: PendingLogin, *, error: str | None = None, status: int = 200
+    state: EmulatorState, login: PendingLogin, request: Request, *, error: str | None = None, status: int = 200
 ) -> Response:
     users = [{"sub": sub, "name": state.user_names.get(sub, sub)} for sub in sorted(state.users)]
     return page(
@@ -207,7 +207,7 @@ def _sign_in_page(
         client_id=login.client_id,
         users=users,
         txn=login.txn,
-        action=LOGIN_PATH,
+        action=mounted_at(request) + LOGIN_PATH,
         error=error,
     )
 

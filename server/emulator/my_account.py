@@ -36,7 +36,7 @@ from server.emulator.bodies import form_fields
 from server.emulator.code_grant import pkce_matches
 from server.emulator.errors import OAuthError
 from server.emulator.keys import InvalidJWT
-from server.emulator.pages import error_page, page
+from server.emulator.pages import error_page, mounted_at, page
 from server.emulator.state import ConnectedAccount, ConnectSession, EmulatorState
 
 PREFIX = "/me/v1/connected-accounts"
@@ -125,7 +125,7 @@ def my_account_routes(state: EmulatorState) -> list[Route]:
         state.connect_sessions[session.auth_session] = session
         answer = {
             "auth_session": session.auth_session,
-            "connect_uri": state.issuer.rstrip("/") + CONSENT_PATH,
+            "connect_uri": (state.browser_url or state.issuer).rstrip("/") + CONSENT_PATH,
             "connect_params": {"ticket": session.ticket},
             "expires_in": state.connect_expires_in,
         }
@@ -178,6 +178,18 @@ def my_account_routes(state: EmulatorState) -> list[Route]:
             return error.response()
         return Response(status_code=204)
 
+    return [
+        Route(PREFIX + "/connect", connect, methods=["POST"]),
+        Route(PREFIX + "/complete", complete, methods=["POST"]),
+        Route(PREFIX + "/accounts", accounts, methods=["GET"]),
+        Route(PREFIX + "/accounts/{account_id}", delete, methods=["DELETE"]),
+        *consent_routes(state),
+    ]
+
+
+def consent_routes(state: EmulatorState) -> list[Route]:
+    """The provider consent screen a `connect_uri` leads to (`GET` shows it, `POST` decides), bound to `state`."""
+
     async def consent(request: Request) -> Response:
         session = _pending_ticket(state, request.query_params.get("ticket", ""))
         if session is None:
@@ -191,7 +203,7 @@ def my_account_routes(state: EmulatorState) -> list[Route]:
             connection=session.connection,
             scopes=list(session.scopes),
             ticket=session.ticket,
-            action=CONSENT_PATH,
+            action=mounted_at(request) + CONSENT_PATH,
         )
 
     async def decide(request: Request) -> Response:
@@ -213,10 +225,6 @@ def my_account_routes(state: EmulatorState) -> list[Route]:
         return redirect_with(session.redirect_uri, values)
 
     return [
-        Route(PREFIX + "/connect", connect, methods=["POST"]),
-        Route(PREFIX + "/complete", complete, methods=["POST"]),
-        Route(PREFIX + "/accounts", accounts, methods=["GET"]),
-        Route(PREFIX + "/accounts/{account_id}", delete, methods=["DELETE"]),
         Route(CONSENT_PATH, consent, methods=["GET"]),
         Route(CONSENT_PATH, decide, methods=["POST"]),
     ]

@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from jinja2 import DictLoader, Environment, select_autoescape
+from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
 _LAYOUT = """<!doctype html>
@@ -92,7 +93,10 @@ def page(template: str, *, status: int = 200, form_target: str | None = None, **
         "Content-Security-Policy": policy,
         "X-Frame-Options": "DENY",
         "X-Content-Type-Options": "nosniff",
-        "Referrer-Policy": "no-referrer",
+        # not no-referrer: under it a browser sends `Origin: null` with the form's POST, which an Origin
+        # check refuses (the broker's, when the demo serves these pages on its origin); same-origin still
+        # keeps every URL (state, ticket) from reaching another site in a Referer
+        "Referrer-Policy": "same-origin",
         "Cache-Control": "no-store",
     }
     return HTMLResponse(html, status_code=status, headers=headers)
@@ -102,6 +106,12 @@ def error_page(tenant: str, error: str, description: str, *, status: int = 400) 
     """The page Auth0 shows instead of redirecting (unknown client, callback URL mismatch, bad ticket)."""
     return page("error.html", status=status, title="Something went wrong", tenant=tenant, error=error,
                 description=description)
+
+
+def mounted_at(request: Request) -> str:
+    """The path this app is mounted at (`root_path`: "" at the issuer's root, e.g. `/demo-tenant` when the
+    demo serves the pages on the broker's origin), so a form posts back to this app wherever it is served."""
+    return str(request.scope.get("root_path", "")).rstrip("/")
 
 
 def origin_of(url: str) -> str | None:

@@ -267,6 +267,9 @@ class EmulatorState:
         # /authorize: when set, this user is signed in at once (no sign-in page); codes live this long.
         self.auto_login_sub: str | None = None
         self.code_expires_in = 300
+        # Where browsers reach the sign-in and consent pages when not at the issuer (the demo serves them on
+        # the broker's own origin, its issuer being a name no browser can reach): the `connect_uri` names it.
+        self.browser_url: str | None = None
         # Connected accounts made through the My Account API expire after this (None: never).
         self.connected_account_lifetime: int | None = None
 

@@ -3,7 +3,9 @@
 A stdio server has no HTTP port of its own. The first connect link it makes opens a listener on 127.0.0.1
 (the port of TVM_PUBLIC_URL when that is a loopback URL, so it can be registered at Auth0; else any free
 port); it stays open while a link it made is live and closes once every one has ended or expired.
-uvicorn logs nothing to stdout here (stdout carries JSON-RPC).
+uvicorn logs nothing to stdout here (stdout carries JSON-RPC). The `Host` and `Origin` checks of the remote
+server apply (server/web/guard.py: loopback, or the public URL's name): a page on another site that a
+rebinding DNS points at 127.0.0.1 gets 421. In demo mode the demo tenant's pages are served here too.
 """
 
 from __future__ import annotations
@@ -11,16 +13,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from urllib.parse import urlsplit
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.routing import BaseRoute
 
 from server.clock import Clock
 from server.config import is_loopback_host
 from server.models import ConnectLink
 from server.web.connect import ConnectSite, connect_routes
+from server.web.guard import HostOriginGuard
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +33,21 @@ log = logging.getLogger(__name__)
 class LoopbackListener:
     """Serves `site` on 127.0.0.1 while flows are live. `ensure()` is the flows' public URL."""
 
-    def __init__(self, site: ConnectSite, clock: Clock, public_url: str | None = None) -> None:
+    def __init__(
+        self, site: ConnectSite, clock: Clock, public_url: str | None = None, *,
+        routes: Sequence[BaseRoute] = (), on_open: Callable[[str], None] | None = None,
+    ) -> None:
         self.site = site
         self.clock = clock
         self.fixed = public_url  # a loopback TVM_PUBLIC_URL: listen on its port, name it in links
+        self.routes = list(routes)  # served beside the flow's pages (the demo tenant's, in demo mode)
+        self.on_open = on_open  # told the listener's URL each time it opens (the demo names its pages there)
+        hosts, origins = set(), set()
+        if public_url is not None:  # Host and Origin: loopback, and the public URL's when it is another name
+            parts = urlsplit(public_url)
+            hosts.add(parts.netloc.lower())
+            origins.add(f"{parts.scheme}://{parts.netloc}".lower())
+        self.allowed_hosts, self.allowed_origins = frozenset(hosts), frozenset(origins)
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
         self._sock: socket.socket | None = None
@@ -82,7 +98,7 @@ class LoopbackListener:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(64)
-        app = Starlette(routes=connect_routes(self.site))
+        app = HostOriginGuard(Starlette(routes=[*connect_routes(self.site), *self.routes]), self)
         server = uvicorn.Server(uvicorn.Config(
             app, log_config=None, access_log=False, lifespan="off", server_header=False, log_level="warning",
         ))
@@ -95,6 +111,8 @@ class LoopbackListener:
         self._server, self._task, self._sock = server, task, sock
         bound = sock.getsockname()[1]
         self._url = self.fixed if self.fixed is not None and port else f"http://127.0.0.1:{bound}"
+        if self.on_open is not None:
+            self.on_open(self._url)
         log.info("connect pages open at %s", self._url)
 
     async def _close(self) -> None:

@@ -1,13 +1,14 @@
 """Remote mode: Streamable HTTP (`/mcp`) or legacy SSE (`/sse` + `/messages/`) as an OAuth 2.1 resource server.
 
 Two ASGI layers wrap the SDK's transport app:
-- `HostOriginGuard` (outermost, every request): a `Host` outside the allowlist → 421, an
-  `Origin` outside it → 403 (DNS rebinding, cross-site browsers). Loopback names on any port
-  are always allowed (SPEC §7), as the MCP SDK and the conformance suite do.
+- `HostOriginGuard` (server/web/guard.py; outermost, every request): a `Host` outside the
+  allowlist → 421, an `Origin` outside it → 403 (DNS rebinding, cross-site browsers). Loopback
+  names on any port are always allowed (SPEC §7), as the MCP SDK and the conformance suite do.
 - `BearerAuth` (the MCP endpoints): a verified Auth0 access token or 401 with
   `WWW-Authenticate` naming the RFC 9728 metadata; every refusal is audited without the token.
 The verified principal rides in the ASGI scope to the tools, whose scope checks answer
-`[insufficient_scope]`. The caller's token is only ever sent to Auth0's Token Vault.
+`[insufficient_scope]`. The caller's token is only ever sent to Auth0's Token Vault. In demo mode the
+demo tenant's sign-in and consent pages are served too, under `/demo-tenant/` (server/web/demo_tenant.py).
 """
 
 from __future__ import annotations
@@ -34,9 +35,13 @@ from server.control import AuthFailures
 from server.errors import BrokerError, RateLimited, Unauthenticated
 from server.principal import Principal, SubjectToken
 from server.web.connect import connect_routes
+from server.web.demo_tenant import demo_pages, serve_demo_pages_at
+from server.web.guard import HostOriginGuard, is_loopback_host, is_loopback_origin
 from tools import ALL_TOOLS
 
 log = logging.getLogger(__name__)
+
+__all__ = ["HostOriginGuard", "is_loopback_host", "is_loopback_origin"]  # and the app; kept here for callers
 
 PRINCIPAL_KEY = "tvm.principal"
 METADATA_PREFIX = "/.well-known/oauth-protected-resource"
@@ -88,28 +93,6 @@ def remote_settings(config: Config, transport: str, host: str, port: int) -> Rem
     return RemoteSettings(transport, host, port, resource, frozenset(hosts), frozenset(origins))
 
 
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
-
-
-def is_loopback_host(host: str) -> bool:
-    """`localhost`, `127.0.0.1` or `[::1]`, with any port or none (a local reverse proxy needs no configuration).
-
-    The port adds nothing against DNS rebinding: there the `Host` is the attacker's own name.
-    """
-    name, colon, port = host.rpartition(":") if not host.endswith("]") else (host, "", "")
-    if not colon:
-        name = host
-    elif not (port.isascii() and port.isdigit() and len(port) <= 5):
-        return False
-    return name in LOOPBACK_NAMES
-
-
-def is_loopback_origin(origin: str) -> bool:
-    """An `http` or `https` origin on a loopback name, any port (see `is_loopback_host`)."""
-    scheme, sep, rest = origin.partition("://")
-    return bool(sep) and scheme in ("http", "https") and "/" not in rest and "@" not in rest and is_loopback_host(rest)
-
-
 def metadata_document(runtime: Runtime, settings: RemoteSettings) -> dict[str, Any]:
     """RFC 9728 Protected Resource Metadata."""
     return {
@@ -132,8 +115,8 @@ def build_remote_app(runtime: Runtime, settings: RemoteSettings) -> Starlette:
 
     mcp = build_mcp(runtime, principals, settings.transport)
     document = metadata_document(runtime, settings)
+    public = runtime.config.connect_public_url or settings.origin
     if runtime.connects is not None:  # /connect/* beside /mcp: no bearer token, Host checks as everywhere
-        public = runtime.config.connect_public_url or settings.origin
 
         async def public_url() -> str:
             return public
@@ -160,32 +143,12 @@ def build_remote_app(runtime: Runtime, settings: RemoteSettings) -> Starlette:
         app = mcp.streamable_http_app(streamable_http_path="/mcp", transport_security=off, host=settings.host)
     else:
         app = mcp.sse_app(transport_security=off, host=settings.host)
+    if runtime.tenant is not None:  # demo: the tenant's sign-in and consent pages here, for a real browser
+        app.router.routes.append(demo_pages(runtime.tenant))
+        serve_demo_pages_at(runtime.tenant, runtime.auth0, public)
     app.add_middleware(BearerAuth, runtime=runtime, settings=settings)
     app.add_middleware(HostOriginGuard, settings=settings)
     return app
-
-
-class HostOriginGuard:
-    """421 for a Host we do not serve, 403 for a browser Origin we do not trust."""
-
-    def __init__(self, app: ASGIApp, settings: RemoteSettings) -> None:
-        self.app = app
-        self.settings = settings
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = _headers(scope)
-        host = headers.get("host", "").lower()
-        if host not in self.settings.allowed_hosts and not is_loopback_host(host):
-            await _plain(send, 421, "Misdirected Request: this server does not serve that Host")
-            return
-        origin = headers.get("origin")
-        if origin is not None and not _origin_allowed(origin.lower().rstrip("/"), self.settings.allowed_origins):
-            await _plain(send, 403, "Forbidden: Origin not allowed")
-            return
-        await self.app(scope, receive, send)
 
 
 class BearerAuth:
@@ -270,10 +233,6 @@ def _claimed(claims: dict[str, Any] | None) -> Principal | None:
     return known if known.plain_names else None
 
 
-def _origin_allowed(origin: str, allowed: frozenset[str]) -> bool:
-    return origin in allowed or is_loopback_origin(origin)
-
-
 def _address(scope: Scope) -> str:
     """The remote address a request came from (its host, not its port: one client opens many)."""
     client = scope.get("client")
@@ -300,18 +259,6 @@ async def _json_error(send: Send, status: int, error: str, description: str, hea
             "type": "http.response.start",
             "status": status,
             "headers": [(b"content-type", b"application/json"), header, (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _plain(send: Send, status: int, text: str) -> None:
-    body = text.encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())],
         }
     )
     await send({"type": "http.response.body", "body": body})
