@@ -54,6 +54,8 @@ KEPT_ARGS = frozenset(
         "agent",
         "grants_closed",
         "rules",
+        # the console (§11): who did an operator action
+        "operator",
     }
 )
 REDACTED = "[redacted]"

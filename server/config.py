@@ -62,6 +62,8 @@ class Config:
     # TVM_DATABASE=postgresql://…: PostgreSQL (SPEC §12) instead of the file (it may hold a password: no repr)
     database_url: str | None = field(default=None, repr=False)
     metrics_port: int | None = None  # TVM_METRICS_PORT: /metrics on 127.0.0.1 (SPEC §12); None = no metrics
+    console_client_id: str | None = None  # TVM_CONSOLE_CLIENT_ID: the console's Auth0 web app (SPEC §11)
+    console_client_secret: str | None = field(default=None, repr=False)  # TVM_CONSOLE_CLIENT_SECRET
 
     @property
     def demo(self) -> bool:
@@ -149,6 +151,8 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv: bool = True) -
         approval_timeout=approval_timeout,
         reservation_lease=reservation_lease,
         metrics_port=metrics_port,
+        console_client_id=env.get("TVM_CONSOLE_CLIENT_ID") or None,
+        console_client_secret=env.get("TVM_CONSOLE_CLIENT_SECRET") or None,
         credentials_file=Path(
             env.get("TVM_CREDENTIALS_FILE", str(Path(user_config_dir(APP_NAME, appauthor=False)) / "credentials.json"))
         ).expanduser(),

@@ -43,7 +43,7 @@ RENEW_BEFORE = 60.0  # renew a cached Auth0 token this long before it expires
 # What a request hook (server.metrics) is told of an /oauth/token request: a fixed name, never a form value.
 GRANT_NAMES = {
     "refresh_token": "refresh_token", TOKEN_VAULT_GRANT: "token_vault", DEVICE_CODE_GRANT: "device_code",
-    CIBA_GRANT: "ciba",
+    CIBA_GRANT: "ciba", "authorization_code": "authorization_code",
 }
 # Told of every HTTP attempt: (path, grant name or "", status or None for no answer, seconds).
 RequestHook = Callable[[str, str, int | None, float], None]
@@ -288,6 +288,24 @@ class Auth0Client:
         if login_hint:
             form["login_hint"] = login_hint
         return self._token_set(await self._post_token(form))
+
+    async def authorization_code(
+        self, *, client_id: str, client_secret: str | None, code: str, code_verifier: str, redirect_uri: str
+    ) -> TokenSet:
+        """Trade an authorization code (OIDC code flow with PKCE) for tokens, as the web client `client_id`
+        (with its secret for a confidential app, else as a public client). Raises Auth0Error."""
+        form = {
+            "grant_type": "authorization_code", "code": code, "code_verifier": code_verifier,
+            "redirect_uri": redirect_uri,
+        }
+        if client_secret is None:
+            return self._token_set(await self._request("POST", "/oauth/token", {**form, "client_id": client_id}))
+        auth = ClientAuth(client_id, client_secret, "client_secret_post")
+        return self._token_set(await self._request("POST", "/oauth/token", form, auth))
+
+    def authorize_url(self, params: dict[str, str]) -> str:
+        """The tenant's `/authorize` URL with `params` (where a browser signs in)."""
+        return f"{self.base_url}/authorize?{urlencode(params)}"
 
     async def start_device_login(self, client_id: str, scope: str, audience: str) -> DeviceAuthorization:
         """Start the device flow for the public client `client_id`. Raises Auth0Error."""

@@ -69,6 +69,9 @@ class AuditFilter:
     since: str | None = None
     until: str | None = None
     token_id: bytes | None = None
+    code: str | None = None
+    before_id: int | None = None  # keyset paging (the console): only events older / newer than this id
+    after_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,11 @@ class Tx:
     def balance(self, name: str) -> int | None:
         row = self._x("SELECT balance FROM accounts WHERE name = ?", (name,)).fetchone()
         return None if row is None else int(row[0])
+
+    def wallets(self, limit: int) -> list[tuple[str, int]]:
+        """(name, balance) of the first `limit` wallets by name (the console's Wallets page)."""
+        rows = self._x("SELECT name, balance FROM accounts WHERE kind = 'wallet' ORDER BY name LIMIT ?", (limit,))
+        return [(str(r[0]), int(r[1])) for r in rows.fetchall()]
 
     def account_kind(self, name: str) -> str | None:
         row = self._x("SELECT kind FROM accounts WHERE name = ?", (name,)).fetchone()
@@ -503,6 +511,15 @@ class Tx:
         ).fetchall()
         return [_grant(r) for r in rows]
 
+    def all_live_grants(self, now: datetime, limit: int) -> list[Grant]:
+        """Every account's grants live at `now`, the soonest to expire first (the console)."""
+        rows = self._x(
+            f"SELECT {_GRANT_COLUMNS} FROM grants WHERE expires_at > ? AND closed_at IS NULL "
+            "ORDER BY expires_at, id LIMIT ?",
+            (to_micros(now), limit),
+        ).fetchall()
+        return [_grant(r) for r in rows]
+
     def set_grant_token(self, grant_id: str, token_id: bytes) -> None:
         """A grant re-exchanged its token (a restart, another replica, a provider 401): the new fingerprint."""
         self._x("UPDATE grants SET token_id = ? WHERE id = ?", (token_id, grant_id))
@@ -604,10 +621,17 @@ class Tx:
             ("agent", where.agent),
             ("tool", where.tool),
             ("outcome", where.outcome),
+            ("code", where.code),
         ):
             if value is not None:
                 clauses.append(f"a.{column} = (SELECT id FROM audit_names WHERE name = ?)")
                 params.append(value)
+        if where.before_id is not None:
+            clauses.append("a.id < ?")
+            params.append(where.before_id)
+        if where.after_id is not None:
+            clauses.append("a.id > ?")
+            params.append(where.after_id)
         if where.token_id is not None:
             clauses.append("a.token_id = ?")
             params.append(where.token_id)

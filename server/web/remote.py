@@ -145,9 +145,29 @@ def build_remote_app(runtime: Runtime, settings: RemoteSettings) -> Starlette:
         app = mcp.streamable_http_app(streamable_http_path="/mcp", transport_security=off, host=settings.host)
     else:
         app = mcp.sse_app(transport_security=off, host=settings.host)
+    _mount_console(app, runtime, settings)
     app.add_middleware(BearerAuth, runtime=runtime, settings=settings)
     app.add_middleware(HostOriginGuard, settings=settings)
     return app
+
+
+def _mount_console(app: Starlette, runtime: Runtime, settings: RemoteSettings) -> None:
+    """`/console` beside the MCP routes (SPEC §11); `app.state.console` is None without one."""
+    from starlette.routing import Mount, Route
+
+    from server.web.console import PREFIX, remote_console
+
+    console = remote_console(runtime, settings.allowed_origins)
+    app.state.console = console
+    if console is None:
+
+        async def no_console(request: Request) -> Response:
+            return Response("The operator console needs TVM_CONSOLE_CLIENT_ID (an Auth0 web app) on this server.\n",
+                            status_code=404, media_type="text/plain")
+
+        app.router.routes += [Route(PREFIX, no_console), Route(PREFIX + "/{rest:path}", no_console)]
+        return
+    app.router.routes.append(Mount(PREFIX, app=console.app()))
 
 
 class HostOriginGuard:

@@ -1,0 +1,92 @@
+"""What an operator sees: listings priced now, wallets, agents, audit summaries.
+
+One source for the command line (`market list`, `agent list`, `wallet show`, `audit list`) and the
+web console (SPEC §11), so a page shows exactly what the CLI prints for the same database. Each
+function is a store job or runs inside one (a `Tx`); none writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from server import market
+from server.clock import rfc3339
+from server.models import AuditRecord, Grant, Holding
+from server.store import AuditFilter, Tx
+
+ALL_LISTINGS = 1_000_000  # the operator sees every listing (agents page through list_market instead)
+
+
+def listings(tx: Tx, now: datetime) -> list[market.PricedListing]:
+    """Every listing, by id, with its price at `now` (`market list`)."""
+    rows = tx.page_listings(after=None, connection=None, open_at=None, limit=ALL_LISTINGS)
+    return [market.price_now(item, now) for item in rows]
+
+
+def listing_status(p: market.PricedListing, now: datetime) -> str:
+    """`open`, `upcoming` or `closed` at `now`."""
+    if p.open:
+        return "open"
+    return "upcoming" if now < p.listing.opens_at else "closed"
+
+
+def listing_json(p: market.PricedListing, now: datetime) -> dict[str, Any]:
+    """A listing as `market list --json` prints it."""
+    item = p.listing
+    return {
+        "listing_id": item.id, "title": item.title, "connection": item.connection, "scopes": list(item.scopes),
+        "unit_price": p.unit_price, "start_price": item.start_price, "floor_price": item.floor_price,
+        "opens_at": rfc3339(item.opens_at), "closes_at": rfc3339(item.closes_at),
+        "supply": item.supply, "supply_remaining": item.supply_remaining, "status": listing_status(p, now),
+        "delivery": item.delivery, "api": list(item.api), "methods": list(item.methods), "approval": item.approval,
+    }
+
+
+def agents(tx: Tx) -> list[dict[str, Any]]:
+    """Every agent seen in the audit log or blocked: accounts, calls, last call, blocked and why (`agent list`)."""
+    blocked = {agent: (reason, at, by) for agent, reason, at, by in tx.blocks()}
+    rows: list[dict[str, Any]] = [
+        {"agent": agent, "accounts": accounts, "calls": calls, "last_call": last, "blocked": agent in blocked,
+         "reason": blocked.get(agent, (None,))[0]}
+        for agent, calls, last, accounts in tx.agents_seen()
+    ]
+    seen = {r["agent"] for r in rows}
+    rows += [{"agent": agent, "accounts": [], "calls": 0, "last_call": None, "blocked": True, "reason": reason}
+             for agent, (reason, _, _) in sorted(blocked.items()) if agent not in seen]
+    return rows
+
+
+@dataclass(frozen=True)
+class Wallet:
+    account: str
+    balance: int
+    holdings: list[Holding]
+
+
+def wallets(tx: Tx, limit: int) -> list[Wallet]:
+    """The first `limit` wallets by account, each with its holdings (`wallet show` for each)."""
+    return [Wallet(name, balance, tx.holdings_of(name)) for name, balance in tx.wallets(limit)]
+
+
+def live_grants(tx: Tx, now: datetime, limit: int) -> list[Grant]:
+    return tx.all_live_grants(now, limit)
+
+
+def audit_page(tx: Tx, where: AuditFilter, size: int) -> tuple[list[AuditRecord], int | None]:
+    """The newest `size` events matching `where` (older than `where.before_id` when set) and the id to
+    page on from (None on the last page): keyset paging on the event id, so a page costs the same
+    at event 10 as at event 1,000,000."""
+    rows = tx.find_audit(where, limit=size + 1, newest_first=True)
+    more = len(rows) > size
+    rows = rows[:size]
+    return rows, (rows[-1].id if more and rows else None)
+
+
+def summary(args: dict[str, Any]) -> str:
+    """An event's purpose or arguments in one line (`audit list`'s last column)."""
+    if "purpose" in args:
+        scopes = " ".join(args.get("scopes", [])) if isinstance(args.get("scopes"), list) else ""
+        return f"{args.get('connection', '')} [{scopes}] {args['purpose']}"
+    return " ".join(f"{k}={v}" for k, v in sorted(args.items()))[:120]
