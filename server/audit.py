@@ -54,8 +54,13 @@ KEPT_ARGS = frozenset(
         "agent",
         "grants_closed",
         "rules",
-        # the console (§11): who did an operator action
+        # operator moves (§11)
         "operator",
+        "from_account",
+        "to_account",
+        "move_id",
+        "side",
+        "replayed",
     }
 )
 REDACTED = "[redacted]"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from server import audit, grants, ledger, market
+from server import audit, grants, ledger, market, moves
 from server.api_calls import ApiCall, ApiCalls, ApiResult
 from server.approval import Progress
 from server.audit import Event
@@ -31,7 +31,7 @@ from server.errors import (
     Unauthenticated,
     describe_failure,
 )
-from server.models import Grant, Holding, Receipt
+from server.models import Grant, Holding, Move, Receipt
 from server.owners import owner_alive, process_owner
 from server.policy import Policy
 from server.principal import Principal
@@ -145,6 +145,11 @@ def _unadmit(call: Call) -> None:
 
 def _operator(by: str) -> Principal:
     return Principal(account=by, agent="operator", scopes=frozenset())
+
+
+def _side(account: str) -> Principal:
+    """An operator move's event is on each account it touches; `args.operator` names who moved."""
+    return Principal(account=account, agent="operator", scopes=frozenset())
 
 
 class Broker:
@@ -586,3 +591,63 @@ class Broker:
         operator = Principal(account=account, agent="operator", scopes=frozenset())
         return await self._run(call, operator, op)
 
+
+    # ---- operator moves (§11) -------------------------------------------------------------
+    async def transfer_credits(
+        self, operator: str, from_account: str, to_account: str, amount: int, idempotency_key: str | None = None,
+        transport: str = "cli",
+    ) -> Move:
+        """Move `amount` credits from one wallet to another, for `operator` (who appears in the audit log).
+
+        One transaction: the transfer, its `moves` row and an event on each account (tool wallet_transfer,
+        agent `operator`, `args.operator` naming who). With `idempotency_key`, the same key and arguments
+        again answer the first Move (`replayed` true, one event, nothing moved). A refusal moves nothing and
+        is one denied event on `from_account`. Raises InvalidArgument, InsufficientFunds,
+        IdempotencyKeyReused, AuditUnavailable (the database failed: nothing kept).
+        """
+        args = {"operator": operator, "from_account": from_account, "to_account": to_account, "amount": amount,
+                "idempotency_key": idempotency_key}
+        return await self._move(
+            "wallet_transfer", transport, args, from_account,
+            lambda tx, now: moves.move_credits(tx, operator, from_account, to_account, amount, idempotency_key, now),
+        )
+
+    async def transfer_units(
+        self, operator: str, from_account: str, to_account: str, listing: str, units: int,
+        idempotency_key: str | None = None, transport: str = "cli",
+    ) -> Move:
+        """Move `units` held units of `listing` from one account to another, for `operator`.
+
+        The receiver may spend them as bought ones (the listing's delivery, API and scopes); reserved units
+        and grants stay. Audited, idempotent and refused as transfer_credits (tool quota_transfer). Raises
+        InvalidArgument, UnknownListing, NoQuota, IdempotencyKeyReused, AuditUnavailable.
+        """
+        args = {"operator": operator, "from_account": from_account, "to_account": to_account, "listing_id": listing,
+                "units": units, "idempotency_key": idempotency_key}
+        return await self._move(
+            "quota_transfer", transport, args, from_account,
+            lambda tx, now: moves.move_units(
+                tx, operator, from_account, to_account, listing, units, idempotency_key, now
+            ),
+        )
+
+    async def _move(
+        self, tool: str, transport: str, args: dict[str, Any], from_account: str,
+        move: Callable[[Tx, datetime], Move],
+    ) -> Move:
+        """Run a move and write its events in one transaction: one on each account (a replay: one on the
+        sender's, `replayed` true); a refusal is the sender's denied event (written by _run)."""
+        call = Call(tool=tool, scope=None, transport=transport,
+                    args={k: v for k, v in args.items() if v is not None})
+
+        def op(tx: Tx, now: datetime) -> Move:
+            done = move(tx, now)
+            sides = [("from", done.from_account)] if done.replayed else [
+                ("from", done.from_account), ("to", done.to_account)
+            ]
+            for side, account in sides:
+                extra = {"move_id": done.move_id, "side": side, **({"replayed": True} if done.replayed else {})}
+                audit.append(tx, call.event(now, _side(account), None, args=extra))
+            return done
+
+        return await self._run(call, _side(from_account), op, audit_ok=False)

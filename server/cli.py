@@ -8,6 +8,7 @@ import getpass
 import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from server import audit, market, overview, policy
@@ -20,6 +21,7 @@ from server.textsafe import escape_controls
 
 if TYPE_CHECKING:
     from server.broker import Broker
+    from server.models import Move
 
 OK, NO, USAGE = 0, 1, 2
 
@@ -98,10 +100,25 @@ def _parser() -> argparse.ArgumentParser:
     cred.add_argument("account")
     cred.add_argument("amount", type=_positive_int)
     cred.set_defaults(handler=_wallet_credit)
+    tr = wal.add_parser("transfer", help="move credits from one wallet to another (double-entry, audited on both)")
+    tr.add_argument("from_account", metavar="FROM")
+    tr.add_argument("to_account", metavar="TO")
+    tr.add_argument("amount", metavar="AMOUNT", type=_positive_int)
+    _idempotency_flag(tr)
+    tr.set_defaults(handler=_wallet_transfer)
     show = wal.add_parser("show", help="balance and holdings of an account")
     show.add_argument("account")
     show.add_argument("--json", action="store_true")
     show.set_defaults(handler=_wallet_show)
+
+    quo = _group(sub, "quota", "quota units held by accounts")
+    qt = quo.add_parser("transfer", help="move held units of a listing from one account to another (audited on both)")
+    qt.add_argument("from_account", metavar="FROM")
+    qt.add_argument("to_account", metavar="TO")
+    qt.add_argument("listing", metavar="LISTING")
+    qt.add_argument("units", metavar="UNITS", type=partial(_positive_int, what="units"))
+    _idempotency_flag(qt)
+    qt.set_defaults(handler=_quota_transfer)
 
     mkt = _group(sub, "market", "listings")
     ml = mkt.add_parser("list", help="all listings with today's price")
@@ -159,7 +176,12 @@ def _audit_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--until", type=_time)
 
 
-def _positive_int(text: str) -> int:
+def _idempotency_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--idempotency-key", metavar="KEY",
+                   help="retry safely: the same key and arguments answer the first move and move nothing again")
+
+
+def _positive_int(text: str, what: str = "credits") -> int:
     try:
         value = int(text)
     except ValueError:
@@ -167,7 +189,7 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError("must be a positive whole number")
     if value > MAX_CREDIT:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_CREDIT:,} credits at a time")
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_CREDIT:,} {what} at a time")
     return value
 
 
@@ -449,6 +471,50 @@ def _wallet_credit(config: Config, args: argparse.Namespace) -> int:
         return OK
 
     return _with_broker(config, work, create=True)
+
+
+def _wallet_transfer(config: Config, args: argparse.Namespace) -> int:
+    source, target, key = _move_args(args)
+    if source == target:
+        return _same_account()
+
+    async def work(broker: Broker) -> int:
+        move = await broker.transfer_credits(operator_name(), source, target, args.amount, key)
+        _say_moved(move, f"{move.amount} credits", "balance")
+        return OK
+
+    return _with_broker(config, work)
+
+
+def _quota_transfer(config: Config, args: argparse.Namespace) -> int:
+    source, target, key = _move_args(args)
+    listing = _operator_text(args.listing, "LISTING")
+    if source == target:
+        return _same_account()
+
+    async def work(broker: Broker) -> int:
+        move = await broker.transfer_units(operator_name(), source, target, listing, args.units, key)
+        _say_moved(move, f"{move.amount} units of {move.listing_id}", "units held")
+        return OK
+
+    return _with_broker(config, work)
+
+
+def _move_args(args: argparse.Namespace) -> tuple[str, str, str | None]:
+    key = None if args.idempotency_key is None else _operator_text(args.idempotency_key, "--idempotency-key", 128)
+    return _operator_text(args.from_account, "FROM"), _operator_text(args.to_account, "TO"), key
+
+
+def _same_account() -> int:
+    print("token-vault-mcp: FROM and TO must be different accounts", file=sys.stderr)
+    return USAGE
+
+
+def _say_moved(move: Move, what: str, after: str) -> None:
+    source, target = escape_controls(move.from_account), escape_controls(move.to_account)
+    verb = "already moved (same idempotency key; nothing moved again)" if move.replayed else "moved"
+    print(f"{verb} {escape_controls(what)} from {source} to {target}; {after} {source} {move.from_after}, "
+          f"{target} {move.to_after} (move {move.move_id})")
 
 
 def _wallet_show(config: Config, args: argparse.Namespace) -> int:

@@ -15,8 +15,14 @@ def check_invariants(tx: Tx) -> list[str]:
     problems += [f"wallet {name} is below zero" for name in totals.negative_wallets]
     problems += [f"account {name}'s balance differs from its transfers" for name in totals.balance_mismatches]
     problems += [
-        f"holding {h}: bought ≠ held + consumed + reserved, or ≠ its purchases" for h in totals.holding_mismatches
+        f"holding {h}: bought ≠ held + consumed + reserved, or ≠ its purchases and moves"
+        for h in totals.holding_mismatches
     ]
+    problems += [f"listing {name}: units sold ≠ held + reserved + spent over its holdings"
+                 for name in totals.unplaced_listings]
+    problems += [f"{what} of an operator credits move does not match its transfer"
+                 for what in totals.move_mismatches]
+    problems += _move_events(tx)
     problems += [f"listing {name} sold more than its supply" for name in totals.oversold_listings]
     problems += [f"listing {name}'s sold count differs from its purchases" for name in totals.sold_mismatches]
     problems += [
@@ -42,4 +48,17 @@ def check_invariants(tx: Tx) -> list[str]:
     result = audit.verify_log(tx)
     if not result.ok:
         problems.append(f"audit chain broken at event {result.bad_id}: {result.reason}")
+    return problems
+
+
+def _move_events(tx: Tx) -> list[str]:
+    """Each operator move is recorded by exactly one ok event on each of its two accounts."""
+    recorded = tx.move_events()
+    problems: list[str] = []
+    for move in tx.moves():
+        accounts = sorted(recorded.pop(move.move_id, []))
+        if accounts != sorted([move.from_account, move.to_account]):
+            problems.append(f"move {move.move_id} has events on {accounts or 'no account'}, not one on each of "
+                            f"{move.from_account} and {move.to_account}")
+    problems += [f"an ok transfer event names move {mid}, which does not exist" for mid in sorted(recorded)]
     return problems

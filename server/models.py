@@ -80,6 +80,28 @@ class Receipt:
 
 
 @dataclass(frozen=True)
+class Move:
+    """An operator's move of credits or quota units from one account to another (SPEC §11).
+
+    `amount` is credits (`kind` "credits") or units of `listing_id` (`kind` "units"); `from_after` and
+    `to_after` are the two balances, or the two accounts' units held of the listing, right after the move.
+    `replayed` is true when this is the answer to a retry with the same idempotency key (nothing moved).
+    """
+
+    move_id: str
+    kind: str
+    from_account: str
+    to_account: str
+    listing_id: str | None
+    amount: int
+    from_after: int
+    to_after: int
+    operator: str
+    moved_at: str
+    replayed: bool = False
+
+
+@dataclass(frozen=True)
 class Reservation:
     id: str
     holding_id: int

@@ -38,7 +38,7 @@ from server.store.tx import Tx
 
 # Every table, parents before the tables that refer to them (PostgreSQL checks foreign keys row by row)
 TABLES = (
-    "meta", "accounts", "transfers", "listings", "holdings", "purchases", "reservations", "grants",
+    "meta", "accounts", "transfers", "listings", "holdings", "purchases", "moves", "reservations", "grants",
     "agent_blocks", "rate_buckets", "usage", "audit_names", "audit",
 )
 BATCH_ROWS = 5_000  # rows read from SQLite and sent to PostgreSQL at a time

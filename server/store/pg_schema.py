@@ -195,4 +195,31 @@ PG_MIGRATIONS: list[tuple[int, str]] = [
 PG_MIGRATIONS.append(
     (6, "ALTER TABLE reservations ADD COLUMN lease_until BIGINT;")  # reservation leases, as SQLite's 6
 )
+# 7 is the console's schema change (issue 16, another branch; the integrator puts it here, before 8)
+PG_MIGRATIONS.append(
+    (
+        8,  # operator moves of credits or units, as SQLite's 8
+        f"""
+        CREATE TABLE moves (
+            id              {_TEXT} PRIMARY KEY,
+            kind            {_TEXT} NOT NULL CHECK (kind IN ('credits', 'units')),
+            from_account    {_TEXT} NOT NULL,
+            to_account      {_TEXT} NOT NULL CHECK (to_account <> from_account),
+            listing_id      {_TEXT} REFERENCES listings(id),
+            amount          BIGINT NOT NULL CHECK (amount > 0),
+            from_after      BIGINT NOT NULL,
+            to_after        BIGINT NOT NULL,
+            operator        {_TEXT} NOT NULL,
+            moved_at        {_TEXT} NOT NULL,
+            idempotency_key {_TEXT},
+            fingerprint     {_TEXT} NOT NULL,
+            transfer_id     BIGINT REFERENCES transfers(id),
+            CHECK ((kind = 'credits') = (listing_id IS NULL)),
+            CHECK ((kind = 'credits') = (transfer_id IS NOT NULL))
+        );
+        CREATE UNIQUE INDEX moves_idempotency ON moves(idempotency_key) WHERE idempotency_key IS NOT NULL;
+        CREATE INDEX moves_listing ON moves(listing_id) WHERE listing_id IS NOT NULL;
+        """,
+    )
+)
 PG_SCHEMA_VERSION = PG_MIGRATIONS[-1][0]

@@ -230,6 +230,36 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE reservations ADD COLUMN lease_until INTEGER;
     """,
+    # 7: not this branch's — the console's schema change (issue 16, written in parallel) is version 7;
+    # the integrator puts it here. Empty so that this list's index stays the version number.
+    "",
+    # 8: operator moves (§11 "CLI twins", the console's allocation): credits or units moved from one
+    # account to another by an operator. A credits move is also one `transfers` row (wallet to wallet,
+    # reason 'wallet_transfer'); a units move changes two holdings, whose units_bought then counts units
+    # acquired (bought + moved in - moved out) — the invariant checker reconciles both with this table.
+    # `from_after` / `to_after` are the balances (credits) or units held (units) right after the move,
+    # what a replay with the same idempotency key answers again.
+    """
+    CREATE TABLE moves (
+        id              TEXT PRIMARY KEY,
+        kind            TEXT NOT NULL CHECK (kind IN ('credits', 'units')),
+        from_account    TEXT NOT NULL,
+        to_account      TEXT NOT NULL CHECK (to_account <> from_account),
+        listing_id      TEXT REFERENCES listings(id),
+        amount          INTEGER NOT NULL CHECK (amount > 0),
+        from_after      INTEGER NOT NULL,
+        to_after        INTEGER NOT NULL,
+        operator        TEXT NOT NULL,
+        moved_at        TEXT NOT NULL,
+        idempotency_key TEXT,
+        fingerprint     TEXT NOT NULL,
+        transfer_id     INTEGER REFERENCES transfers(id),
+        CHECK ((kind = 'credits') = (listing_id IS NULL)),
+        CHECK ((kind = 'credits') = (transfer_id IS NOT NULL))
+    ) WITHOUT ROWID;
+    CREATE UNIQUE INDEX moves_idempotency ON moves(idempotency_key) WHERE idempotency_key IS NOT NULL;
+    CREATE INDEX moves_listing ON moves(listing_id) WHERE listing_id IS NOT NULL;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

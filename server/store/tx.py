@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
-from server.models import AuditRecord, Grant, Holding, Listing, Receipt, Reservation
+from server.models import AuditRecord, Grant, Holding, Listing, Move, Receipt, Reservation
 
 _LISTING_COLUMNS = (
     "id, title, connection, scopes, supply, sold, start_price, floor_price, opens_at, closes_at, "
@@ -32,6 +32,9 @@ _HOLDING_SELECT = """
            h.units_consumed, h.units_reserved, h.created_at, l.delivery, l.api, l.methods, l.approval
     FROM holdings h JOIN listings l ON l.id = h.listing_id
 """
+_MOVE_COLUMNS = (
+    "id, kind, from_account, to_account, listing_id, amount, from_after, to_after, operator, moved_at"
+)
 _GRANT_COLUMNS = (
     "id, account, agent, connection, scopes, login_hint, holding_id, reservation_id, token_id, opened_at, "
     "expires_at, closed_at"
@@ -85,6 +88,8 @@ class LedgerTotals:
     oversold_listings: list[str]
     sold_mismatches: list[str]
     reserved_mismatches: list[int]
+    unplaced_listings: list[str]  # sold ≠ held + reserved + spent over its holdings
+    move_mismatches: list[str]  # credits moves without their one transfer, or such transfers without a move
 
 
 # Where a transaction's bookkeeping stood (see Tx.mark): its new audit names and its undo hooks so far
@@ -311,6 +316,57 @@ class Tx:
                 transfer_id,
             ),
         )
+
+    # ---- operator moves (§11) ---------------------------------------------------------------
+    def take_units(self, account: str, listing_id: str, units: int) -> bool:
+        """Take `units` held (not reserved, not spent) out of `account`'s holding of the listing; False, and
+        nothing taken, when it holds fewer. Its units_bought (units acquired) drops with them."""
+        cur = self._x(
+            "UPDATE holdings SET units_held = units_held - ?, units_bought = units_bought - ? "
+            "WHERE account = ? AND listing_id = ? AND units_held >= ?",
+            (units, units, account, listing_id, units),
+        )
+        return cur.rowcount == 1
+
+    def find_move(self, idempotency_key: str) -> tuple[Move, str] | None:
+        """The move made with this idempotency key and its request fingerprint, if any."""
+        row = self._x(
+            f"SELECT {_MOVE_COLUMNS}, fingerprint FROM moves WHERE idempotency_key = ?", (idempotency_key,)
+        ).fetchone()
+        if row is None:
+            return None
+        return _move(row), str(row[10])
+
+    def insert_move(
+        self, move: Move, *, idempotency_key: str | None, fingerprint: str, transfer_id: int | None
+    ) -> None:
+        self._x(
+            f"INSERT INTO moves({_MOVE_COLUMNS}, idempotency_key, fingerprint, transfer_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (move.move_id, move.kind, move.from_account, move.to_account, move.listing_id, move.amount,
+             move.from_after, move.to_after, move.operator, move.moved_at, idempotency_key, fingerprint,
+             transfer_id),
+        )
+
+    def moves(self) -> list[Move]:
+        """Every operator move, oldest first (the invariant checker; a few per operator action)."""
+        rows = self._x(f"SELECT {_MOVE_COLUMNS} FROM moves ORDER BY moved_at, id").fetchall()
+        return [_move(r) for r in rows]
+
+    def move_events(self) -> dict[str, list[str]]:
+        """Per move id, the accounts of the ok wallet_transfer / quota_transfer events that record it (a
+        replay's event, `replayed` true, records no move of its own)."""
+        names = self.audit_names()
+        found: dict[str, list[str]] = {}
+        rows = self._x(
+            f"SELECT {self._arg('move_id')}, account FROM audit "
+            "WHERE tool IN (SELECT id FROM audit_names WHERE name IN ('wallet_transfer', 'quota_transfer')) "
+            "AND outcome = (SELECT id FROM audit_names WHERE name = 'ok') "
+            f"AND {self._arg('move_id')} IS NOT NULL AND NOT coalesce({self._arg_true('replayed')}, FALSE)"
+        )
+        for move_id, account in rows:
+            found.setdefault(str(move_id), []).append(names.get(account, str(account)))
+        return found
 
     # ---- reservations ---------------------------------------------------------------------
     def reserve_unit(self, holding_id: int, reservation_id: str, owner: str, ts: str) -> bool:
@@ -683,12 +739,17 @@ class Tx:
                 "coalesce((SELECT sum(amount) FROM transfers WHERE debit = a.name), 0)"
             )
         ]
+        # a holding's units_bought counts the units it acquired: bought, plus moved in, minus moved out
         holdings = [
             int(r[0])
             for r in c(
-                "SELECT id FROM holdings WHERE units_bought <> units_held + units_consumed + units_reserved "
+                "SELECT id FROM holdings h WHERE units_bought <> units_held + units_consumed + units_reserved "
                 "OR units_bought <> (SELECT coalesce(sum(units), 0) FROM purchases p "
-                "WHERE p.account = holdings.account AND p.listing_id = holdings.listing_id)"
+                "WHERE p.account = h.account AND p.listing_id = h.listing_id) "
+                "+ (SELECT coalesce(sum(amount), 0) FROM moves m WHERE m.kind = 'units' "
+                "AND m.to_account = h.account AND m.listing_id = h.listing_id) "
+                "- (SELECT coalesce(sum(amount), 0) FROM moves m WHERE m.kind = 'units' "
+                "AND m.from_account = h.account AND m.listing_id = h.listing_id)"
             )
         ]
         oversold = [r[0] for r in c("SELECT id FROM listings WHERE sold > supply")]
@@ -699,6 +760,30 @@ class Tx:
                 "(SELECT coalesce(sum(units), 0) FROM purchases p WHERE p.listing_id = l.id)"
             )
         ]
+        # units sold = held + reserved + spent, over all the listing's holdings: moves only relocate units
+        placed = [
+            r[0]
+            for r in c(
+                "SELECT id FROM listings l WHERE sold <> (SELECT coalesce(sum(units_held + units_reserved "
+                "+ units_consumed), 0) FROM holdings h WHERE h.listing_id = l.id)"
+            )
+        ]
+        # each credits move is exactly one wallet-to-wallet transfer, and each such transfer is one move
+        moved = [
+            f"move {r[0]}"
+            for r in c(
+                "SELECT m.id FROM moves m LEFT JOIN transfers t ON t.id = m.transfer_id WHERE m.kind = 'credits' "
+                "AND (t.id IS NULL OR t.debit <> m.from_account OR t.credit <> m.to_account "
+                "OR t.amount <> m.amount OR t.reason <> 'wallet_transfer' OR t.reference IS NULL "
+                "OR t.reference <> m.id)"
+            )
+        ] + [
+            f"transfer {r[0]}"
+            for r in c(
+                "SELECT t.id FROM transfers t WHERE t.reason = 'wallet_transfer' "
+                "AND NOT EXISTS (SELECT 1 FROM moves m WHERE m.transfer_id = t.id)"
+            )
+        ]
         reserved = [
             int(r[0])
             for r in c(
@@ -707,7 +792,7 @@ class Tx:
                 "(SELECT count(*) FROM reservations r WHERE r.holding_id = h.id AND r.status = 'committed')"
             )
         ]
-        return LedgerTotals(balance_sum, negative, mismatched, holdings, oversold, sold, reserved)
+        return LedgerTotals(balance_sum, negative, mismatched, holdings, oversold, sold, reserved, placed, moved)
 
     def token_events_by_reservation(self) -> tuple[set[str], dict[str, int]]:
         """Committed reservation ids, and per reservation id the count of ok request_token events with a token."""
@@ -797,6 +882,21 @@ def _holding(row: Sequence[Any]) -> Holding:
         api=_strings(row[11]),
         methods=_strings(row[12]),
         approval=row[13],
+    )
+
+
+def _move(row: Sequence[Any]) -> Move:
+    return Move(
+        move_id=row[0],
+        kind=row[1],
+        from_account=row[2],
+        to_account=row[3],
+        listing_id=row[4],
+        amount=int(row[5]),
+        from_after=int(row[6]),
+        to_after=int(row[7]),
+        operator=row[8],
+        moved_at=row[9],
     )
 
 
