@@ -298,6 +298,8 @@ def _emulator_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-interval", type=int, metavar="SECONDS", help="device flow polling interval")
     p.add_argument("--ciba", choices=("approve", "deny", "manual"), default="approve",
                    help="how the demo user answers CIBA approval requests (manual: POST /emulator/approvals/ID)")
+    p.add_argument("--auto-login", metavar="USER",
+                   help="sign USER (a user id, e.g. auth0|demo-user) in at /authorize at once, with no sign-in page")
 
 
 def _emulator(config: Config, args: argparse.Namespace) -> int:
@@ -313,7 +315,7 @@ def _emulator(config: Config, args: argparse.Namespace) -> int:
     try:
         faults = FaultSettings(**given) if given else None
         serve(args.port, args.host, faults=faults, revoke=args.revoke, auto_approve=args.auto_approve,
-              device_interval=args.device_interval, ciba=args.ciba)
+              device_interval=args.device_interval, ciba=args.ciba, auto_login=args.auto_login)
     except ValidationError as exc:
         problems = "; ".join(
             f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" if e["loc"] else e["msg"] for e in exc.errors()

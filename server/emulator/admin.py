@@ -1,6 +1,8 @@
 """The emulator's test API (not Auth0's), for driving a running emulator from outside:
-mint access tokens for any account, connect and revoke accounts, play the user in the device
-flow and in CIBA approvals, and inject faults. JSON in, JSON out; errors are Auth0-shaped `invalid_request`.
+mint access tokens for any account, create users with names and permissions, choose who
+`/authorize` signs in, register callback URLs, connect, disconnect, expire and revoke accounts,
+play the user in the device flow and in CIBA approvals, and inject faults. JSON in, JSON out;
+errors are Auth0-shaped `invalid_request`.
 """
 
 from __future__ import annotations
@@ -62,6 +64,26 @@ class RevokeRequest(BaseModel):
 
     sub: str = Field(min_length=1)
     connection: str = Field(min_length=1)
+
+
+class UserRequest(BaseModel):
+    """`POST /emulator/users`: create or update a user; `permissions` by API audience replace the old ones."""
+
+    sub: str = Field(min_length=1, max_length=256)
+    name: str | None = Field(default=None, max_length=256)
+    permissions: dict[str, list[str]] = Field(default_factory=dict)
+
+
+class LoginRequest(BaseModel):
+    """`POST /emulator/login`: who `/authorize` signs in at once (None: show the sign-in page)."""
+
+    sub: str | None = None
+
+
+class CallbacksRequest(BaseModel):
+    """`POST /emulator/clients/{client_id}/callbacks`: more Allowed Callback URLs."""
+
+    urls: list[str] = Field(min_length=1)
 
 
 class NextFault(BaseModel):
@@ -180,7 +202,59 @@ def admin_routes(state: EmulatorState) -> list[Route]:
         current = state.faults.settings().model_dump(exclude_none=True)
         return JSONResponse({**current, "pending": state.faults.pending})
 
+    async def user(request: Request) -> Response:
+        try:
+            body = _parse(UserRequest, await request.body())
+            state.add_user(body.sub, name=body.name)
+            for audience, permissions in body.permissions.items():
+                _act(lambda: state.set_permissions(body.sub, audience, permissions))  # noqa: B023 - called at once
+        except OAuthError as error:
+            return error_response(error)
+        return JSONResponse(body.model_dump())
+
+    async def login(request: Request) -> Response:
+        try:
+            body = _parse(LoginRequest, await request.body())
+            if body.sub is not None and body.sub not in state.users:
+                raise OAuthError(404, "not_found", f"unknown user {body.sub}")
+        except OAuthError as error:
+            return error_response(error)
+        state.auto_login_sub = body.sub
+        return JSONResponse({"sub": body.sub})
+
+    async def callbacks(request: Request) -> Response:
+        client_id = request.path_params["client_id"]
+        try:
+            body = _parse(CallbacksRequest, await request.body())
+            for url in body.urls:
+                _act(lambda: state.add_callback(client_id, url))  # noqa: B023 - called at once
+        except OAuthError as error:
+            return error_response(error)
+        return JSONResponse({"client_id": client_id, "callbacks": list(state.clients[client_id].callbacks)})
+
+    async def require_connect(request: Request) -> Response:
+        try:
+            body = _parse(RevokeRequest, await request.body())
+            state.add_user(body.sub)
+            state.require_connect(body.sub, body.connection)
+        except OAuthError as error:
+            return error_response(error)
+        return JSONResponse({**body.model_dump(), "connected": False})
+
+    async def expire(request: Request) -> Response:
+        try:
+            body = _parse(RevokeRequest, await request.body())
+            _act(lambda: state.expire_connection(body.sub, body.connection))
+        except OAuthError as error:
+            return error_response(error)
+        return JSONResponse({**body.model_dump(), "expired": True})
+
     return [
+        Route("/emulator/users", user, methods=["POST"]),
+        Route("/emulator/login", login, methods=["POST"]),
+        Route("/emulator/clients/{client_id}/callbacks", callbacks, methods=["POST"]),
+        Route("/emulator/accounts/require-connect", require_connect, methods=["POST"]),
+        Route("/emulator/accounts/expire", expire, methods=["POST"]),
         Route("/emulator/tokens", mint, methods=["POST"]),
         Route("/emulator/accounts", connect, methods=["POST"]),
         Route("/emulator/accounts/revoke", revoke, methods=["POST"]),

@@ -8,10 +8,8 @@ request to the POST endpoints is recorded in `state.requests`, failed ones inclu
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -19,10 +17,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from server.emulator.authorize import authorize_routes
+from server.emulator.bodies import read_fields
 from server.emulator.ciba import start_backchannel_authorization
 from server.emulator.client_auth import AuthenticatedClient, authenticate_client
 from server.emulator.device import start_device_authorization
-from server.emulator.errors import NO_STORE, OAuthError, error_response, invalid_request
+from server.emulator.errors import NO_STORE, OAuthError, error_response
 from server.emulator.faults import Fault
 from server.emulator.grants import GRANTS, revoke_refresh_token
 from server.emulator.keys import ASSERTION_ALGORITHMS
@@ -45,6 +45,7 @@ def create_app(state: EmulatorState, *, admin: bool = True) -> Starlette:
         Route("/oauth/revoke", endpoints.revoke, methods=["POST"]),
         Route("/bc-authorize", endpoints.bc_authorize, methods=["POST"]),
     ]
+    routes += authorize_routes(state)
     routes += provider_routes(state)
     if admin:
         from server.emulator.admin import admin_routes  # the test API; the in-process demo tenant has none
@@ -62,6 +63,7 @@ class _Endpoints:
         return JSONResponse(
             {
                 "issuer": issuer,
+                "authorization_endpoint": issuer + "authorize",
                 "token_endpoint": issuer + "oauth/token",
                 "device_authorization_endpoint": issuer + "oauth/device/code",
                 "backchannel_authentication_endpoint": issuer + "bc-authorize",
@@ -69,6 +71,8 @@ class _Endpoints:
                 "jwks_uri": issuer + ".well-known/jwks.json",
                 "grant_types_supported": list(GRANTS),
                 "response_types_supported": ["code"],
+                "response_modes_supported": ["query"],
+                "code_challenge_methods_supported": ["S256"],
                 "subject_types_supported": ["public"],
                 "scopes_supported": ["openid", "profile", "email", "offline_access"],
                 "token_endpoint_auth_methods_supported": [
@@ -129,7 +133,7 @@ class _Endpoints:
         faults = self.state.faults
         recorded = _Recorder()
         try:
-            recorded.fields = await _read_fields(request)
+            recorded.fields = await read_fields(request)
             recorded.grant_type = recorded.fields.get("grant_type")
             if faults.latency > 0:  # inside the try: a request its client gave up on is recorded too
                 await asyncio.sleep(faults.latency)
@@ -160,48 +164,6 @@ class _Recorder:
             headers=dict(request.headers),
             auth_method=self.client.method if self.client else None,
         )
-
-
-async def _read_fields(request: Request) -> dict[str, str]:
-    """The parameters of a form or JSON body. Raises OAuthError 400 `invalid_request`."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    body = await request.body()
-    if content_type == "application/json":
-        return _json_fields(body)
-    if content_type in ("application/x-www-form-urlencoded", ""):
-        return _form_fields(body)
-    raise invalid_request(f"Unsupported content type: {content_type}")
-
-
-def _json_fields(body: bytes) -> dict[str, str]:
-    try:
-        data = json.loads(body or b"{}")
-    except ValueError as exc:
-        raise invalid_request("The body is not valid JSON.") from exc
-    if not isinstance(data, dict):
-        raise invalid_request("The JSON body must be an object.")
-    fields: dict[str, str] = {}
-    for name, value in data.items():
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise invalid_request(f"Parameter {name} must be a string.")
-        fields[name] = str(value)
-    return fields
-
-
-def _form_fields(body: bytes) -> dict[str, str]:
-    try:
-        pairs = parse_qsl(body.decode(), keep_blank_values=True, strict_parsing=False)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise invalid_request("The form body is malformed.") from exc
-    fields: dict[str, str] = {}
-    for name, value in pairs:
-        # RFC 6749 §3.2: request parameters must not be repeated.
-        if name in fields:
-            raise invalid_request(f"Parameter {name} was sent more than once.")
-        fields[name] = value
-    return fields
 
 
 def _fault_response(fault: Fault, *, now: float, request: Request) -> Response:

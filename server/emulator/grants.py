@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from server.emulator.ciba import CIBA_GRANT, poll_ciba_grant
+from server.emulator.code_grant import AUTHORIZATION_CODE_GRANT, redeem_code
 from server.emulator.device import DEVICE_CODE_GRANT, poll_device_grant
 from server.emulator.errors import OAuthError, unauthorized_client
 from server.emulator.state import Client, EmulatorState
@@ -82,6 +83,7 @@ def revoke_refresh_token(state: EmulatorState, fields: Mapping[str, str], client
 
 
 GRANTS: dict[str, Grant] = {
+    AUTHORIZATION_CODE_GRANT: redeem_code,
     "client_credentials": client_credentials,
     "refresh_token": refresh_token,
     DEVICE_CODE_GRANT: poll_device_grant,

@@ -24,6 +24,7 @@ def serve(
     auto_approve: bool = False,
     device_interval: int | None = None,
     ciba: CibaMode = "approve",
+    auto_login: str | None = None,
 ) -> None:
     """Serve a demo tenant at `http://{host}:{port}/` until interrupted (blocking).
 
@@ -31,9 +32,10 @@ def serve(
     sets fault rates and latency from the start, `revoke` makes the demo user's connected
     accounts at those connections stale, `auto_approve` approves device logins at once as
     the demo user, `device_interval` sets the device flow's polling interval in seconds, `ciba`
-    how the demo user answers CIBA approval requests (`manual`: through `/emulator/approvals`).
+    how the demo user answers CIBA approval requests (`manual`: through `/emulator/approvals`),
+    `auto_login` the user `/authorize` signs in without a sign-in page.
     Raises ValueError for a host that is not loopback (the emulator hands out tokens to
-    anyone), an unknown connection or CIBA mode, or fault rates adding up to more than 1.
+    anyone), an unknown connection, CIBA mode or auto-login user, or fault rates adding up to more than 1.
     """
     if not is_loopback(host):
         raise ValueError(f"the emulator serves loopback only; {host!r} is not a loopback address")
@@ -43,8 +45,8 @@ def serve(
     sock = listening_socket(bare_host, port)
     bound_port = sock.getsockname()[1]
     url_host = f"[{bare_host}]" if ":" in bare_host else bare_host
-    demo = demo_tenant(f"http://{url_host}:{bound_port}/")
     try:
+        demo = demo_tenant(f"http://{url_host}:{bound_port}/", auto_login=auto_login)
         configure(
             demo, faults=faults, revoke=revoke, auto_approve=auto_approve, device_interval=device_interval, ciba=ciba
         )
@@ -53,6 +55,8 @@ def serve(
         raise
     if faults is not None or revoke:
         print(f"# injecting faults: {describe(demo)}", file=sys.stderr, flush=True)
+    if auto_login is not None:
+        print(f"# /authorize signs in {auto_login} at once (no sign-in page)", file=sys.stderr, flush=True)
     if ciba != "approve":
         where = "; decide with POST /emulator/approvals/{auth_req_id}" if ciba == "manual" else ""
         print(f"# CIBA approval requests: {ciba}{where}", file=sys.stderr, flush=True)

@@ -8,7 +8,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from joserfc.jwk import RSAKey
@@ -18,6 +18,8 @@ from server.emulator.faults import Faults
 from server.emulator.keys import SigningKeys
 
 OFFLINE_ACCESS = "offline_access"
+# The My Account API's Connected Accounts scopes (audience `https://{domain}/me/`).
+MY_ACCOUNT_SCOPES = ("create:me:connected_accounts", "read:me:connected_accounts", "delete:me:connected_accounts")
 AuthMethod = Literal["client_secret_post", "client_secret_basic", "private_key_jwt", "none"]
 # How the emulated user answers a CIBA request: at once yes, at once no, or only when a test says.
 CibaMode = Literal["approve", "deny", "manual"]
@@ -33,21 +35,72 @@ class Api:
 
 @dataclass(frozen=True)
 class Client:
-    """An application. Native clients are public: no secret, device flow, no Token Vault."""
+    """An application. Native clients are public: no secret, device flow, no Token Vault.
+
+    `callbacks` are its Allowed Callback URLs (exact match, as Auth0 compares them);
+    `loopback_callbacks` also allows any `http://127.0.0.1|localhost|[::1]:<any port>/<path>`
+    (a native or loopback client's redirect, RFC 8252 §7.3). `my_account_scopes` are the My
+    Account API scopes its client grant allows (Auth0: "allow the application to use the My
+    Account API").
+    """
 
     client_id: str
     secret: str | None = None
     native: bool = False
     public_key_pem: str | None = None
+    callbacks: tuple[str, ...] = ()
+    loopback_callbacks: bool = False
+    my_account_scopes: tuple[str, ...] = ()
 
 
 @dataclass
 class ConnectedAccount:
-    """A user's account at a provider (a Token Vault connection) and the provider scopes it granted."""
+    """A user's account at a provider (a Token Vault connection) and the provider scopes it granted.
+
+    `id` is the My Account API's `cac_…`; `created_at` and `expires_at` are state.clock seconds
+    (`expires_at` None: it does not expire).
+    """
 
     connection: str
     scopes: tuple[str, ...]
     revoked: bool = False
+    id: str = field(default_factory=lambda: "cac_" + secrets.token_urlsafe(16))
+    created_at: float = 0.0
+    expires_at: float | None = None
+
+    def live(self, now: float) -> bool:
+        """Whether Token Vault still holds a usable token set for it."""
+        return not self.revoked and (self.expires_at is None or now < self.expires_at)
+
+
+@dataclass(frozen=True)
+class PendingLogin:
+    """A validated `/authorize` request waiting on the sign-in page (the page's `txn`)."""
+
+    txn: str
+    client_id: str
+    redirect_uri: str
+    scopes: tuple[str, ...]
+    audience: str | None
+    state: str | None
+    code_challenge: str
+    nonce: str | None
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class AuthorizationCode:
+    """One authorization code from `/authorize`, redeemable once at `/oauth/token` before `expires_at`."""
+
+    code: str
+    client_id: str
+    redirect_uri: str
+    sub: str
+    scopes: tuple[str, ...]
+    audience: str | None
+    code_challenge: str
+    expires_at: float
+    nonce: str | None = None
 
 
 @dataclass(frozen=True)
@@ -161,6 +214,13 @@ class EmulatorState:
         self.apis: dict[str, Api] = {}
         self.clients: dict[str, Client] = {}
         self.users: set[str] = set()
+        self.user_names: dict[str, str] = {}  # sub -> display name (the sign-in page, the id_token `name`)
+        # sub -> audience -> the user's RBAC permissions at that API; no entry: every scope of the API
+        self.permissions: dict[str, dict[str, tuple[str, ...]]] = {}
+        # Connections of the tenant (Connected Accounts enabled) and the provider scopes each offers.
+        self.connections: dict[str, tuple[str, ...]] = {}
+        self.codes: dict[str, AuthorizationCode] = {}  # by code; used codes are removed
+        self.pending_logins: dict[str, PendingLogin] = {}  # by txn; removed once signed in
         self.accounts: dict[str, dict[str, ConnectedAccount]] = {}
         self.refresh_tokens: dict[str, RefreshGrant] = {}
         self.devices: dict[str, DeviceGrant] = {}
@@ -184,6 +244,16 @@ class EmulatorState:
         self.ciba_interval = 5
         self.ciba_mode: CibaMode = "approve"
         self.ciba_approve_after: float | None = None
+        # /authorize: when set, this user is signed in at once (no sign-in page); codes live this long.
+        self.auto_login_sub: str | None = None
+        self.code_expires_in = 300
+        # Connected accounts made through the My Account API expire after this (None: never).
+        self.connected_account_lifetime: int | None = None
+
+    @property
+    def my_account_audience(self) -> str:
+        """The My Account API's audience: `https://{domain}/me/` (the issuer plus `me/`)."""
+        return self.issuer + "me/"
 
     # --- tenant setup -------------------------------------------------------------------------
     def record_vault_issue(self, issue: VaultIssue) -> None:
@@ -197,7 +267,6 @@ class EmulatorState:
             return None
         return issue
 
-
     def add_api(self, audience: str, scopes: list[str]) -> None:
         """Register an API; the first one registered is the audience `/emulator/tokens` defaults to."""
         self.apis[audience] = Api(audience, tuple(scopes))
@@ -209,8 +278,11 @@ class EmulatorState:
         *,
         native: bool = False,
         public_key_pem: str | None = None,
+        callbacks: tuple[str, ...] = (),
+        loopback_callbacks: bool = False,
+        my_account_scopes: tuple[str, ...] = (),
     ) -> None:
-        """Register an application.
+        """Register an application (see `Client` for the callback and My Account settings).
 
         A confidential client needs a secret, a public key (for private_key_jwt), or both;
         a native client has neither. Raises ValueError otherwise.
@@ -219,20 +291,78 @@ class EmulatorState:
             raise ValueError("a native client is public: no secret, no key")
         if not native and not (secret or public_key_pem):
             raise ValueError("a confidential client needs a secret or a public key")
-        self.clients[client_id] = Client(client_id, secret, native, public_key_pem)
+        self.clients[client_id] = Client(
+            client_id, secret, native, public_key_pem, callbacks, loopback_callbacks, my_account_scopes
+        )
 
-    def add_user(self, sub: str) -> None:
-        """Register a user by `sub` (e.g. `auth0|abc`)."""
+    def add_user(self, sub: str, *, name: str | None = None) -> None:
+        """Register a user by `sub` (e.g. `auth0|abc`), with a display name when given."""
         self.users.add(sub)
         self.accounts.setdefault(sub, {})
+        if name is not None:
+            self.user_names[sub] = name
 
-    def connect_account(self, sub: str, connection: str, scopes: list[str]) -> None:
+    def set_permissions(self, sub: str, audience: str, permissions: list[str]) -> None:
+        """Assign the user exactly `permissions` at the API `audience` (RBAC). Raises ValueError."""
+        self._require_user(sub)
+        if audience not in self.apis:
+            raise ValueError(f"unknown audience {audience}")
+        self.permissions.setdefault(sub, {})[audience] = tuple(permissions)
+
+    def user_permissions(self, sub: str, audience: str) -> tuple[str, ...]:
+        """The scopes of `audience` the user may be given: their assigned permissions, else all the API's."""
+        assigned = self.permissions.get(sub, {}).get(audience)
+        return self.apis[audience].scopes if assigned is None else assigned
+
+    def add_connection(self, connection: str, scopes: list[str]) -> None:
+        """Enable Connected Accounts for `connection`, offering `scopes` (merged with earlier ones)."""
+        known = self.connections.get(connection, ())
+        self.connections[connection] = tuple(dict.fromkeys([*known, *scopes]))
+
+    def add_callback(self, client_id: str, url: str) -> None:
+        """Add `url` to the client's Allowed Callback URLs. Raises ValueError for an unknown client."""
+        client = self.clients.get(client_id)
+        if client is None:
+            raise ValueError(f"unknown client {client_id}")
+        if url not in client.callbacks:
+            self.clients[client_id] = replace(client, callbacks=(*client.callbacks, url))
+
+    def connect_account(
+        self, sub: str, connection: str, scopes: list[str], *, expires_at: float | None = None
+    ) -> ConnectedAccount:
         """Give the user a connected account at `connection` that granted `scopes` (replaces an old one).
+
+        The connection is enabled for Connected Accounts if it was not. Raises ValueError for an
+        unknown user.
+        """
+        self._require_user(sub)
+        self.add_connection(connection, scopes)
+        account = ConnectedAccount(connection, tuple(scopes), created_at=self.clock(), expires_at=expires_at)
+        self.accounts[sub][connection] = account
+        return account
+
+    def require_connect(self, sub: str, connection: str) -> None:
+        """The user has no connected account at `connection` (Token Vault answers 401 until they connect).
 
         Raises ValueError for an unknown user.
         """
         self._require_user(sub)
-        self.accounts[sub][connection] = ConnectedAccount(connection, tuple(scopes))
+        self.accounts[sub].pop(connection, None)
+
+    def expire_connection(self, sub: str, connection: str) -> None:
+        """Make the user's connected account at `connection` expire now. Raises ValueError when there is none."""
+        account = self.accounts.get(sub, {}).get(connection)
+        if account is None:
+            raise ValueError(f"{sub} has no connected account at {connection}")
+        account.expires_at = self.clock()
+
+    def delete_connected_account(self, sub: str, account_id: str) -> bool:
+        """Forget the user's connected account `account_id` (My Account DELETE); whether there was one."""
+        for connection, account in list(self.accounts.get(sub, {}).items()):
+            if account.id == account_id:
+                del self.accounts[sub][connection]
+                return True
+        return False
 
     def revoke_connection(self, sub: str, connection: str) -> None:
         """Make the user's connected account stale, as when the provider revoked it.
@@ -247,7 +377,7 @@ class EmulatorState:
     def connected_account(self, sub: str, connection: str) -> ConnectedAccount | None:
         """The user's live connected account at `connection`, if any."""
         account = self.accounts.get(sub, {}).get(connection)
-        return None if account is None or account.revoked else account
+        return account if account is not None and account.live(self.clock()) else None
 
     @property
     def default_audience(self) -> str:
