@@ -52,7 +52,7 @@ CSP = (
 SECURITY_HEADERS = {
     "content-security-policy": CSP,
     "x-content-type-options": "nosniff",
-    "referrer-policy": "no-referrer",
+    "referrer-policy": "same-origin",  # no-referrer would make a form POST's Origin "null"
     "x-frame-options": "DENY",
     "cache-control": "no-store",
 }
@@ -98,6 +98,8 @@ class Console:
             Route("/audit/export", page(self.audit_export)),
             Route("/approvals", page(self.approvals)),
             Route("/wallets/credit", self._action(self.credit), methods=["POST"]),
+            Route("/wallets/transfer-credits", self._action(self.transfer_credits), methods=["POST"]),
+            Route("/wallets/transfer-units", self._action(self.transfer_units), methods=["POST"]),
             Route("/agents/block", self._action(self.block), methods=["POST"]),
             Route("/agents/unblock", self._action(self.unblock), methods=["POST"]),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
@@ -243,7 +245,7 @@ class Console:
         return self._html("wallets.html", session, context.pop("status", 200), page="wallets", wallets=wallets,
                           grants=grants, listings=[p.listing.id for p in listings], notice=notice,
                           form_key=secrets.token_urlsafe(16), error=context.get("error"), now=rfc3339(now),
-                          transfers=False)
+                          transfers=True)
 
     async def agents(self, request: Request, session: Session, **context: Any) -> Response:
         def read(tx: Tx) -> tuple[list[dict[str, Any]], policy.Policy]:
@@ -347,6 +349,34 @@ class Console:
         except BrokerError as exc:
             return await self.wallets(request, session, status=400, error=exc.message)
         return RedirectResponse(f"{PREFIX}/wallets?done=credit", status_code=303)
+
+    async def transfer_credits(self, request: Request, session: Session, form: dict[str, str]) -> Response:
+        """Move credits between wallets (`wallet transfer`), idempotent on the form's own key."""
+        source, target = _text(form.get("from_account"), 200), _text(form.get("to_account"), 200)
+        amount, key = _whole(form.get("amount")), _text(form.get("idempotency_key"), 128)
+        if source is None or target is None or amount is None:
+            return await self.wallets(request, session, status=400,
+                                      error="give both accounts and a positive whole number of credits")
+        try:
+            await self.broker.transfer_credits(session.operator, source, target, amount, key, transport="console")
+        except BrokerError as exc:
+            return await self.wallets(request, session, status=400, error=exc.render())
+        return RedirectResponse(f"{PREFIX}/wallets?done=transfer", status_code=303)
+
+    async def transfer_units(self, request: Request, session: Session, form: dict[str, str]) -> Response:
+        """Move held quota units of a listing between accounts (`quota transfer`), idempotent as above."""
+        source, target = _text(form.get("from_account"), 200), _text(form.get("to_account"), 200)
+        listing, units = _text(form.get("listing"), 64), _whole(form.get("units"), 10_000)
+        key = _text(form.get("idempotency_key"), 128)
+        if source is None or target is None or listing is None or units is None:
+            return await self.wallets(request, session, status=400,
+                                      error="give both accounts, a listing and a positive whole number of units")
+        try:
+            await self.broker.transfer_units(session.operator, source, target, listing, units, key,
+                                             transport="console")
+        except BrokerError as exc:
+            return await self.wallets(request, session, status=400, error=exc.render())
+        return RedirectResponse(f"{PREFIX}/wallets?done=transfer", status_code=303)
 
     async def block(self, request: Request, session: Session, form: dict[str, str]) -> Response:
         agent = _text(form.get("agent"), 200)
