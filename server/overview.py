@@ -7,7 +7,8 @@ function is a store job or runs inside one (a `Tx`); none writes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -74,14 +75,46 @@ def live_grants(tx: Tx, now: datetime, limit: int) -> list[Grant]:
     return tx.all_live_grants(now, limit)
 
 
-def audit_page(tx: Tx, where: AuditFilter, size: int) -> tuple[list[AuditRecord], int | None]:
-    """The newest `size` events matching `where` (older than `where.before_id` when set) and the id to
-    page on from (None on the last page): keyset paging on the event id, so a page costs the same
-    at event 10 as at event 1,000,000."""
-    rows = tx.find_audit(where, limit=size + 1, newest_first=True)
-    more = len(rows) > size
-    rows = rows[:size]
-    return rows, (rows[-1].id if more and rows else None)
+@dataclass(frozen=True)
+class AuditPage:
+    events: list[AuditRecord]  # newest first
+    older: int | None  # the `before_id` of the next (older) page; None: nothing older is left
+    searched_from: int | None  # the oldest event id looked at, when the page stopped short of `size` (its budget)
+
+
+SCAN_WINDOW = 100_000  # event ids looked at per query
+SCAN_BUDGET = 0.12  # seconds one page may spend looking for matches before it answers with what it found
+
+
+def audit_page(
+    tx: Tx, where: AuditFilter, size: int, *, window: int = SCAN_WINDOW, budget: float = SCAN_BUDGET
+) -> AuditPage:
+    """The newest `size` events matching `where`, older than `where.before_id` when set.
+
+    Keyset paging on the event id, in windows of `window` ids walked newest first, so a page costs the
+    same at event 10 as at event 1,000,000 and a filter that matches only old events (or nothing) is
+    bounded by `budget`: the page then holds the matches found so far, `searched_from` says how far it
+    looked, and `older` continues from there. No index beyond the id is needed, so the audit log's
+    writes (every tool call) pay for no extra index.
+    """
+    head = tx.audit_head()
+    top = (head[0] + 1) if head is not None else 1
+    if where.before_id is not None:
+        top = min(top, where.before_id)
+    found: list[AuditRecord] = []
+    started = time.monotonic()
+    while top > 1 and len(found) <= size:
+        low = max(1, top - window)
+        chunk = replace(where, before_id=top, after_id=max(low - 1, where.after_id or 0))
+        found += tx.find_audit(chunk, limit=size + 1 - len(found), newest_first=True)
+        top = low
+        if where.after_id is not None and top <= where.after_id + 1:
+            top = 1
+        if len(found) <= size and time.monotonic() - started > budget:
+            return AuditPage(found, top if top > 1 else None, top)
+    if len(found) > size:
+        return AuditPage(found[:size], found[size - 1].id, None)
+    return AuditPage(found, None, None)
 
 
 def summary(args: dict[str, Any]) -> str:

@@ -265,17 +265,17 @@ class Console:
     async def audit(self, request: Request, session: Session) -> Response:
         where, problem = _audit_filter(request)
         rows: list[Any] = []
-        older = None
+        older = searched = None
         if problem is None:
-            records, older = await self.broker.db.read(lambda tx: overview.audit_page(tx, where, PAGE_SIZE))
-            rows = [_event_row(r) for r in records]
+            found = await self.broker.db.read(lambda tx: overview.audit_page(tx, where, PAGE_SIZE))
+            rows, older, searched = [_event_row(r) for r in found.events], found.older, found.searched_from
         shown = {k: request.query_params.get(k, "") for k in ("account", "agent", "tool", "outcome", "since", "until")}
         base = {k: v for k, v in shown.items() if v}
         return self._html(
             "audit.html", session, 400 if problem else 200, page="audit", rows=rows, filters=shown, error=problem,
             outcomes=OUTCOMES, older=f"{PREFIX}/audit?{urlencode({**base, 'before': older})}" if older else None,
             newest=f"{PREFIX}/audit?{urlencode(base)}", export=f"{PREFIX}/audit/export?{urlencode(base)}",
-            paged="before" in request.query_params,
+            paged="before" in request.query_params, searched=searched,
         )
 
     async def audit_status(self, request: Request, session: Session) -> Response:
