@@ -157,7 +157,9 @@ def _mount_console(app: Starlette, runtime: Runtime, settings: RemoteSettings) -
 
     from server.web.console import PREFIX, remote_console
 
-    console = remote_console(runtime, settings.allowed_origins)
+    public = urlsplit(settings.resource_url)  # TVM_RESOURCE_URL: where browsers reach this server
+    origin = f"{public.scheme}://{public.netloc}" if runtime.config.resource_url is not None else None
+    console = remote_console(runtime, settings.allowed_origins, origin)
     app.state.console = console
     if console is None:
 

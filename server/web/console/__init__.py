@@ -34,9 +34,12 @@ def local_console(broker: Broker, trusted_origins: frozenset[str] = frozenset())
     return Console(broker, LinkSignIn(sessions, local_operator()), sessions, trusted_origins)
 
 
-def remote_console(runtime: Runtime, trusted_origins: frozenset[str]) -> Console | None:
+def remote_console(
+    runtime: Runtime, trusted_origins: frozenset[str], public_origin: str | None = None
+) -> Console | None:
     """The remote server's console: one-time links in demo mode, Auth0 sign-in with a tenant (None when
-    TVM_CONSOLE_CLIENT_ID is not set: there is no console then)."""
+    TVM_CONSOLE_CLIENT_ID is not set: there is no console then). `public_origin` is where browsers reach
+    the server (TVM_RESOURCE_URL's origin): the Auth0 callback is built on it, cookies are Secure on https."""
     if runtime.tenant is not None:
         return local_console(runtime.broker, trusted_origins)
     config = runtime.config
@@ -45,4 +48,4 @@ def remote_console(runtime: Runtime, trusted_origins: frozenset[str]) -> Console
     sessions = Sessions()
     signin = Auth0SignIn(runtime.auth0, runtime.verifier, config.audience, config.console_client_id,
                          config.console_client_secret)
-    return Console(runtime.broker, signin, sessions, trusted_origins)
+    return Console(runtime.broker, signin, sessions, trusted_origins, public_origin)

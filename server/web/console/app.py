@@ -9,11 +9,14 @@ Broker method the CLI uses and is audited with the operator's name.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -30,6 +33,7 @@ from server.broker import Broker
 from server.clock import parse_rfc3339, rfc3339
 from server.errors import BrokerError
 from server.invariants import check_invariants
+from server.principal import Principal
 from server.store import AuditFilter, Tx
 from server.textsafe import escape_controls
 from server.web.console import chart
@@ -44,6 +48,7 @@ MAX_WALLETS = 500
 MAX_GRANTS = 500
 RECENT_APPROVALS = 25
 APPROVAL_CODES = ("approval_denied", "approval_timeout")
+STATUS_MAX_AGE = 30.0  # seconds a chain-and-books verdict is shown before a moved log is checked again
 MAX_FIELD = 500
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
@@ -70,7 +75,10 @@ class Console:
     signin: SignIn
     sessions: Sessions
     trusted_origins: frozenset[str] = frozenset()  # besides the request's own (a TLS proxy's public origin)
-    _verified: tuple[str, str] | None = field(default=None, init=False)  # (audit head, status) of the last check
+    # where browsers reach this server (TVM_RESOURCE_URL's origin behind a TLS proxy); None: the request's own
+    public_origin: str | None = None
+    _status: _Status | None = field(default=None, init=False)  # the last full `audit verify --ledger`
+    _status_lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
 
     def __post_init__(self) -> None:
         self.templates = jinja2.Environment(
@@ -78,7 +86,6 @@ class Console:
             autoescape=True,  # every template: agent-supplied text is always escaped
             undefined=jinja2.StrictUndefined,
         )
-        self.templates.filters["tojson_attr"] = lambda v: json.dumps(v, ensure_ascii=True)
 
     # ---- the app ---------------------------------------------------------------------------
     def app(self) -> Starlette:
@@ -105,9 +112,6 @@ class Console:
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
         ]
         return Starlette(routes=routes, middleware=[])
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:  # pragma: no cover - see app()
-        await self.app()(scope, receive, send)
 
     # ---- sessions ----------------------------------------------------------------------------
     def _session(self, request: Request) -> Session | None:
@@ -154,6 +158,9 @@ class Console:
         origin = origin.lower().rstrip("/")
         return origin == own or origin in self.trusted_origins
 
+    def _https(self, request: Request) -> bool:
+        return request.url.scheme == "https" or (self.public_origin or "").startswith("https://")
+
     def _refused(self, status: int, message: str) -> Response:
         return _secure(HTMLResponse(self._render("error.html", None, message=message, status=status), status))
 
@@ -184,18 +191,18 @@ class Console:
         # redirect chain (back from Auth0) is not sent with the next hop; a same-site refresh is
         response = HTMLResponse(self._render("signed_in.html", None, target=f"{PREFIX}/market"))
         response.set_cookie(COOKIE, secret, max_age=SESSION_SECONDS, path=PREFIX, httponly=True,
-                            samesite="strict", secure=request.url.scheme == "https")
+                            samesite="strict", secure=self._https(request))
         response.delete_cookie(STATE_COOKIE, path=PREFIX)
         return _secure(response)
 
     async def login(self, request: Request) -> Response:
         if not isinstance(self.signin, Auth0SignIn):
             return _secure(RedirectResponse(f"{PREFIX}/signin", status_code=303))
-        url, browser = self.signin.begin(_own_origin(request) + f"{PREFIX}/callback")
+        url, browser = self.signin.begin((self.public_origin or _own_origin(request)) + f"{PREFIX}/callback")
         response = RedirectResponse(url, status_code=303)
         # Lax, not Strict: it must come back with Auth0's cross-site redirect to /callback
         response.set_cookie(STATE_COOKIE, browser, max_age=STATE_SECONDS, path=PREFIX, httponly=True,
-                            samesite="lax", secure=request.url.scheme == "https")
+                            samesite="lax", secure=self._https(request))
         return _secure(response)
 
     async def callback(self, request: Request) -> Response:
@@ -279,22 +286,17 @@ class Console:
         )
 
     async def audit_status(self, request: Request, session: Session) -> Response:
-        """Chain and books, as `audit verify --ledger` says them (cached while the log's head stands still)."""
-
-        def check(tx: Tx) -> tuple[str, list[str], int, bool, str | None]:
-            head = audit.recorded_head(tx) or ""
-            if self._verified is not None and self._verified[0] == head:
-                cached = json.loads(self._verified[1])
-                return cached[0], cached[1], cached[2], cached[3], cached[4]
-            result = audit.verify_log(tx)
-            chain = (f"audit chain OK: {result.checked} events" if result.ok
-                     else f"audit chain BROKEN at event {result.bad_id}: {result.reason}")
-            books = check_invariants(tx)
-            self._verified = (head, json.dumps([chain, books, result.checked, result.ok, head]))
-            return chain, books, result.checked, result.ok, head
-
-        chain_text, books, _, chain_ok, _ = await self.broker.db.read(check)
-        return self._html("audit_status.html", session, chain=chain_text, chain_ok=chain_ok, books=books)
+        """Chain and books, as `audit verify --ledger` says them. One check at a time for every viewer, and
+        a new one only when the log moved on and the last is STATUS_MAX_AGE old: a full check reads the
+        whole log, so page views must not start one each."""
+        async with self._status_lock:
+            status = self._status
+            head = await self.broker.db.read(audit.recorded_head)
+            fresh = status is not None and (status.head == head or time.monotonic() - status.at < STATUS_MAX_AGE)
+            if status is None or not fresh:
+                status = await self.broker.db.read(_check_log)
+                self._status = status
+        return self._html("audit_status.html", session, verdict=status)
 
     async def audit_export(self, request: Request, session: Session) -> Response:
         where, problem = _audit_filter(request)
@@ -323,7 +325,7 @@ class Console:
             pending = []
             for r in tx.pending_reservations():
                 listing = tx.get_listing(r.listing_id)
-                rule = self.broker.control.rule(tx, _as_principal(r.account, r.agent))
+                rule = self.broker.control.rule(tx, Principal(account=r.account, agent=r.agent, scopes=frozenset()))
                 needs = rule.approval == "always" or (
                     rule.approval == "listing" and listing is not None and listing.approval != "none")
                 pending.append({"r": r, "approval": needs})
@@ -416,10 +418,23 @@ def _json_line(value: Any) -> str:
     return json.dumps(value, ensure_ascii=True, separators=(",", ":"))
 
 
-def _as_principal(account: str, agent: str | None) -> Any:
-    from server.principal import Principal
+@dataclass(frozen=True)
+class _Status:
+    head: str  # the audit head it checked up to
+    at: float  # time.monotonic() of the check
+    when: str  # RFC 3339, for the page
+    chain: str  # `audit verify`'s line
+    chain_ok: bool
+    books: list[str]  # `--ledger`'s problems (none: the books balance)
 
-    return Principal(account=account, agent=agent, scopes=frozenset())
+
+def _check_log(tx: Tx) -> _Status:
+    """`audit verify --ledger` in one read: the whole chain against its head, then the ledger invariants."""
+    head = audit.recorded_head(tx) or ""
+    result = audit.verify_log(tx)
+    chain = (f"audit chain OK: {result.checked} events" if result.ok
+             else f"audit chain BROKEN at event {result.bad_id}: {result.reason}")
+    return _Status(head, time.monotonic(), rfc3339(datetime.now(UTC)), chain, result.ok, check_invariants(tx))
 
 
 def _text(value: str | None, limit: int) -> str | None:

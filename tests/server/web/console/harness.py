@@ -73,7 +73,7 @@ class Console:
 
 
 @asynccontextmanager
-async def demo_console(database: Path, clock: ManualClock) -> AsyncIterator[Console]:
+async def demo_console(database: str | Path, clock: ManualClock) -> AsyncIterator[Console]:
     """`serve --transport http` in demo mode (the console signs in with one-time links)."""
     runtime = await open_runtime(load_config({"TVM_DATABASE": str(database)}, dotenv=False), clock=clock)
     sock, port = _socket()

@@ -331,3 +331,75 @@ async def test_auth0_sign_in_needs_manage_broker(browser: Any, tmp_path: Path) -
         assert answers == [403]
         assert "manage:broker" in await other.inner_text("#message")
         assert not [c for c in await other.context.cookies() if c["name"] == "tvm_console"]  # no session
+
+
+# ---- live figures, approvals, a broken chain, PostgreSQL ----------------------------------------------
+
+async def test_figures_update_live_while_a_page_is_open(browser: Any, console: Console) -> None:
+    page = await signed_in(browser, console)
+    await page.goto(f"{console.base_url}/console/wallets")
+    assert await page.locator("tr[data-account='auth0|live']").count() == 0
+    await console.runtime.broker.credit("auth0|live", 7)  # from elsewhere: the CLI, another operator
+    await page.locator("tr[data-account='auth0|live'] .balance", has_text="7").wait_for(timeout=10_000)
+    assert page.url.endswith("/console/wallets")  # no reload: the live refresh swapped the table in
+
+
+async def test_a_call_waiting_for_approval_is_pending_then_recent_once_refused(browser: Any, console: Console) -> None:
+    tenant = console.runtime.tenant
+    assert tenant is not None
+    tenant.state.ciba_mode = "manual"  # the owner has not answered yet
+    page = await signed_in(browser, console)
+    async with demo_client(console.runtime) as client:
+        await ok(client, "buy_quota", {"listing_id": "github-repo-write-api", "units": 1, "max_unit_price": 100})
+        call = asyncio.create_task(client.call_tool("call_api", {
+            "connection": "github", "scopes": ["repo:read", "repo:write"], "method": "POST",
+            "url": "https://demo-tenant.token-vault-mcp.invalid/provider/github/repos/acme/x", "json": {},
+            "purpose": "an approved write"}))
+        await page.goto(f"{console.base_url}/console/approvals")
+        await page.locator("#pending-table td", has_text="approval").wait_for(timeout=10_000)
+        assert "github-repo-write-api" in await page.inner_text("#pending-table")
+        pending = await eventually(lambda: _pending_ciba(console))
+        tenant.state.deny_ciba(pending[0].auth_req_id)
+        result = await call
+        assert result.is_error and "[approval_denied]" in result.content[0].text  # type: ignore[union-attr]
+    await page.locator("#recent-table td", has_text="approval_denied").wait_for(timeout=10_000)
+    assert await page.locator("#pending-table td", has_text="Nothing pending.").count() == 1
+
+
+async def _pending_ciba(console: Console) -> list[Any]:
+    return console.runtime.tenant.state.pending_ciba()  # type: ignore[union-attr]
+
+
+async def test_an_edited_event_shows_the_chain_broken_as_audit_verify_says(
+    browser: Any, console: Console, tmp_path: Path
+) -> None:
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "vault.db") as conn:
+        conn.execute("UPDATE audit SET args = '{\"amount\":1}' WHERE id = 1")
+    page = await signed_in(browser, console)
+    await page.goto(f"{console.base_url}/console/audit")
+    await page.wait_for_selector("#chain-line")
+    verdict = run(tmp_path, "audit", "verify")
+    assert verdict.code == 1 and await page.inner_text("#chain-line") == verdict.out.strip()
+    assert "BROKEN at event 1" in verdict.out
+
+
+@pytest.mark.both_backends
+async def test_every_page_renders_and_exports_on_either_store(database: str) -> None:
+    async with held(demo_console(database, ManualClock(DEMO_NOW))) as console:
+        async with demo_client(console.runtime) as client:
+            await ok(client, "buy_quota", {"listing_id": "github-repo-read-api", "units": 2, "max_unit_price": 100})
+            await ok(client, "call_api", {"connection": "github", "scopes": ["repo:read"], "method": "GET",
+                                          "url": "https://demo-tenant.token-vault-mcp.invalid/provider/github/user",
+                                          "purpose": "a grant to show"})
+        async with httpx.AsyncClient(base_url=console.base_url) as http:
+            http.cookies = (await http.get(console.link().removeprefix(console.base_url))).cookies
+            for name in (*PAGES, "audit/status"):
+                answer = await http.get(f"/console/{name}")
+                assert answer.status_code == 200, (name, answer.text[-500:])
+            wallets = (await http.get("/console/wallets")).text
+            assert "github-repo-read-api" in wallets and "No live grants." not in wallets
+            exported = (await http.get("/console/audit/export")).text.splitlines()
+            count = await console.runtime.db.read(lambda tx: tx.audit_count())
+            assert len(exported) == count and json.loads(exported[-1])["tool"] == "call_api"
