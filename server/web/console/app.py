@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import audit, overview, policy
 from server.broker import Broker
@@ -88,7 +89,7 @@ class Console:
         )
 
     # ---- the app ---------------------------------------------------------------------------
-    def app(self) -> Starlette:
+    def app(self) -> ASGIApp:
         """The Starlette app to mount at `/console`."""
         page = self._page
         routes = [
@@ -111,7 +112,7 @@ class Console:
             Route("/agents/unblock", self._action(self.unblock), methods=["POST"]),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
         ]
-        return Starlette(routes=routes, middleware=[])
+        return _with_headers(Starlette(routes=routes))
 
     # ---- sessions ----------------------------------------------------------------------------
     def _session(self, request: Request) -> Session | None:
@@ -126,8 +127,8 @@ class Console:
         async def guarded(request: Request) -> Response:
             session = self._session(request)
             if session is None:
-                return _secure(RedirectResponse(self._signin_url(), status_code=303))
-            return _secure(await handler(request, session))
+                return RedirectResponse(self._signin_url(), status_code=303)
+            return await handler(request, session)
 
         return guarded
 
@@ -146,7 +147,7 @@ class Console:
             fields = {k: v for k, v in form.items() if isinstance(v, str)}
             if not session.csrf_ok(fields.get("csrf")):
                 return self._refused(403, "the form's CSRF token is missing or wrong; reload the page")
-            return _secure(await handler(request, session, fields))
+            return await handler(request, session, fields)
 
         return guarded
 
@@ -162,7 +163,7 @@ class Console:
         return request.url.scheme == "https" or (self.public_origin or "").startswith("https://")
 
     def _refused(self, status: int, message: str) -> Response:
-        return _secure(HTMLResponse(self._render("error.html", None, message=message, status=status), status))
+        return HTMLResponse(self._render("error.html", None, message=message, status=status), status)
 
     def _render(self, name: str, session: Session | None, **context: Any) -> str:
         return self.templates.get_template(name).render(
@@ -174,11 +175,11 @@ class Console:
 
     # ---- sign-in -----------------------------------------------------------------------------
     async def home(self, request: Request) -> Response:
-        return _secure(RedirectResponse(f"{PREFIX}/market", status_code=303))
+        return RedirectResponse(f"{PREFIX}/market", status_code=303)
 
     async def signin_page(self, request: Request) -> Response:
         if not isinstance(self.signin, LinkSignIn):
-            return _secure(RedirectResponse(f"{PREFIX}/login", status_code=303))
+            return RedirectResponse(f"{PREFIX}/login", status_code=303)
         operator = self.signin.redeem(request.query_params.get("token", ""))
         if operator is None:
             return self._refused(401, "open the one-time sign-in link the console printed on its terminal "
@@ -193,17 +194,17 @@ class Console:
         response.set_cookie(COOKIE, secret, max_age=SESSION_SECONDS, path=PREFIX, httponly=True,
                             samesite="strict", secure=self._https(request))
         response.delete_cookie(STATE_COOKIE, path=PREFIX)
-        return _secure(response)
+        return response
 
     async def login(self, request: Request) -> Response:
         if not isinstance(self.signin, Auth0SignIn):
-            return _secure(RedirectResponse(f"{PREFIX}/signin", status_code=303))
+            return RedirectResponse(f"{PREFIX}/signin", status_code=303)
         url, browser = self.signin.begin((self.public_origin or _own_origin(request)) + f"{PREFIX}/callback")
         response = RedirectResponse(url, status_code=303)
         # Lax, not Strict: it must come back with Auth0's cross-site redirect to /callback
         response.set_cookie(STATE_COOKIE, browser, max_age=STATE_SECONDS, path=PREFIX, httponly=True,
                             samesite="lax", secure=self._https(request))
-        return _secure(response)
+        return response
 
     async def callback(self, request: Request) -> Response:
         if not isinstance(self.signin, Auth0SignIn):
@@ -227,7 +228,7 @@ class Console:
                 self.sessions.close(request.cookies.get(COOKIE))
         response = RedirectResponse(self._signin_url(), status_code=303)
         response.delete_cookie(COOKIE, path=PREFIX)
-        return _secure(response)
+        return response
 
     # ---- pages ---------------------------------------------------------------------------------
     async def market(self, request: Request, session: Session) -> Response:
@@ -404,10 +405,20 @@ NOTICES = {
 }
 
 
-def _secure(response: Response) -> Response:
-    for name, value in SECURITY_HEADERS.items():
-        response.headers.setdefault(name, value)
-    return response
+def _with_headers(app: ASGIApp) -> ASGIApp:
+    """Every answer of the console, pages, redirects and static files alike, carries SECURITY_HEADERS."""
+    extra = [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                present = {k.lower() for k, _ in message.get("headers", [])}
+                message["headers"] = [*message.get("headers", []), *(h for h in extra if h[0] not in present)]
+            await send(message)
+
+        await app(scope, receive, sending)
+
+    return wrapped
 
 
 def _own_origin(request: Request) -> str:

@@ -75,6 +75,9 @@ async def test_without_a_session_every_page_redirects_to_sign_in(console: Consol
         assert (await http.get("/console/signin")).status_code == 401  # no token: told where the link is
         forged = await http.post("/console/agents/block", data={"agent": "x", "csrf": "x"})
         assert forged.status_code == 403
+        script = await http.get("/console/static/console.js")  # the one script: public, and never sniffed
+        assert script.status_code == 200 and script.headers["x-content-type-options"] == "nosniff"
+        assert "javascript" in script.headers["content-type"]
 
 
 async def test_the_one_time_link_signs_in_once_with_a_strict_httponly_cookie(browser: Any, console: Console) -> None:
