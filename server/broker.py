@@ -650,4 +650,6 @@ class Broker:
                 audit.append(tx, call.event(now, _side(account), None, args=extra))
             return done
 
-        return await self._run(call, _side(from_account), op, audit_ok=False)
+        # a refusal's event is on the sender's account, unless that name itself was refused (then on none)
+        refused_on = _side(from_account) if moves.name_ok(from_account) else None
+        return await self._run(call, refused_on, op, audit_ok=False)

@@ -20,8 +20,9 @@ def check_invariants(tx: Tx) -> list[str]:
     ]
     problems += [f"listing {name}: units sold ≠ held + reserved + spent over its holdings"
                  for name in totals.unplaced_listings]
-    problems += [f"{what} of an operator credits move does not match its transfer"
-                 for what in totals.move_mismatches]
+    problems += [f"operator move {mid} does not match its transfer" for mid in totals.move_mismatches]
+    problems += [f"transfer {tid} moved credits between wallets, but no operator move made it"
+                 for tid in totals.unmoved_transfers]
     problems += _move_events(tx)
     problems += [f"listing {name} sold more than its supply" for name in totals.oversold_listings]
     problems += [f"listing {name}'s sold count differs from its purchases" for name in totals.sold_mismatches]

@@ -103,9 +103,14 @@ def move_units(
     return move
 
 
+def name_ok(name: str) -> bool:
+    """An operator or account name a move accepts: 1 to MAX_NAME characters on one line."""
+    return bool(name.strip()) and len(name) <= MAX_NAME and not any(ch in name for ch in "\r\n\x00")
+
+
 def _check(operator: str, from_account: str, to_account: str, amount: int, idempotency_key: str | None) -> None:
     for what, name in (("operator", operator), ("from account", from_account), ("to account", to_account)):
-        if not name.strip() or len(name) > MAX_NAME or any(ch in name for ch in "\r\n\x00"):
+        if not name_ok(name):
             raise InvalidArgument(f"the {what} must be 1 to {MAX_NAME} characters on one line")
     if from_account == to_account:
         raise InvalidArgument("the accounts to move from and to must differ")

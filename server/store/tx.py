@@ -89,7 +89,8 @@ class LedgerTotals:
     sold_mismatches: list[str]
     reserved_mismatches: list[int]
     unplaced_listings: list[str]  # sold ≠ held + reserved + spent over its holdings
-    move_mismatches: list[str]  # credits moves without their one transfer, or such transfers without a move
+    move_mismatches: list[str]  # credits moves that differ from their transfer (or have none)
+    unmoved_transfers: list[int]  # wallet_transfer transfers that no move made
 
 
 # Where a transaction's bookkeeping stood (see Tx.mark): its new audit names and its undo hooks so far
@@ -770,15 +771,16 @@ class Tx:
         ]
         # each credits move is exactly one wallet-to-wallet transfer, and each such transfer is one move
         moved = [
-            f"move {r[0]}"
+            str(r[0])
             for r in c(
                 "SELECT m.id FROM moves m LEFT JOIN transfers t ON t.id = m.transfer_id WHERE m.kind = 'credits' "
                 "AND (t.id IS NULL OR t.debit <> m.from_account OR t.credit <> m.to_account "
                 "OR t.amount <> m.amount OR t.reason <> 'wallet_transfer' OR t.reference IS NULL "
                 "OR t.reference <> m.id)"
             )
-        ] + [
-            f"transfer {r[0]}"
+        ]
+        unmoved = [
+            int(r[0])
             for r in c(
                 "SELECT t.id FROM transfers t WHERE t.reason = 'wallet_transfer' "
                 "AND NOT EXISTS (SELECT 1 FROM moves m WHERE m.transfer_id = t.id)"
@@ -792,7 +794,9 @@ class Tx:
                 "(SELECT count(*) FROM reservations r WHERE r.holding_id = h.id AND r.status = 'committed')"
             )
         ]
-        return LedgerTotals(balance_sum, negative, mismatched, holdings, oversold, sold, reserved, placed, moved)
+        return LedgerTotals(
+            balance_sum, negative, mismatched, holdings, oversold, sold, reserved, placed, moved, unmoved
+        )
 
     def token_events_by_reservation(self) -> tuple[set[str], dict[str, int]]:
         """Committed reservation ids, and per reservation id the count of ok request_token events with a token."""

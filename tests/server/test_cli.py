@@ -16,12 +16,15 @@ from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
-from server import audit, ledger
+import pytest
+
+from server import audit, ledger, market
 from server.audit import Event
 from server.broker import Broker
 from server.clock import rfc3339
 from server.demo import DEMO_LISTINGS
-from server.store import Database, Tx
+from server.store import Database, Tx, open_database
+from tests.conftest import side
 
 EXPORT_KEYS = ["id", "ts", "account", "agent", "tool", "transport", "scope", "outcome", "code", "args", "token_id",
                "latency_ms", "prev_hash", "hash"]
@@ -63,9 +66,9 @@ def run(tmp_path: Path, *args: str, env: dict[str, str] | None = None, stdin: st
     return finish(start(tmp_path, args, env, stdin is not None), stdin)
 
 
-def run_all(tmp_path: Path, *commands: Sequence[str]) -> list[Done]:
-    """Run read-only commands side by side (each process costs about half a second to start)."""
-    procs = [start(tmp_path, command, None, False) for command in commands]
+def run_all(tmp_path: Path, *commands: Sequence[str], env: dict[str, str] | None = None) -> list[Done]:
+    """Run commands side by side (each process costs about half a second to start); their order is not fixed."""
+    procs = [start(tmp_path, command, env, False) for command in commands]
     return [finish(p) for p in procs]
 
 
@@ -595,3 +598,96 @@ def test_agent_list_escapes_hostile_agent_names(tmp_path: Path) -> None:
     seed(tmp_path / "vault.db", tool_event(1, agent="evil\x1b[2J\u202e", account="auth0|alice"))
     listed = run(tmp_path, "agent", "list")
     assert "\x1b" not in listed.out and "\u202e" not in listed.out and "\\x1b[2J" in listed.out
+
+
+# ---- operator moves (§11) ------------------------------------------------------------------------
+
+def _funded(database: str, market_file: Path, account: str, credits: int, listing: str, units: int) -> None:
+    """The market file loaded, `account` credited and holding `units` of `listing` (through the Python API:
+    the CLI's own credit and market load are tested above; each process costs half a second)."""
+
+    async def go() -> None:
+        db = await open_database(database)
+        try:
+            specs = market.read_market_file(market_file)
+            await db.write(lambda tx: market.load(tx, specs))
+            await Broker(db).credit(account, credits)
+            await db.write(lambda tx: ledger.buy(tx, account, listing, units, 10_000, None, datetime.now(UTC)))
+        finally:
+            await db.close()
+
+    asyncio.run(go())
+
+
+def _ledger_rows(database: str) -> dict[str, list[tuple[object, ...]]]:
+    with side(database) as conn:
+        return {t: sorted(conn.execute(f"SELECT * FROM {t}"), key=repr)
+                for t in ("accounts", "transfers", "holdings", "purchases", "moves", "listings")}
+
+
+@pytest.mark.both_backends
+def test_wallet_and_quota_transfer_exit_0_1_2_and_wallet_show_sees_the_moves(tmp_path: Path, database: str) -> None:
+    env = {"TVM_DATABASE": database}
+    (tmp_path / "market.toml").write_text(MARKET_FILE, encoding="utf-8")
+    _funded(database, tmp_path / "market.toml", "auth0|alice", 500, "flat", 3)  # 150 credits: alice keeps 350
+
+    pay = ["wallet", "transfer", "auth0|alice", "auth0|bob", "120", "--idempotency-key", "k1"]
+    moved = run(tmp_path, *pay, env=env)
+    assert (moved.code, moved.err) == (0, "")
+    assert moved.out.startswith("moved 120 credits from auth0|alice to auth0|bob; balance auth0|alice 230, "
+                                "auth0|bob 120 (move mov_")
+    again, units = run_all(tmp_path, pay, ["quota", "transfer", "auth0|alice", "auth0|bob", "flat", "2"], env=env)
+    assert again.code == 0 and again.out.startswith("already moved") and moved.out.split("(move ")[1] in again.out
+    assert (units.code, units.err) == (0, "")
+    assert "moved 2 units of flat from auth0|alice to auth0|bob; units held auth0|alice 1, auth0|bob 2" in units.out
+
+    before = _ledger_rows(database)
+    refusals = [
+        ([*pay[:4], "121", *pay[5:]], "idempotency_key_reused"),
+        (["wallet", "transfer", "auth0|alice", "auth0|bob", "231"], "insufficient_funds"),
+        (["wallet", "transfer", "auth0|nobody", "auth0|bob", "1"], "insufficient_funds"),
+        (["quota", "transfer", "auth0|alice", "auth0|bob", "flat", "2"], "no_quota"),
+        (["quota", "transfer", "auth0|alice", "auth0|bob", "no-such", "1"], "unknown_listing"),
+        (["wallet", "transfer", "auth0|alice", "mint", "1"], "invalid_argument"),
+    ]
+    for (command, code), done in zip(refusals, run_all(tmp_path, *(c for c, _ in refusals), env=env), strict=True):
+        assert done.code == 1, command
+        (line,) = done.err.splitlines()
+        assert line.startswith(f"token-vault-mcp: [{code}] "), (command, line)
+        assert done.out == ""
+    usage = [["wallet", "transfer", "auth0|alice", "auth0|bob", a] for a in ("0", "-1", "abc", "1.5")]
+    usage += [["quota", "transfer", "auth0|alice", "auth0|bob", "flat", u] for u in ("0", "-2", "x")]
+    usage += [["wallet", "transfer", "auth0|alice", "auth0|alice", "1"],
+              ["quota", "transfer", "auth0|bob", "auth0|bob", "flat", "1"],
+              ["wallet", "transfer", "auth0|alice", "bad\nname", "1"],
+              ["wallet", "transfer", "auth0|alice", "auth0|bob", "1", "--idempotency-key", "k" * 129]]
+    for command, done in zip(usage, run_all(tmp_path, *usage, env=env), strict=True):
+        assert done.code == 2, command
+        assert "Traceback" not in done.err and done.out == ""
+    assert _ledger_rows(database) == before
+
+    bob, alice, verified, exported = run_all(
+        tmp_path, ["wallet", "show", "auth0|bob", "--json"], ["wallet", "show", "auth0|alice", "--json"],
+        ["audit", "verify", "--ledger"], ["audit", "export"], env=env,
+    )
+    shown = json.loads(bob.out)
+    assert shown["balance"] == 120
+    assert [(h["listing_id"], h["units_remaining"]) for h in shown["holdings"]] == [("flat", 2)]
+    assert json.loads(alice.out)["balance"] == 230
+    assert [(h["listing_id"], h["units_remaining"]) for h in json.loads(alice.out)["holdings"]] == [("flat", 1)]
+    assert verified.code == 0 and "ledger invariants OK" in verified.out, verified.out + verified.err
+    events = [json.loads(line) for line in exported.out.splitlines()]
+    ok_moves = [(e["tool"], e["account"], e["args"]["side"]) for e in events
+                if e["tool"] in ("wallet_transfer", "quota_transfer") and e["outcome"] == "ok"]
+    assert ok_moves[:2] == [("wallet_transfer", "auth0|alice", "from"), ("wallet_transfer", "auth0|bob", "to")]
+    assert sorted(ok_moves[2:]) == [  # the replay and the units move ran side by side
+        ("quota_transfer", "auth0|alice", "from"), ("quota_transfer", "auth0|bob", "to"),
+        ("wallet_transfer", "auth0|alice", "from"),
+    ]
+    assert all(e["args"]["operator"].startswith("cli:") for e in events if e["tool"] == "quota_transfer")
+
+    with side(database) as conn:  # a tampered move: bob's two units become three
+        conn.execute("UPDATE moves SET amount = 3 WHERE kind = 'units'")
+    tampered = run(tmp_path, "audit", "verify", "--ledger", env=env)
+    assert tampered.code == 1
+    assert "≠ its purchases and moves" in tampered.out + tampered.err

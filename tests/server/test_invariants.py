@@ -20,6 +20,14 @@ async def history(client: Client) -> None:
     await ok(client, "request_token", {"connection": "github", "scopes": ["repo:read"], "purpose": "p"})
 
 
+async def history_with_moves(client: Client, runtime: Runtime) -> None:
+    """The history, then an operator moves credits and one unit from the demo account to auth0|bob."""
+    await history(client)
+    me = (await ok(client, "check_balance", {}))["account"]
+    await runtime.broker.transfer_credits("cli:ops", me, "auth0|bob", 50)
+    await runtime.broker.transfer_units("cli:ops", me, "auth0|bob", "github-repo-read", 1)
+
+
 @pytest.mark.parametrize(
     ("corrupt", "expected"),
     [
@@ -43,6 +51,36 @@ async def test_each_corruption_is_named(
     client: Client, runtime: Runtime, database: str, corrupt: Corruption, expected: str
 ) -> None:
     await history(client)
+    assert await runtime.db.read(check_invariants) == []
+    with side(database) as other:
+        if not other.postgres:
+            other.execute("PRAGMA ignore_check_constraints = ON")
+        corrupt(other)
+    problems = await runtime.db.read(check_invariants)
+    assert any(expected in p for p in problems), problems
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "expected"),
+    [
+        (lambda db: db.execute("UPDATE moves SET amount = amount + 1 WHERE kind = 'units'"),
+         "≠ its purchases and moves"),
+        (lambda db: db.execute("UPDATE holdings SET units_held = units_held + 1, units_bought = units_bought + 1 "
+                               "WHERE account = 'auth0|bob'"), "units sold ≠ held + reserved + spent"),
+        (lambda db: db.execute("UPDATE transfers SET amount = amount + 1 WHERE reason = 'wallet_transfer'"),
+         "does not match its transfer"),
+        (lambda db: db.execute("DELETE FROM moves WHERE kind = 'credits'"), "no operator move made it"),
+        (lambda db: db.execute(
+            "DELETE FROM audit WHERE id = (SELECT max(id) FROM audit_events WHERE tool = 'quota_transfer')"
+        ), "not one on each of auth0|"),
+    ],
+    ids=["moved-units-miscounted", "units-from-nowhere", "moved-credits-miscounted", "move-erased",
+         "move-event-erased"],
+)
+async def test_each_corruption_of_an_operator_move_is_named(
+    client: Client, runtime: Runtime, database: str, corrupt: Corruption, expected: str
+) -> None:
+    await history_with_moves(client, runtime)
     assert await runtime.db.read(check_invariants) == []
     with side(database) as other:
         if not other.postgres:

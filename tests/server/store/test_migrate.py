@@ -99,6 +99,8 @@ async def build(path: Path) -> History:
             await ok(c, "call_api", call)  # inside the grant the first call opened
             await ok(c, "check_balance", {})
         await rt.broker.credit("auth0|bob", 750)
+        await rt.broker.transfer_credits("cli:ops", "auth0|bob", "auth0|carol", 50, "move-1")  # operator moves
+        await rt.broker.transfer_units("cli:ops", rt.tenant.account, "auth0|carol", "github-repo-read", 1)
         await rt.broker.load_policy(parse_policy(tomllib.loads(POLICY)), by="cli:ops")
         await rt.broker.block_agent("ci-bot", "ran away with the budget", by="cli:ops")
         events = list(appended(EVENTS))
