@@ -28,6 +28,10 @@ DEMO_LISTINGS: list[dict[str, Any]] = [
     {"id": "google-calendar-read", "title": "Google: read calendars", "connection": "google-oauth2",
      "scopes": ["https://www.googleapis.com/auth/calendar.readonly"], "supply": 500, "start_price": 30,
      "floor_price": 8, **_WINDOW},
+    # the demo user has not connected Slack: buying works, the token needs the connect flow first (SPEC §10)
+    {"id": "slack-chat-write", "title": "Slack: post messages (connect your Slack account first)",
+     "connection": "slack", "scopes": ["chat:write"], "supply": 500, "start_price": 20, "floor_price": 5,
+     **_WINDOW},
     # call_api in the demo: the emulator's provider API (server/emulator/provider.py) behind the demo issuer
     {"id": "github-repo-read-api", "title": "GitHub API: read repositories (brokered; the token stays here)",
      "connection": "github", "scopes": ["repo:read"], "supply": 1000, "start_price": 10, "floor_price": 2,

@@ -11,6 +11,13 @@ Auth0's API (`create_app(state)`; tenant data and knobs live in `EmulatorState`)
   `client_credentials`, `refresh_token`, `urn:ietf:params:oauth:grant-type:device_code`,
   CIBA's `urn:openid:params:grant-type:ciba` (`auth_req_id`) and Token Vault's
   `urn:auth0:params:oauth:grant-type:token-exchange:federated-connection-access-token`
+- `GET  /authorize` (authorization.py: code + PKCE S256, a sign-in page POSTing to
+  `/authorize/login`, or `state.auto_login_sub` / `--auto-login` to sign in at once) and the
+  `authorization_code` grant (code_grant.py: single use, `state.code_expires_in`, PKCE,
+  same client and redirect_uri; `id_token` for openid; API tokens carry the user's permissions)
+- My Account API (my_account.py): `POST /me/v1/connected-accounts/connect` and `/complete`,
+  `GET …/accounts`, `DELETE …/accounts/{id}`, errors `{type, status, title, detail,
+  validation_errors?}`; its `connect_uri` (`GET|POST /connect`) is the provider consent page
 - `POST /oauth/device/code` (native clients only)
 - `POST /oauth/revoke` (a refresh token, by the client it was issued to)
 - `POST /bc-authorize` (CIBA, ciba.py; client authentication as for `/oauth/token`): `scope`
@@ -43,6 +50,13 @@ Test API (served unless `create_app(state, admin=False)`), JSON bodies:
   new) a connected account at a provider.
 - `POST /emulator/accounts/revoke` `{"sub", "connection"}`: the provider revoked that
   connected account (404 `not_found` when there is none).
+- `POST /emulator/accounts/require-connect` `{"sub", "connection"}`: the user has no account
+  there (Token Vault answers 401 until they connect it); `POST /emulator/accounts/expire`
+  (same body): the connected account expires now.
+- `POST /emulator/users` `{"sub", "name"?, "permissions"?: {AUDIENCE: [...]}}`: create or update
+  a user (the sign-in page lists users by name; API tokens carry these permissions).
+- `POST /emulator/login` `{"sub": SUB | null}`: who `/authorize` signs in at once (null: the page).
+- `POST /emulator/clients/{client_id}/callbacks` `{"urls": [...]}`: more Allowed Callback URLs.
 - `POST /emulator/device/approve` `{"user_code", "sub"}` and
   `POST /emulator/device/deny` `{"user_code"}`: the user's side of the device flow
   (404 `not_found` when no such code is pending).

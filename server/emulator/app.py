@@ -26,6 +26,7 @@ from server.emulator.errors import NO_STORE, OAuthError, error_response
 from server.emulator.faults import Fault
 from server.emulator.grants import GRANTS, revoke_refresh_token
 from server.emulator.keys import ASSERTION_ALGORITHMS
+from server.emulator.my_account import my_account_routes
 from server.emulator.provider import provider_routes
 from server.emulator.state import EmulatorState, RecordedRequest
 from server.emulator.tokens import required
@@ -46,6 +47,7 @@ def create_app(state: EmulatorState, *, admin: bool = True) -> Starlette:
         Route("/bc-authorize", endpoints.bc_authorize, methods=["POST"]),
     ]
     routes += authorize_routes(state)
+    routes += my_account_routes(state)
     routes += provider_routes(state)
     if admin:
         from server.emulator.admin import admin_routes  # the test API; the in-process demo tenant has none

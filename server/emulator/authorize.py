@@ -89,7 +89,7 @@ def error_redirect(redirect_uri: str, error: str, description: str, state: str |
     values = {"error": error, "error_description": description}
     if state is not None:
         values["state"] = state
-    return _redirect(redirect_uri, values)
+    return redirect_with(redirect_uri, values)
 
 
 def trusted_callback(client: Client, redirect_uri: str) -> bool:
@@ -191,7 +191,7 @@ def _signed_in(state: EmulatorState, login: PendingLogin, sub: str) -> Response:
     values = {"code": code.code}
     if login.state is not None:
         values["state"] = login.state
-    return _redirect(login.redirect_uri, values)
+    return redirect_with(login.redirect_uri, values)
 
 
 def _sign_in_page(
@@ -212,6 +212,7 @@ def _sign_in_page(
     )
 
 
-def _redirect(uri: str, values: dict[str, str]) -> Response:
+def redirect_with(uri: str, values: dict[str, str]) -> Response:
+    """302 to `uri` with `values` added to its query."""
     separator = "&" if urlsplit(uri).query else "?"
     return RedirectResponse(uri + separator + urlencode(values), status_code=302, headers={"Cache-Control": "no-store"})

@@ -88,6 +88,24 @@ class PendingLogin:
     expires_at: float
 
 
+@dataclass
+class ConnectSession:
+    """One My Account `connect` request, from its ticket through the provider's consent to `complete`."""
+
+    auth_session: str
+    ticket: str
+    sub: str
+    client_id: str
+    connection: str
+    redirect_uri: str
+    state: str | None
+    scopes: tuple[str, ...]
+    code_challenge: str | None
+    expires_at: float
+    connect_code: str | None = None
+    status: Literal["pending", "approved", "denied", "completed"] = "pending"
+
+
 @dataclass(frozen=True)
 class AuthorizationCode:
     """One authorization code from `/authorize`, redeemable once at `/oauth/token` before `expires_at`."""
@@ -221,6 +239,8 @@ class EmulatorState:
         self.connections: dict[str, tuple[str, ...]] = {}
         self.codes: dict[str, AuthorizationCode] = {}  # by code; used codes are removed
         self.pending_logins: dict[str, PendingLogin] = {}  # by txn; removed once signed in
+        self.connect_sessions: dict[str, ConnectSession] = {}  # by auth_session
+        self.connect_expires_in = 300  # seconds a connect ticket and its auth_session live
         self.accounts: dict[str, dict[str, ConnectedAccount]] = {}
         self.refresh_tokens: dict[str, RefreshGrant] = {}
         self.devices: dict[str, DeviceGrant] = {}

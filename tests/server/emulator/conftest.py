@@ -10,6 +10,7 @@ from joserfc.jwk import RSAKey
 
 from server.emulator import EmulatorState, create_app
 from server.emulator.keys import generate_signing_key
+from server.emulator.state import MY_ACCOUNT_SCOPES
 from tests.server.emulator.helpers import (
     API,
     API_SCOPES,
@@ -20,6 +21,8 @@ from tests.server.emulator.helpers import (
     OTHER_CLIENT_ID,
     OTHER_SECRET,
     USER,
+    WEB_CALLBACK,
+    Callbacks,
     FakeClock,
 )
 
@@ -52,4 +55,29 @@ def state(signing_key: RSAKey, clock: FakeClock) -> EmulatorState:
 async def http(state: EmulatorState) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=create_app(state))
     async with httpx.AsyncClient(transport=transport, base_url=ISSUER) as client:
+        yield client
+
+
+@pytest.fixture
+def callbacks() -> Callbacks:
+    return Callbacks()
+
+
+@pytest.fixture
+def tenant(state: EmulatorState) -> EmulatorState:
+    state.add_client(NATIVE_ID, native=True, loopback_callbacks=True, my_account_scopes=MY_ACCOUNT_SCOPES)
+    state.add_client(CLIENT_ID, CLIENT_SECRET, callbacks=(WEB_CALLBACK,))
+    state.add_user(USER, name="Alice")
+    return state
+
+
+@pytest.fixture
+async def browser(tenant: EmulatorState, callbacks: Callbacks) -> AsyncIterator[httpx.AsyncClient]:
+    """A client that follows redirects between the tenant and the app's callbacks, like a browser."""
+    mounts = {
+        ISSUER.rstrip("/"): httpx.ASGITransport(app=create_app(tenant)),
+        "http://127.0.0.1:5123": httpx.ASGITransport(app=callbacks),
+        "https://app.example": httpx.ASGITransport(app=callbacks),
+    }
+    async with httpx.AsyncClient(mounts=mounts, base_url=ISSUER, follow_redirects=True) as client:
         yield client

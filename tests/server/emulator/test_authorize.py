@@ -3,14 +3,13 @@ client that follows redirects (the emulator and the client's callback served in 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
-from server.emulator import EmulatorState, create_app
+from server.emulator import EmulatorState
 from server.emulator.state import MY_ACCOUNT_SCOPES
 from tests.server.emulator.helpers import (
     API,
@@ -31,31 +30,6 @@ from tests.server.emulator.helpers import (
 
 ME = ISSUER + "me/"
 BOB = "auth0|bob"
-
-
-@pytest.fixture
-def callbacks() -> Callbacks:
-    return Callbacks()
-
-
-@pytest.fixture
-def tenant(state: EmulatorState) -> EmulatorState:
-    state.add_client(NATIVE_ID, native=True, loopback_callbacks=True, my_account_scopes=MY_ACCOUNT_SCOPES)
-    state.add_client(CLIENT_ID, CLIENT_SECRET, callbacks=(WEB_CALLBACK,))
-    state.add_user(USER, name="Alice")
-    return state
-
-
-@pytest.fixture
-async def browser(tenant: EmulatorState, callbacks: Callbacks) -> AsyncIterator[httpx.AsyncClient]:
-    """A client that follows redirects between the tenant and the app's callbacks, like a browser."""
-    mounts = {
-        ISSUER.rstrip("/"): httpx.ASGITransport(app=create_app(tenant)),
-        "http://127.0.0.1:5123": httpx.ASGITransport(app=callbacks),
-        "https://app.example": httpx.ASGITransport(app=callbacks),
-    }
-    async with httpx.AsyncClient(mounts=mounts, base_url=ISSUER, follow_redirects=True) as client:
-        yield client
 
 
 def authorize_params(challenge: str, **overrides: str) -> dict[str, str]:

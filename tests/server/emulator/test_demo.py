@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 
 from server.emulator import DemoTenant, create_app, demo_tenant
-from server.emulator.demo import DEMO_CONNECTIONS, auth0_domain
+from server.emulator.demo import DEMO_CONNECT_CONNECTION, DEMO_CONNECT_SCOPES, DEMO_CONNECTIONS, auth0_domain
 from server.emulator.vault import FEDERATED_TOKEN_TYPE, REFRESH_TOKEN_TYPE, TOKEN_VAULT_GRANT
 
 DEMO_ISSUER = "http://127.0.0.1:8123/"
@@ -68,3 +68,25 @@ async def test_each_demo_tenant_has_its_own_secret_and_key() -> None:
 
     assert first.client_secret != second.client_secret
     assert first.state.keys.current_kid != second.state.keys.current_kid
+
+
+async def test_demo_slack_starts_unconnected_and_the_demo_clients_sign_in_on_loopback() -> None:
+    demo = demo_tenant(DEMO_ISSUER, auto_login="auth0|demo-user")
+    transport = httpx.ASGITransport(app=create_app(demo.state, admin=False))
+    fields = {
+        "grant_type": TOKEN_VAULT_GRANT,
+        "subject_token": demo.refresh_token,
+        "subject_token_type": REFRESH_TOKEN_TYPE,
+        "requested_token_type": FEDERATED_TOKEN_TYPE,
+        "connection": DEMO_CONNECT_CONNECTION,
+    }
+    async with httpx.AsyncClient(transport=transport, base_url=demo.issuer) as http:
+        refused = await http.post("/oauth/token", data=fields, auth=(demo.client_id, demo.client_secret))
+
+    assert refused.status_code == 401
+    assert demo.state.connections[DEMO_CONNECT_CONNECTION] == tuple(DEMO_CONNECT_SCOPES)
+    assert demo.state.auto_login_sub == demo.account
+    assert "manage:broker" in demo.state.user_permissions(demo.account, demo.audience)
+    for client_id in (demo.client_id, demo.login_client_id):
+        client = demo.state.clients[client_id]
+        assert client.loopback_callbacks and "create:me:connected_accounts" in client.my_account_scopes

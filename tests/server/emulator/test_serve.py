@@ -91,3 +91,8 @@ async def test_the_served_socket_turns_nagle_off_so_answers_do_not_wait_for_dela
     finally:
         server.close()
         await server.wait_closed()
+
+
+def test_serve_refuses_an_unknown_auto_login_user() -> None:
+    with pytest.raises(ValueError, match="auto-login"):
+        serve(0, auto_login="auth0|nobody")
