@@ -289,24 +289,6 @@ class Auth0Client:
             form["login_hint"] = login_hint
         return self._token_set(await self._post_token(form))
 
-    async def authorization_code(
-        self, *, client_id: str, client_secret: str | None, code: str, code_verifier: str, redirect_uri: str
-    ) -> TokenSet:
-        """Trade an authorization code (OIDC code flow with PKCE) for tokens, as the web client `client_id`
-        (with its secret for a confidential app, else as a public client). Raises Auth0Error."""
-        form = {
-            "grant_type": "authorization_code", "code": code, "code_verifier": code_verifier,
-            "redirect_uri": redirect_uri,
-        }
-        if client_secret is None:
-            return self._token_set(await self._request("POST", "/oauth/token", {**form, "client_id": client_id}))
-        auth = ClientAuth(client_id, client_secret, "client_secret_post")
-        return self._token_set(await self._request("POST", "/oauth/token", form, auth))
-
-    def authorize_url(self, params: dict[str, str]) -> str:
-        """The tenant's `/authorize` URL with `params` (where a browser signs in)."""
-        return f"{self.base_url}/authorize?{urlencode(params)}"
-
     async def start_device_login(self, client_id: str, scope: str, audience: str) -> DeviceAuthorization:
         """Start the device flow for the public client `client_id`. Raises Auth0Error."""
         data = await self._request(
@@ -368,6 +350,31 @@ class Auth0Client:
         poller, never retried here; network errors and 5xx are, within the deadline.
         """
         return self._token_set(await self._post_token({"grant_type": CIBA_GRANT, "auth_req_id": auth_req_id}))
+
+    def authorize_url(
+        self, *, client_id: str, redirect_uri: str, scope: str, audience: str, state: str, code_challenge: str
+    ) -> str:
+        """Where a browser signs in: `/authorize` for an authorization code with PKCE (S256). No request here."""
+        query = {
+            "response_type": "code", "client_id": client_id, "redirect_uri": redirect_uri, "scope": scope,
+            "audience": audience, "state": state, "code_challenge": code_challenge, "code_challenge_method": "S256",
+        }
+        return f"{self.base_url}/authorize?{urlencode(query)}"
+
+    async def exchange_code(
+        self, *, client_id: str, code: str, redirect_uri: str, code_verifier: str, client_secret: str | None = None
+    ) -> TokenSet:
+        """An authorization code (with its PKCE verifier) for tokens, as `client_id`: this confidential client
+        with its authentication, another confidential one with `client_secret` (the console's web app), any
+        other as a public client. Raises Auth0Error."""
+        form = {
+            "grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri,
+            "code_verifier": code_verifier,
+        }
+        if client_secret is not None and client_id != self.client_id:
+            auth = ClientAuth(client_id, client_secret, "client_secret_post")
+            return self._token_set(await self._request("POST", "/oauth/token", form, auth))
+        return self._token_set(await self._post_token(form, as_client=client_id))
 
     async def revoke_refresh_token(self, refresh_token: str, client_id: str) -> None:
         """Revoke a refresh token at the tenant (`/oauth/revoke`) as the public client it was issued to.

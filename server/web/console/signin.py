@@ -68,7 +68,6 @@ class LinkSignIn:
 @dataclass(frozen=True)
 class _Pending:
     verifier: str
-    nonce: str
     browser: str  # the digest of the state cookie's value: the browser that began this sign-in
     redirect_uri: str
     expires: float
@@ -105,13 +104,12 @@ class Auth0SignIn:
         self._pending = {k: v for k, v in self._pending.items() if v.expires > now}
         while len(self._pending) >= MAX_PENDING:
             self._pending.pop(next(iter(self._pending)))
-        state, verifier, nonce, browser = (secrets.token_urlsafe(32) for _ in range(4))
-        self._pending[_digest(state)] = _Pending(verifier, nonce, _digest(browser), redirect_uri, now + STATE_SECONDS)
-        url = self.auth0.authorize_url({
-            "response_type": "code", "client_id": self.client_id, "redirect_uri": redirect_uri,
-            "scope": "openid", "audience": self.audience, "state": state, "nonce": nonce,
-            "code_challenge": _challenge(verifier), "code_challenge_method": "S256",
-        })
+        state, verifier, browser = (secrets.token_urlsafe(32) for _ in range(3))
+        self._pending[_digest(state)] = _Pending(verifier, _digest(browser), redirect_uri, now + STATE_SECONDS)
+        url = self.auth0.authorize_url(
+            client_id=self.client_id, redirect_uri=redirect_uri, scope="openid", audience=self.audience,
+            state=state, code_challenge=_challenge(verifier),
+        )
         return url, browser
 
     async def finish(self, state: str, code: str, browser: str | None) -> str:
@@ -125,7 +123,7 @@ class Auth0SignIn:
         if not code:
             raise SignInRefused("Auth0 sent no authorization code back")
         try:
-            tokens = await self.auth0.authorization_code(
+            tokens = await self.auth0.exchange_code(
                 client_id=self.client_id, client_secret=self.client_secret, code=code,
                 code_verifier=pending.verifier, redirect_uri=pending.redirect_uri,
             )
