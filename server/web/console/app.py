@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import jinja2
@@ -41,6 +41,7 @@ from server.web.console import chart
 from server.web.console.session import COOKIE, SESSION_SECONDS, Session, Sessions
 from server.web.console.signin import STATE_COOKIE, STATE_SECONDS, Auth0SignIn, LinkSignIn, SignInRefused
 
+T = TypeVar("T")
 HERE = Path(__file__).parent
 PREFIX = "/console"
 PAGE_SIZE = 50
@@ -113,6 +114,11 @@ class Console:
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
         ]
         return _with_headers(Starlette(routes=routes))
+
+    def _read(self, job: Callable[[Tx], T]) -> Awaitable[T]:
+        """Every page reads through the store's reader: a scan of a large log must stall neither the event
+        loop nor the tool calls' writes (SQLite's own `read` shares the writer's connection)."""
+        return self.broker.db.reader().read(job)
 
     # ---- sessions ----------------------------------------------------------------------------
     def _session(self, request: Request) -> Session | None:
@@ -233,7 +239,7 @@ class Console:
     # ---- pages ---------------------------------------------------------------------------------
     async def market(self, request: Request, session: Session) -> Response:
         now = self.broker.clock.now()
-        priced = await self.broker.db.read(lambda tx: overview.listings(tx, now))
+        priced = await self._read(lambda tx: overview.listings(tx, now))
         rows = [
             {"p": p, "status": overview.listing_status(p, now), "sold": p.listing.sold,
              "chart": chart.chart(p.listing, now)}
@@ -248,7 +254,7 @@ class Console:
             return (overview.wallets(tx, MAX_WALLETS), overview.live_grants(tx, now, MAX_GRANTS),
                     overview.listings(tx, now))
 
-        wallets, grants, listings = await self.broker.db.read(read)
+        wallets, grants, listings = await self._read(read)
         notice = NOTICES.get(request.query_params.get("done", ""))
         return self._html("wallets.html", session, context.pop("status", 200), page="wallets", wallets=wallets,
                           grants=grants, listings=[p.listing.id for p in listings], notice=notice,
@@ -261,7 +267,7 @@ class Console:
             text = stored.decode() if isinstance(stored, bytes) else stored
             return overview.agents(tx), policy.Policy.from_json(text) if text else policy.Policy()
 
-        rows, current = await self.broker.db.read(read)
+        rows, current = await self._read(read)
         for row in rows:
             row["rule"] = current.rule_for(row["agent"]).model_dump(mode="json", exclude_none=True)
         rules = [r.model_dump(mode="json", exclude_none=True) for r in current.agents]
@@ -275,7 +281,7 @@ class Console:
         rows: list[Any] = []
         older = searched = None
         if problem is None:
-            found = await self.broker.db.read(lambda tx: overview.audit_page(tx, where, PAGE_SIZE))
+            found = await self._read(lambda tx: overview.audit_page(tx, where, PAGE_SIZE))
             rows, older, searched = [_event_row(r) for r in found.events], found.older, found.searched_from
         shown = {k: request.query_params.get(k, "") for k in ("account", "agent", "tool", "outcome", "since", "until")}
         base = {k: v for k, v in shown.items() if v}
@@ -292,10 +298,10 @@ class Console:
         whole log, so page views must not start one each."""
         async with self._status_lock:
             status = self._status
-            head = await self.broker.db.read(audit.recorded_head)
+            head = await self._read(audit.recorded_head)
             fresh = status is not None and (status.head == head or time.monotonic() - status.at < STATUS_MAX_AGE)
             if status is None or not fresh:
-                status = await self.broker.db.read(_check_log)
+                status = await self._read(_check_log)
                 self._status = status
         return self._html("audit_status.html", session, verdict=status)
 
@@ -308,7 +314,7 @@ class Console:
             after = 0
             while True:
                 chunk = dataclasses.replace(where, before_id=None, after_id=after)
-                records = await self.broker.db.read(
+                records = await self._read(
                     lambda tx, chunk=chunk: tx.find_audit(chunk, limit=EXPORT_CHUNK)  # type: ignore[misc]
                 )
                 if not records:
@@ -336,7 +342,7 @@ class Console:
             recent.sort(key=lambda rec: rec.id, reverse=True)
             return pending, [_event_row(r) for r in recent[:RECENT_APPROVALS]]
 
-        pending, recent = await self.broker.db.read(read)
+        pending, recent = await self._read(read)
         return self._html("approvals.html", session, page="approvals", pending=pending, recent=recent,
                           now=rfc3339(now))
 
