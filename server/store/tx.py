@@ -540,6 +540,16 @@ class Tx:
             seen[agent] = (before[0] + int(calls), max(before[1], str(last)), accounts)
         return [(agent, calls, last, sorted(accounts)) for agent, (calls, last, accounts) in sorted(seen.items())]
 
+    def agent_activity(self, after_id: int) -> list[tuple[int, int | None, int, str, int]]:
+        """(agent name id, account name id, calls, last ts, last event id) per agent and account, over the
+        events after `after_id` only (the console keeps `agents_seen` current from these)."""
+        rows = self._x(
+            "SELECT agent, account, count(*), max(ts), max(id) FROM audit WHERE id > ? AND agent IS NOT NULL "
+            "GROUP BY agent, account",
+            (after_id,),
+        )
+        return [(int(r[0]), None if r[1] is None else int(r[1]), int(r[2]), str(r[3]), int(r[4])) for r in rows]
+
     # ---- grants (§8) ----------------------------------------------------------------------
     def insert_grant(self, grant: Grant) -> None:
         self._x(

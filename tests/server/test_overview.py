@@ -57,3 +57,25 @@ async def test_a_page_out_of_budget_says_how_far_it_looked_and_continues_from_th
 async def test_an_empty_log_has_one_empty_page(db: Database) -> None:
     page = await db.read(lambda tx: overview.audit_page(tx, AuditFilter(), 50))
     assert page.events == [] and page.older is None
+
+
+async def test_the_agent_tally_answers_what_agents_seen_answers_as_the_log_grows(db: Database) -> None:
+    tally = overview.AgentTally()
+    assert await db.read(tally.seen) == await db.read(lambda tx: tx.agents_seen()) == []
+    await seed(db, 25)
+    assert await db.read(tally.seen) == await db.read(lambda tx: tx.agents_seen())
+    await seed(db, 13)  # more events, some of a new pair (agent, account)
+    await db.write(lambda tx: audit.append(tx, Event(ts="2026-11-02T00:00:00Z", transport="cli", outcome="ok",
+                                                      account=None, agent="agent-new", tool="x")))
+    seen = await db.read(tally.seen)
+    assert seen == await db.read(lambda tx: tx.agents_seen())
+    assert [row[0] for row in seen] == ["agent-a", "agent-new", "agent-rare"] and seen[0][1] == 23 + 12
+
+
+async def test_recent_events_stay_the_newest_matches_as_the_log_grows(db: Database) -> None:
+    watch = overview.RecentEvents(AuditFilter(agent="agent-rare"), 3)
+    await seed(db, 25)
+    assert [e.id for e in await db.read(watch.newest)] == [20, 10]
+    await seed(db, 25)  # ids 26..50, n again 1..25: ids 35 and 45 are the rare agent's
+    expected = await db.read(lambda tx: tx.find_audit(AuditFilter(agent="agent-rare"), limit=3, newest_first=True))
+    assert [e.id for e in await db.read(watch.newest)] == [e.id for e in expected] == [45, 35, 20]

@@ -81,8 +81,12 @@ class Console:
     public_origin: str | None = None
     _status: _Status | None = field(default=None, init=False)  # the last full `audit verify --ledger`
     _status_lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
+    # the Agents and Approvals pages refresh every few seconds: they read only what the log added since
+    _tally: overview.AgentTally = field(default_factory=overview.AgentTally, init=False)
+    _approvals: tuple[overview.RecentEvents, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
+        self._approvals = tuple(overview.RecentEvents(AuditFilter(code=c), RECENT_APPROVALS) for c in APPROVAL_CODES)
         self.templates = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"),
             autoescape=True,  # every template: agent-supplied text is always escaped
@@ -265,7 +269,7 @@ class Console:
         def read(tx: Tx) -> tuple[list[dict[str, Any]], policy.Policy]:
             stored = tx.get_meta("policy")
             text = stored.decode() if isinstance(stored, bytes) else stored
-            return overview.agents(tx), policy.Policy.from_json(text) if text else policy.Policy()
+            return overview.agents(tx, self._tally), policy.Policy.from_json(text) if text else policy.Policy()
 
         rows, current = await self._read(read)
         for row in rows:
@@ -336,9 +340,7 @@ class Console:
                 needs = rule.approval == "always" or (
                     rule.approval == "listing" and listing is not None and listing.approval != "none")
                 pending.append({"r": r, "approval": needs})
-            recent: list[Any] = []
-            for code in APPROVAL_CODES:
-                recent += tx.find_audit(AuditFilter(code=code), limit=RECENT_APPROVALS, newest_first=True)
+            recent = [rec for watch in self._approvals for rec in watch.newest(tx)]
             recent.sort(key=lambda rec: rec.id, reverse=True)
             return pending, [_event_row(r) for r in recent[:RECENT_APPROVALS]]
 
