@@ -236,7 +236,8 @@ class Console:
             form = await request.form()
             if session.csrf_ok(str(form.get("csrf", ""))):
                 self.sessions.close(request.cookies.get(COOKIE))
-        response = RedirectResponse(self._signin_url(), status_code=303)
+        # a page, not a redirect to sign-in: with Auth0 that would sign the operator straight back in
+        response = HTMLResponse(self._render("signed_out.html", None, again=self._signin_url()))
         response.delete_cookie(COOKIE, path=PREFIX)
         return response
 

@@ -99,6 +99,10 @@ async def test_the_one_time_link_signs_in_once_with_a_strict_httponly_cookie(bro
         assert answer is not None and answer.status == 200, name
         csp = answer.headers["content-security-policy"]
         assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+    await page.click("form.logout button")
+    await page.wait_for_selector("text=Signed out")
+    answer = await page.goto(f"{console.base_url}/console/market")
+    assert answer is not None and page.url.endswith("/console/signin") and answer.status == 401  # session gone
 
 
 # ---- pages show what the CLI shows --------------------------------------------------------------
