@@ -79,6 +79,7 @@ class Console:
     trusted_origins: frozenset[str] = frozenset()  # besides the request's own (a TLS proxy's public origin)
     # where browsers reach this server (TVM_RESOURCE_URL's origin behind a TLS proxy); None: the request's own
     public_origin: str | None = None
+    live_ms: int = 3000  # how often an open page refreshes its figures
     _status: _Status | None = field(default=None, init=False)  # the last full `audit verify --ledger`
     _status_lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
     # the Agents and Approvals pages refresh every few seconds: they read only what the log added since
@@ -177,7 +178,8 @@ class Console:
 
     def _render(self, name: str, session: Session | None, **context: Any) -> str:
         return self.templates.get_template(name).render(
-            session=session, csrf=session.csrf if session else "", pages=PAGES, prefix=PREFIX, **context
+            session=session, csrf=session.csrf if session else "", pages=PAGES, prefix=PREFIX, live_ms=self.live_ms,
+            **context
         )
 
     def _html(self, name: str, session: Session, status: int = 200, **context: Any) -> HTMLResponse:

@@ -81,6 +81,7 @@ async def demo_console(database: str | Path, clock: ManualClock) -> AsyncIterato
         app = build_remote_app(runtime, remote_settings(runtime.config, "http", "127.0.0.1", port))
         printed = io.StringIO()
         app.state.console.signin.out = printed
+        app.state.console.live_ms = 300  # the tests wait for live refreshes: a tenth of the real interval
         async with serving(app, sock):
             yield Console(runtime, f"http://127.0.0.1:{port}", printed, runtime.tenant, app.state.console)
     finally:
@@ -103,6 +104,7 @@ async def auth0_console(database: Path, clock: ManualClock) -> AsyncIterator[Con
         sock, port = _socket()
         try:
             app = build_remote_app(runtime, remote_settings(runtime.config, "http", "127.0.0.1", port))
+            app.state.console.live_ms = 300
             async with serving(app, sock):
                 yield Console(runtime, f"http://127.0.0.1:{port}", io.StringIO(), tenant, app.state.console)
         finally:

@@ -292,6 +292,8 @@ async def test_hostile_agent_text_runs_nothing_in_the_operators_browser(browser:
         page.context.on("request", lambda r: requests.append(r.url))
         for name in PAGES:
             await page.goto(f"{console.base_url}/console/{name}")
+            if name == "audit":  # the chain-and-books verdict arrives after the page
+                await page.wait_for_selector("#chain-line")
             start = await page.evaluate("document.querySelectorAll('*').length")
             # one live refresh swapped the regions in (a locator: the page's CSP refuses Playwright's eval)
             await page.locator("#live", has_text="live: updated").wait_for(timeout=10_000)
