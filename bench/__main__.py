@@ -3,6 +3,7 @@
     python -m bench                 # the full run (about 10 minutes on 2 cores)
     python -m bench --smoke         # tiny sizes, seconds: keeps the bench working (CI)
     python -m bench --only latency,coldstart --transports stdio --out /tmp/b.md
+    python -m bench --only console --out /tmp/console.md   # the console's Audit page over 1 M events
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from bench import coldstart, growth, latency, postgres, report, throughput, workload
+from bench import coldstart, console, growth, latency, postgres, report, throughput, workload
 from bench.procs import ROOT, Server, child_env, floor_cmd, product_cmd, product_env, start, start_provider
 
-PHASES = ("latency", "throughput", "coldstart", "growth", "postgres")
+PHASES = ("latency", "throughput", "coldstart", "growth", "postgres", "console")
 THROUGHPUT_CASES = ("check_balance", "buy_quota", "request_token", "call_api")
 FULL = {
     "calls": 600, "batch": 5, "warmup": 30, "levels": "1,8,32,64", "seconds": 1.5, "rounds": 6,
@@ -166,6 +167,10 @@ def run(args: argparse.Namespace, workdir: Path) -> report.Results:
             postgres.measure(workdir, args.calls, args.batch, args.warmup, args.seconds, args.rounds, pg_events),
             pg_events,
         )
+    if "console" in phases:
+        events = _ints(args.events)[-1]
+        _say(f"console: the Audit page over {events} events")
+        results.console = console.render(console.console_bench(workdir, events, min(args.repeat, 20)), events)
     results.seconds = time.perf_counter() - began
     return results
 

@@ -52,6 +52,7 @@ class Results:
     cold: ColdStart | None = None
     growth: list[Growth] = field(default_factory=list)
     postgres: list[str] = field(default_factory=list)  # its section, rendered by bench.postgres
+    console: list[str] = field(default_factory=list)  # its section, rendered by bench.console
 
 
 def _ms(seconds: float) -> str:
@@ -136,6 +137,7 @@ def render(results: Results, notes: str) -> str:
     if results.growth:
         lines += _growth(results.growth)
     lines += results.postgres
+    lines += results.console
     lines += [NOTES_MARKER, notes.strip("\n"), ""]
     return "\n".join(lines)
 

@@ -597,10 +597,13 @@ class Broker:
         finally:
             self.control.invalidate()
 
-    async def credit(self, account: str, amount: int, transport: str = "cli", once_key: str | None = None) -> int:
+    async def credit(
+        self, account: str, amount: int, transport: str = "cli", once_key: str | None = None, by: str | None = None
+    ) -> int:
         """Operator credit from `mint`, with its own audit event; return the new balance.
 
-        With `once_key`, the credit is marked done in the same transaction (a one-time grant).
+        With `once_key`, the credit is marked done in the same transaction (a one-time grant); `by` names the
+        operator in the event's `args.operator` (the console). Raises InvalidArgument for a bad amount or account.
         """
 
         def op(tx: Tx, now: datetime) -> int:
@@ -609,7 +612,8 @@ class Broker:
                 tx.set_meta(once_key, "1")
             return balance
 
-        call = Call(tool="wallet_credit", scope=None, transport=transport, args={"account": account, "amount": amount})
+        args: dict[str, Any] = {"account": account, "amount": amount, **({"operator": by} if by else {})}
+        call = Call(tool="wallet_credit", scope=None, transport=transport, args=args)
         operator = Principal(account=account, agent="operator", scopes=frozenset())
         return await self._run(call, operator, op)
 

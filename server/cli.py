@@ -8,11 +8,10 @@ import getpass
 import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from server import audit, market, policy
+from server import audit, market, overview, policy
 from server.clock import SystemClock, parse_rfc3339, rfc3339
 from server.config import Config, configure_logging, is_loopback_host, load_config
 from server.errors import BrokerError, ConfigError
@@ -153,6 +152,11 @@ def _parser() -> argparse.ArgumentParser:
     ps.add_argument("--json", action="store_true")
     ps.set_defaults(handler=_policy_show)
 
+    con = sub.add_parser("console", help="the operator console in a browser, on loopback (prints a one-time link)")
+    con.add_argument("--port", type=int, default=8400)
+    con.add_argument("--host", default="127.0.0.1", help="a loopback address (the console never listens beyond)")
+    con.set_defaults(handler=_console)
+
     dbs = _group(sub, "db", "the database itself")
     dm = dbs.add_parser("migrate", help="copy the SQLite database of TVM_DATABASE into an empty PostgreSQL database")
     dm.add_argument("--to", required=True, metavar="postgresql://USER@HOST:PORT/DB", help="the empty target")
@@ -270,6 +274,16 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     return OK
 
 
+def _console(config: Config, args: argparse.Namespace) -> int:
+    if not is_loopback_host(args.host):
+        raise ConfigError("the local console serves loopback only (--host 127.0.0.1); "
+                          "remote operators use /console on `serve --transport http` with Auth0")
+    from server.serve import serve_console
+
+    asyncio.run(serve_console(config, args.host, args.port))
+    return OK
+
+
 def _emulator_flags(p: argparse.ArgumentParser) -> None:
     faults = p.add_argument_group("fault injection (rates are fractions of requests, 0 to 1)")
     faults.add_argument("--latency", type=float, metavar="SECONDS", help="delay every answer")
@@ -379,11 +393,7 @@ def _audit_list(config: Config, args: argparse.Namespace) -> int:
     return _with_db(config, work)
 
 
-def _summary(args: dict[str, Any]) -> str:
-    if "purpose" in args:
-        scopes = " ".join(args.get("scopes", [])) if isinstance(args.get("scopes"), list) else ""
-        return f"{args.get('connection', '')} [{scopes}] {args['purpose']}"
-    return " ".join(f"{k}={v}" for k, v in sorted(args.items()))[:120]
+_summary = overview.summary
 
 
 def _audit_verify(config: Config, args: argparse.Namespace) -> int:
@@ -554,42 +564,23 @@ def _wallet_show(config: Config, args: argparse.Namespace) -> int:
 def _market_list(config: Config, args: argparse.Namespace) -> int:
     async def work(db: Database) -> int:
         now = SystemClock().now()
-        listings = await db.read(
-            lambda tx: tx.page_listings(after=None, connection=None, open_at=None, limit=1_000_000)
-        )
-        priced = [market.price_now(item, now) for item in listings]
+        priced = await db.read(lambda tx: overview.listings(tx, now))
         if args.json:
             for p in priced:
-                print(_json_line(_listing_json(p, now)))
+                print(_json_line(overview.listing_json(p, now)))
             return OK
         print(_table(
             ["id", "connection", "scopes", "price", "start", "floor", "remaining", "status", "closes", "delivery",
              "approval"],
             [[p.listing.id, p.listing.connection, " ".join(p.listing.scopes), p.unit_price, p.listing.start_price,
-              p.listing.floor_price, p.listing.supply_remaining, _status(p, now), rfc3339(p.listing.closes_at)[:19],
+              p.listing.floor_price, p.listing.supply_remaining, overview.listing_status(p, now),
+              rfc3339(p.listing.closes_at)[:19],
               p.listing.delivery, p.listing.approval]
              for p in priced],
         ))
         return OK
 
     return _with_db(config, work)
-
-
-def _status(p: market.PricedListing, now: datetime) -> str:
-    if p.open:
-        return "open"
-    return "upcoming" if now < p.listing.opens_at else "closed"
-
-
-def _listing_json(p: market.PricedListing, now: datetime) -> dict[str, Any]:
-    item = p.listing
-    return {
-        "listing_id": item.id, "title": item.title, "connection": item.connection, "scopes": list(item.scopes),
-        "unit_price": p.unit_price, "start_price": item.start_price, "floor_price": item.floor_price,
-        "opens_at": rfc3339(item.opens_at), "closes_at": rfc3339(item.closes_at),
-        "supply": item.supply, "supply_remaining": item.supply_remaining, "status": _status(p, now),
-        "delivery": item.delivery, "api": list(item.api), "methods": list(item.methods), "approval": item.approval,
-    }
 
 
 def _market_load(config: Config, args: argparse.Namespace) -> int:
@@ -616,18 +607,7 @@ def operator_name() -> str:
 
 def _agent_list(config: Config, args: argparse.Namespace) -> int:
     async def work(db: Database) -> int:
-        def read(tx: Tx) -> tuple[list[tuple[str, int, str, list[str]]], list[tuple[str, str, str, str]]]:
-            return tx.agents_seen(), tx.blocks()
-
-        seen, blocks = await db.read(read)
-        blocked = {agent: (reason, at, by) for agent, reason, at, by in blocks}
-        rows: list[dict[str, Any]] = [
-            {"agent": agent, "accounts": accounts, "calls": calls, "last_call": last, "blocked": agent in blocked,
-             "reason": blocked.get(agent, (None,))[0]}
-            for agent, calls, last, accounts in seen
-        ]
-        rows += [{"agent": agent, "accounts": [], "calls": 0, "last_call": None, "blocked": True, "reason": reason}
-                 for agent, (reason, _, _) in sorted(blocked.items()) if agent not in {r["agent"] for r in rows}]
+        rows = await db.read(overview.agents)
         if args.json:
             for row in rows:
                 print(_json_line(row))

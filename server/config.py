@@ -69,6 +69,8 @@ class Config:
     public_url: str | None = None  # TVM_PUBLIC_URL
     connect_client_id_set: str | None = None  # TVM_CONNECT_CLIENT_ID
     state_keys: tuple[bytes, ...] = field(default=(), repr=False)  # TVM_STATE_KEYS (empty: made at start)
+    console_client_id: str | None = None  # TVM_CONSOLE_CLIENT_ID: the console's Auth0 web app (SPEC §11)
+    console_client_secret: str | None = field(default=None, repr=False)  # TVM_CONSOLE_CLIENT_SECRET
 
     @property
     def demo(self) -> bool:
@@ -177,6 +179,8 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv: bool = True) -
         public_url=public_url,
         connect_client_id_set=env.get("TVM_CONNECT_CLIENT_ID"),
         state_keys=state_keys,
+        console_client_id=env.get("TVM_CONSOLE_CLIENT_ID") or None,
+        console_client_secret=env.get("TVM_CONSOLE_CLIENT_SECRET") or None,
         credentials_file=Path(
             env.get("TVM_CREDENTIALS_FILE", str(Path(user_config_dir(APP_NAME, appauthor=False)) / "credentials.json"))
         ).expanduser(),

@@ -52,9 +52,10 @@ async def serve_remote(config: Config, transport: str, host: str, port: int) -> 
     runtime = await open_runtime(config)
     try:
         await runtime.broker.recover_reservations()
+        app = build_remote_app(runtime, remote_settings(runtime.config, transport, host, port))
         server = uvicorn.Server(
             uvicorn.Config(
-                build_remote_app(runtime, remote_settings(runtime.config, transport, host, port)),
+                app,
                 host=host,
                 port=port,
                 log_level=config.log_level.lower(),
@@ -65,6 +66,8 @@ async def serve_remote(config: Config, transport: str, host: str, port: int) -> 
         if runtime.tenant is not None:
             demo.banner(runtime.tenant.account, str(runtime.db.path))
             demo.remote_banner(runtime.tenant, f"http://{host}:{port}", transport)
+            if app.state.console is not None:  # the demo's console signs in with a one-time link
+                app.state.console.signin.announce(f"http://{host}:{port}")
         chores = asyncio.create_task(runtime.housekeeping())
         try:
             await server.serve()
@@ -72,3 +75,36 @@ async def serve_remote(config: Config, transport: str, host: str, port: int) -> 
             chores.cancel()
     finally:
         await runtime.aclose()
+
+
+async def serve_console(config: Config, host: str, port: int) -> None:
+    """`token-vault-mcp console`: the operator console alone, on loopback, on the configured database."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import RedirectResponse
+    from starlette.routing import Mount, Route
+
+    from server.broker import Broker
+    from server.store import open_database
+    from server.web.console import PREFIX, local_console
+    from server.web.remote import HostOriginGuard, RemoteSettings
+
+    db = await open_database(config.database_url or config.database)
+    try:
+        console = local_console(Broker(db))
+
+        async def home(request: object) -> RedirectResponse:
+            return RedirectResponse(PREFIX + "/", status_code=303)
+
+        app = Starlette(routes=[Route("/", home), Mount(PREFIX, app=console.app())])
+        own = f"{host}:{port}"
+        guarded = HostOriginGuard(app, RemoteSettings("console", host, port, f"http://{own}{PREFIX}",
+                                                     frozenset({own}), frozenset({f"http://{own}"})))
+        server = uvicorn.Server(uvicorn.Config(guarded, host=host, port=port, log_level=config.log_level.lower(),
+                                               server_header=False, proxy_headers=False, lifespan="off"))
+        print(f"token-vault-mcp: operator console on http://{own}{PREFIX}/ (database {db.path})",
+              file=sys.stderr, flush=True)
+        console.signin.announce(f"http://{own}")  # type: ignore[union-attr]
+        await server.serve()
+    finally:
+        await db.close()

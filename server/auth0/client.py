@@ -43,7 +43,7 @@ RENEW_BEFORE = 60.0  # renew a cached Auth0 token this long before it expires
 # What a request hook (server.metrics) is told of an /oauth/token request: a fixed name, never a form value.
 GRANT_NAMES = {
     "refresh_token": "refresh_token", TOKEN_VAULT_GRANT: "token_vault", DEVICE_CODE_GRANT: "device_code",
-    CIBA_GRANT: "ciba",
+    CIBA_GRANT: "ciba", "authorization_code": "authorization_code",
 }
 # Told of every HTTP attempt: (path, grant name or "", status or None for no answer, seconds).
 RequestHook = Callable[[str, str, int | None, float], None]
@@ -364,13 +364,19 @@ class Auth0Client:
         }
         return f"{(self.browser_url or self.base_url).rstrip('/')}/authorize?{urlencode(query)}"
 
-    async def exchange_code(self, *, client_id: str, code: str, redirect_uri: str, code_verifier: str) -> TokenSet:
+    async def exchange_code(
+        self, *, client_id: str, code: str, redirect_uri: str, code_verifier: str, client_secret: str | None = None
+    ) -> TokenSet:
         """An authorization code (with its PKCE verifier) for tokens, as `client_id`: this confidential client
-        with its authentication, any other as a public client. Raises Auth0Error."""
+        with its authentication, another confidential one with `client_secret` (the console's web app), any
+        other as a public client. Raises Auth0Error."""
         form = {
             "grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri,
             "code_verifier": code_verifier,
         }
+        if client_secret is not None and client_id != self.client_id:
+            auth = ClientAuth(client_id, client_secret, "client_secret_post")
+            return self._token_set(await self._request("POST", "/oauth/token", form, auth))
         return self._token_set(await self._post_token(form, as_client=client_id))
 
     async def call_api(self, method: str, path: str, body: dict[str, Any], bearer: str) -> dict[str, Any]:

@@ -100,6 +100,12 @@ class Database:
         """Run a read-only `job` on committed data (one consistent view). Raises StoreUnavailable."""
         raise NotImplementedError
 
+    def reader(self) -> Database:
+        """Where long read-only jobs go (the console's audit verify, agent activity, audit scans): a store
+        whose `read` runs them off the event loop and holds no lock writers wait for. Most backends read
+        that way already and answer themselves; SQLite answers a reader with connections of its own."""
+        return self
+
     async def close(self) -> None:
         raise NotImplementedError
 

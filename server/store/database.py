@@ -22,8 +22,10 @@ import logging
 import os
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -61,6 +63,7 @@ class SqliteDatabase(Database):
         self._closed = False
         self._names: dict[str, int] = {}  # audit name → id, as committed (see Tx.name_id)
         self.on_batch: Callable[[int], None] | None = None  # told the jobs of each transaction run (metrics)
+        self._reader: SqliteReader | None = None
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str], *, create: bool = True) -> SqliteDatabase:
@@ -144,11 +147,20 @@ class SqliteDatabase(Database):
         """Run a read-only `job` (serialized with the writer; it sees committed data)."""
         return await self.write(job)
 
+    def reader(self) -> Database:
+        """Long read-only jobs on connections of their own (see `SqliteReader`), opened on first use."""
+        if self._reader is None:
+            self._reader = SqliteReader(Path(self.path), self.hmac_key)
+        return self._reader
+
     async def close(self) -> None:
         self._closed = True
         if self._writer is not None:
             await asyncio.shield(self._writer)
+        if self._reader is not None:
+            await self._reader.close()
         await self._conn.close()
+
 
     async def _drain(self) -> None:
         while self._queue:
@@ -298,3 +310,64 @@ def _commit(conn: sqlite3.Connection, tx: SqliteTx) -> StoreUnavailable | None:
         return StoreUnavailable(str(exc))
     tx.committed()
     return None
+
+
+class SqliteReader(Database):
+    """Read-only jobs on read-only connections of their own, on worker threads.
+
+    `SqliteDatabase.read` shares the writer's connection and its `BEGIN IMMEDIATE` (often inline on the
+    event loop): right for a tool call's short reads, wrong for a scan of a million events, which would
+    stall the loop and every writer meanwhile. Here each job runs in a deferred transaction (one
+    consistent WAL snapshot) that takes no write lock, so writers go on while it reads. Writes are refused
+    by the connection itself (`mode=ro`).
+    """
+
+    WORKERS = 2
+
+    def __init__(self, path: Path, hmac_key: bytes) -> None:
+        self.path: Path = path
+        self.hmac_key = hmac_key
+        self._threads = ThreadPoolExecutor(self.WORKERS, thread_name_prefix="sqlite-reader")
+        self._local = threading.local()
+        self._opened: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _connection(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+            self._local.conn = conn
+            with self._lock:
+                self._opened.append(conn)
+        return conn
+
+    def _run(self, job: Job[T]) -> T:
+        conn = self._connection()
+        conn.execute("BEGIN")
+        try:
+            return job(SqliteTx(conn, {}))
+        finally:
+            conn.execute("ROLLBACK")
+
+    async def read(self, job: Job[T]) -> T:
+        """Run a read-only `job` on a worker thread. Raises StoreUnavailable when SQLite fails."""
+        if self._closed:
+            raise StoreUnavailable("the database is closed")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._threads, self._run, job)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(str(exc)) from None
+
+    async def write(self, job: Job[T]) -> T:
+        raise StoreUnavailable("a reader does not write")
+
+    async def close(self) -> None:
+        self._closed = True
+        await asyncio.to_thread(self._threads.shutdown, wait=True)
+        with self._lock:
+            for conn in self._opened:
+                conn.close()
+            self._opened.clear()

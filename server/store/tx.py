@@ -105,6 +105,9 @@ class AuditFilter:
     since: str | None = None
     until: str | None = None
     token_id: bytes | None = None
+    code: str | None = None
+    before_id: int | None = None  # keyset paging (the console): only events older / newer than this id
+    after_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -228,6 +231,11 @@ class Tx:
     def _fetch_all(self, reads: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Any]]:
         """Every row of each of these reads (statement, parameters), in order (PgTx sends them together)."""
         return [self._x(sql, params).fetchall() for sql, params in reads]
+
+    def wallets(self, limit: int) -> list[tuple[str, int]]:
+        """(name, balance) of the first `limit` wallets by name (the console's Wallets page)."""
+        rows = self._x("SELECT name, balance FROM accounts WHERE kind = 'wallet' ORDER BY name LIMIT ?", (limit,))
+        return [(str(r[0]), int(r[1])) for r in rows.fetchall()]
 
     def account_kind(self, name: str) -> str | None:
         row = self._x("SELECT kind FROM accounts WHERE name = ?", (name,)).fetchone()
@@ -578,6 +586,16 @@ class Tx:
         """Forget links that expired before `moment` (they can no longer be used; their events stay)."""
         return int(self._x("DELETE FROM connect_links WHERE expires_at < ?", (to_micros(moment),)).rowcount)
 
+    def agent_activity(self, after_id: int) -> list[tuple[int, int | None, int, str, int]]:
+        """(agent name id, account name id, calls, last ts, last event id) per agent and account, over the
+        events after `after_id` only (the console keeps `agents_seen` current from these)."""
+        rows = self._x(
+            "SELECT agent, account, count(*), max(ts), max(id) FROM audit WHERE id > ? AND agent IS NOT NULL "
+            "GROUP BY agent, account",
+            (after_id,),
+        )
+        return [(int(r[0]), None if r[1] is None else int(r[1]), int(r[2]), str(r[3]), int(r[4])) for r in rows]
+
     # ---- grants (§8) ----------------------------------------------------------------------
     def insert_grant(self, grant: Grant) -> None:
         self._x(
@@ -605,6 +623,15 @@ class Tx:
 
     def live_grants(self, account: str, agent: str, now: datetime) -> list[Grant]:
         rows = self._x(_LIVE_GRANTS, (account, agent, to_micros(now))).fetchall()
+        return [_grant(r) for r in rows]
+
+    def all_live_grants(self, now: datetime, limit: int) -> list[Grant]:
+        """Every account's grants live at `now`, the soonest to expire first (the console)."""
+        rows = self._x(
+            f"SELECT {_GRANT_COLUMNS} FROM grants WHERE expires_at > ? AND closed_at IS NULL "
+            "ORDER BY expires_at, id LIMIT ?",
+            (to_micros(now), limit),
+        ).fetchall()
         return [_grant(r) for r in rows]
 
     def set_grant_token(self, grant_id: str, token_id: bytes) -> None:
@@ -713,10 +740,17 @@ class Tx:
             ("agent", where.agent),
             ("tool", where.tool),
             ("outcome", where.outcome),
+            ("code", where.code),
         ):
             if value is not None:
                 clauses.append(f"a.{column} = (SELECT id FROM audit_names WHERE name = ?)")
                 params.append(value)
+        if where.before_id is not None:
+            clauses.append("a.id < ?")
+            params.append(where.before_id)
+        if where.after_id is not None:
+            clauses.append("a.id > ?")
+            params.append(where.after_id)
         if where.token_id is not None:
             clauses.append("a.token_id = ?")
             params.append(where.token_id)

@@ -146,9 +146,31 @@ def build_remote_app(runtime: Runtime, settings: RemoteSettings) -> Starlette:
     if runtime.tenant is not None:  # demo: the tenant's sign-in and consent pages here, for a real browser
         app.router.routes.append(demo_pages(runtime.tenant))
         serve_demo_pages_at(runtime.tenant, runtime.auth0, public)
+    _mount_console(app, runtime, settings)
     app.add_middleware(BearerAuth, runtime=runtime, settings=settings)
     app.add_middleware(HostOriginGuard, settings=settings)
     return app
+
+
+def _mount_console(app: Starlette, runtime: Runtime, settings: RemoteSettings) -> None:
+    """`/console` beside the MCP routes (SPEC §11); `app.state.console` is None without one."""
+    from starlette.routing import Mount, Route
+
+    from server.web.console import PREFIX, remote_console
+
+    public = urlsplit(settings.resource_url)  # TVM_RESOURCE_URL: where browsers reach this server
+    origin = f"{public.scheme}://{public.netloc}" if runtime.config.resource_url is not None else None
+    console = remote_console(runtime, settings.allowed_origins, origin)
+    app.state.console = console
+    if console is None:
+
+        async def no_console(request: Request) -> Response:
+            return Response("The operator console needs TVM_CONSOLE_CLIENT_ID (an Auth0 web app) on this server.\n",
+                            status_code=404, media_type="text/plain")
+
+        app.router.routes += [Route(PREFIX, no_console), Route(PREFIX + "/{rest:path}", no_console)]
+        return
+    app.router.routes.append(Mount(PREFIX, app=console.app()))
 
 
 class BearerAuth:

@@ -22,7 +22,7 @@ def test_smoke_run_writes_every_table_with_no_errors_and_every_call_audited(tmp_
     assert done.returncode == 0, done.stderr[-3000:]
     report = out.read_text(encoding="utf-8")
     for heading in ("## 1. Sequential latency", "## 2. Throughput", "## 3. Cold start", "## 4. Growth",
-                    "## 5. PostgreSQL against SQLite"):
+                    "## 5. PostgreSQL against SQLite", "## 6. Console: the Audit page"):
         assert heading in report
     postgres = report.split("## 5. PostgreSQL against SQLite", 1)[1]
     for setup in ("SQLite, 1 process", "PostgreSQL, 1 replica", "PostgreSQL, 2 replicas", "PostgreSQL, 3 replicas"):
@@ -40,5 +40,7 @@ def test_smoke_run_writes_every_table_with_no_errors_and_every_call_audited(tmp_
         assert cells[6] == "0", row  # errors
         calls, audited = cells[7].split(" ")[0], cells[7].split(" ")[2]
         assert calls == audited and int(calls) > 0, row
+    console = report.split("## 6. Console", 1)[1]
+    assert console.count("| ✅ |") + console.count("| ❌ |") == 10  # every filter was asked and answered
     growth = report.split("## 4. Growth", 1)[1]
     assert "❌ |\n" not in growth.split("| from", 1)[0], "a seeded chain failed to verify"
