@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import io
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import uvicorn
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
@@ -26,6 +24,7 @@ from bench.stats import median
 from server.broker import Broker
 from server.store import Database
 from server.web.console import local_console
+from server.web.loopback import port_of, serving, tcp_socket
 
 BUDGET_MS = 200.0
 
@@ -63,39 +62,31 @@ async def _measure(path: Path, events: int, repeat: int) -> list[ConsoleRow]:
     db = await Database.open(path)
     console = local_console(Broker(db))
     console.signin.out = io.StringIO()  # type: ignore[union-attr]
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # so asyncio sets TCP_NODELAY
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
+    sock = tcp_socket()
+    port = port_of(sock)
     app = Starlette(routes=[Mount("/console", app=console.app())])
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
     base = f"http://127.0.0.1:{port}"
     rows: list[ConsoleRow] = []
     try:
-        link = console.signin.announce(base)  # type: ignore[union-attr]
-        async with httpx.AsyncClient(base_url=base) as http:
-            signed = await http.get(link.removeprefix(base))
-            assert signed.status_code == 200, signed.status_code
-            http.cookies = signed.cookies
-            for case, query in cases(events):
-                times: list[float] = []
-                count, complete = 0, True
-                for _ in range(repeat + 1):
-                    began = time.perf_counter()
-                    answer = await http.get(f"/console/audit?{query}")
-                    times.append(time.perf_counter() - began)
-                    assert answer.status_code == 200, (case, answer.status_code)
-                    count = answer.text.count("<tr data-id=")
-                    complete = 'id="searched"' not in answer.text
-                timed = times[1:]  # the first warms the caches
-                rows.append(ConsoleRow(case, query, median(timed) * 1000, max(timed) * 1000, count, complete))
+        async with serving(app, sock, lifespan="off"):
+            link = console.signin.announce(base)  # type: ignore[union-attr]
+            async with httpx.AsyncClient(base_url=base) as http:
+                signed = await http.get(link.removeprefix(base))
+                assert signed.status_code == 200, signed.status_code
+                http.cookies = signed.cookies
+                for case, query in cases(events):
+                    times: list[float] = []
+                    count, complete = 0, True
+                    for _ in range(repeat + 1):
+                        began = time.perf_counter()
+                        answer = await http.get(f"/console/audit?{query}")
+                        times.append(time.perf_counter() - began)
+                        assert answer.status_code == 200, (case, answer.status_code)
+                        count = answer.text.count("<tr data-id=")
+                        complete = 'id="searched"' not in answer.text
+                    timed = times[1:]  # the first warms the caches
+                    rows.append(ConsoleRow(case, query, median(timed) * 1000, max(timed) * 1000, count, complete))
     finally:
-        server.should_exit = True
-        await task
         await db.close()
     return rows
 

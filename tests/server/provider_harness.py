@@ -17,16 +17,16 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
+
+from server.web.loopback import port_of, serving, tcp_socket
 
 
 @dataclass(frozen=True)
@@ -105,23 +105,11 @@ def _app(provider: Provider) -> Starlette:
 @asynccontextmanager
 async def provider_api() -> AsyncIterator[Provider]:
     """Serve a Provider on 127.0.0.1 until the block ends."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # so asyncio sets TCP_NODELAY
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    provider = Provider(f"http://127.0.0.1:{sock.getsockname()[1]}")
-    server = uvicorn.Server(uvicorn.Config(_app(provider), log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    try:
+    sock = tcp_socket()
+    provider = Provider(f"http://127.0.0.1:{port_of(sock)}")
+    # force_exit: a /hang request never finishes on its own
+    async with serving(_app(provider), sock, lifespan="off", force_exit=True):
         yield provider
-    finally:
-        server.should_exit = True
-        server.force_exit = True  # a /hang request never finishes on its own
-        await task
-        sock.close()
 
 
 def body_json(text: str) -> dict[str, object]:

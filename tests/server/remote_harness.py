@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -11,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 from mcp import Client
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
@@ -23,6 +20,7 @@ from server.clock import ManualClock
 from server.config import load_config
 from server.demo import demo_listings
 from server.emulator import DemoTenant, create_app, demo_tenant
+from server.web.loopback import port_of, serving, tcp_socket
 from server.web.remote import build_remote_app, remote_settings
 
 ISSUER = "https://tenant.test/"
@@ -73,21 +71,11 @@ async def remote_server(tmp_path: Path, transport: str, clock: ManualClock) -> A
     await runtime.db.write(lambda tx: market.load(tx, specs))
     for sub in ("auth0|alice", "auth0|bob"):
         await runtime.broker.credit(sub, 1000)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # so asyncio sets TCP_NODELAY
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
+    sock = tcp_socket()
+    port = port_of(sock)
     app = build_remote_app(runtime, remote_settings(runtime.config, transport, "127.0.0.1", port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
     try:
-        yield Remote(runtime, tenant, transport, f"http://127.0.0.1:{port}")
+        async with serving(app, sock):
+            yield Remote(runtime, tenant, transport, f"http://127.0.0.1:{port}")
     finally:
-        server.should_exit = True
-        await task
-        sock.close()
         await runtime.aclose()

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import io
 import os
-import socket
 import tempfile
 from pathlib import Path
 
@@ -46,29 +45,22 @@ async def _activity(runtime: Runtime) -> None:
 
 async def shoot(out: Path) -> list[Path]:
     """Start the demo, make some activity, and save `out/<page>.png` for each page. Returns the files."""
-    import uvicorn
     from playwright.async_api import async_playwright
 
+    from server.web.loopback import port_of, serving, tcp_socket
     from server.web.remote import build_remote_app, remote_settings
 
     with tempfile.TemporaryDirectory(prefix="tvm-screens-") as tmp:
         runtime = await open_runtime(load_config({"TVM_DATABASE": str(Path(tmp) / "demo.db")}, dotenv=False))
         try:
             await _activity(runtime)
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+            sock = tcp_socket()
+            port = port_of(sock)
             app = build_remote_app(runtime, remote_settings(runtime.config, "http", "127.0.0.1", port))
             app.state.console.signin.out = io.StringIO()
-            server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-            task = asyncio.create_task(server.serve(sockets=[sock]))
-            while not server.started:
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.01)
             base = f"http://127.0.0.1:{port}"
             saved = []
-            try:
+            async with serving(app, sock):
                 async with async_playwright() as pw:
                     browser = await pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
                     page = await browser.new_page(viewport={"width": 1360, "height": 900})
@@ -82,9 +74,6 @@ async def shoot(out: Path) -> list[Path]:
                         await page.screenshot(path=str(path), full_page=True)
                         saved.append(path)
                     await browser.close()
-            finally:
-                server.should_exit = True
-                await task
         finally:
             await runtime.aclose()
     return saved

@@ -383,7 +383,8 @@ async def test_a_connection_lost_before_commit_is_retried_with_one_event(url: st
 async def test_idle_connections_cut_by_a_restart_are_replaced_without_an_error(url: str) -> None:
     db = await open_database(url)
     try:
-        await asyncio.gather(*(db.read(lambda tx: tx.audit_count()) for _ in range(6)))  # several pooled connections
+        # several pooled connections: reads that overlap (each holds its connection 0.1 s) need one each
+        await asyncio.gather(*(db.read(lambda tx: tx._x("SELECT pg_sleep(0.1)").fetchall()) for _ in range(6)))
         with side(url) as other:
             cut = other.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                                 "WHERE datname = current_database() AND pid <> pg_backend_pid()")

@@ -4,7 +4,6 @@ counts every request it gets (what hostile agent text would call home to)."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import socket
 from collections.abc import AsyncIterator
@@ -13,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
@@ -25,31 +23,13 @@ from server.config import load_config
 from server.emulator import create_app, demo_tenant
 from server.emulator.demo import DEMO_ACCOUNT, DEMO_CLIENT_ID, DemoTenant
 from server.web.console.signin import LinkSignIn
+from server.web.loopback import port_of, serving, tcp_socket
 from server.web.remote import build_remote_app, remote_settings
 
 
 def _socket() -> tuple[socket.socket, int]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock, sock.getsockname()[1]
-
-
-@asynccontextmanager
-async def serving(app: Any, sock: socket.socket) -> AsyncIterator[None]:
-    """`app` on uvicorn over `sock` until the block ends."""
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    try:
-        yield
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
+    sock = tcp_socket()
+    return sock, port_of(sock)
 
 
 @dataclass
