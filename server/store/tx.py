@@ -745,21 +745,16 @@ class Tx:
             if value is not None:
                 clauses.append(f"a.{column} = (SELECT id FROM audit_names WHERE name = ?)")
                 params.append(value)
-        if where.before_id is not None:
-            clauses.append("a.id < ?")
-            params.append(where.before_id)
-        if where.after_id is not None:
-            clauses.append("a.id > ?")
-            params.append(where.after_id)
-        if where.token_id is not None:
-            clauses.append("a.token_id = ?")
-            params.append(where.token_id)
-        if where.since is not None:
-            clauses.append("a.ts >= ?")
-            params.append(where.since)
-        if where.until is not None:
-            clauses.append("a.ts <= ?")
-            params.append(where.until)
+        for clause, bound in (
+            ("a.id < ?", where.before_id),
+            ("a.id > ?", where.after_id),
+            ("a.token_id = ?", where.token_id),
+            ("a.ts >= ?", where.since),
+            ("a.ts <= ?", where.until),
+        ):
+            if bound is not None:
+                clauses.append(clause)
+                params.append(bound)
         order = "DESC" if newest_first else "ASC"
         sql = (  # the row, then its predecessor's hash
             f"SELECT {_AUDIT_ROW}, "
