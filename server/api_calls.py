@@ -88,7 +88,8 @@ class ApiCalls:
             return plan, approve
 
         call.defer_rate = True  # inside a live grant, finding it writes nothing: the token is taken at the event
-        plan, approve = await self.b._run(call, principal, plan_call, audit_ok=False)
+        # inside a live grant, finding it reads only: tried without the write lock (Database.probe)
+        plan, approve = await self.b._run(call, principal, plan_call, audit_ok=False, probe=True)
         call.args = {**call.args, "url": plan.admitted.audit_url}
         sent = ProviderRequest(
             request.method, plan.admitted.url, request.headers, request.content, request.content_type

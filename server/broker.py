@@ -200,12 +200,19 @@ class Broker:
         audit_ok: bool | Callable[[R], bool] = True,
         ok_extra: Callable[[R], dict[str, Any]] | None = None,
         reads_only: bool = False,
+        probe: bool = False,
+        reads: Callable[[Tx, datetime], object] | None = None,
     ) -> R:
         """Run `op` and append the call's event in one transaction; a refusal by `op` undoes its
-        writes but keeps its event. `reads_only` ops write nothing, so they need no savepoint."""
+        writes but keeps its event. `reads_only` ops write nothing, so they need no savepoint; `probe`
+        ops most often write nothing (and no event): the store may try them without the write lock first
+        (Database.probe). `reads` makes the reads `op` starts with: they travel with the admission's
+        statements (Tx.prefetch), and `op` finds them answered."""
 
         def job(tx: Tx) -> R | _Failed:
             now = self.clock.now()
+            if reads is not None:
+                tx.prefetch(lambda: reads(tx, now))
             owed = call.rate_owed  # owed by an earlier transaction of this call: this one takes it
             refused = self._admit(tx, call, principal, now)
             if refused is not None:
@@ -227,7 +234,7 @@ class Broker:
                 audit.append(tx, call.event(now, principal, None, **(ok_extra(result) if ok_extra else {})))
             return result
 
-        outcome = await self._write(call, principal, job, record_failure=True)
+        outcome = await self._write(call, principal, job, record_failure=True, probe=probe)
         if isinstance(outcome, _Failed):
             raise outcome.error
         return outcome
@@ -313,11 +320,14 @@ class Broker:
         )
 
     async def check_balance(self, call: Call, principal: Principal) -> Balance:
+        def reads(tx: Tx, now: datetime) -> tuple[int | None, list[Holding], list[Grant]]:
+            return tx.balance_sheet(principal.account, principal.agent or "", now)
+
         def op(tx: Tx, now: datetime) -> Balance:
-            balance, holdings, live = tx.balance_sheet(principal.account, principal.agent or "", now)
+            balance, holdings, live = reads(tx, now)
             return Balance(principal.account, balance or 0, holdings, now, live)
 
-        return await self._run(call, principal, op, reads_only=True)
+        return await self._run(call, principal, op, reads_only=True, reads=reads)
 
     async def buy_quota(
         self, call: Call, principal: Principal, *, listing_id: str, units: int, max_unit_price: int,
@@ -329,7 +339,9 @@ class Broker:
                 lambda listing, total: self.control.spend(tx, principal, listing, total, now),
             )
 
-        return await self._run(call, principal, op)
+        return await self._run(
+            call, principal, op, reads=lambda tx, now: tx.buy_context(principal.account, listing_id, idempotency_key)
+        )
 
     async def request_token(
         self, call: Call, principal: Principal, *, connection: str, scopes: list[str], login_hint: str | None
@@ -443,6 +455,7 @@ class Broker:
         spent = await self._run(
             call, principal, spend, audit_ok=lambda done: done is not None,
             ok_extra=lambda done: _token_event(token_id, done[0], token) if done else {},
+            reads=lambda tx, now: tx.holdings_of(principal.account, connection),
         )
         return None if spent is None else _issued(token, token_id, connection, spent[1])
 
@@ -469,12 +482,13 @@ class Broker:
             raise await self._connect_needed(call, principal, api.connection, api.scopes, error) from None
 
     async def _write(
-        self, call: Call, principal: Principal | None, job: Callable[[Tx], R], *, record_failure: bool = False
+        self, call: Call, principal: Principal | None, job: Callable[[Tx], R], *, record_failure: bool = False,
+        probe: bool = False,
     ) -> R:
         """Run a job that writes its own event. A store failure is AuditUnavailable (nothing kept); any other
         unexpected failure is InternalError (its event written when `record_failure`)."""
         try:
-            return await self.db.write(job)
+            return await (self.db.probe(job) if probe else self.db.write(job))
         except (AuditUnavailable, StoreUnavailable) as exc:
             log.error("audit write failed for %s: %s", call.tool, exc)
             if isinstance(exc, StoreUnavailable) and exc.outcome_unknown:

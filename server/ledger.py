@@ -75,17 +75,15 @@ def buy(
     """
     # what a retry with the same key must repeat exactly (only kept when there is a key to retry with)
     request = fingerprint(listing_id, units, max_unit_price) if idempotency_key is not None else ""
-    if idempotency_key is not None:
-        earlier = tx.find_purchase(account, idempotency_key)
-        if earlier is not None:
-            receipt, earlier_request = earlier
-            if earlier_request != request:
-                raise IdempotencyKeyReused(
-                    f"idempotency_key {idempotency_key!r} was already used for a different purchase "
-                    f"({receipt.units} units of {receipt.listing_id}); use a new key"
-                )
-            return receipt
-    listing = tx.get_listing(listing_id)
+    earlier, listing, balance = tx.buy_context(account, listing_id, idempotency_key)
+    if earlier is not None:
+        receipt, earlier_request = earlier
+        if earlier_request != request:
+            raise IdempotencyKeyReused(
+                f"idempotency_key {idempotency_key!r} was already used for a different purchase "
+                f"({receipt.units} units of {receipt.listing_id}); use a new key"
+            )
+        return receipt
     if listing is None:
         raise UnknownListing(f"no listing {listing_id!r}; call list_market to see what is for sale")
     if not is_open(listing.opens_at, listing.closes_at, now):
@@ -102,7 +100,7 @@ def buy(
     if listing.supply_remaining < units:
         raise SoldOut(f"listing {listing_id} has {listing.supply_remaining} units left; you asked for {units}")
     total = unit_price * units
-    balance = wallet_balance(tx, account)
+    balance = balance or 0
     if balance < total:
         raise InsufficientFunds(
             f"{units} units of {listing_id} cost {total} credits; the wallet holds {balance}"
@@ -111,10 +109,10 @@ def buy(
         admit(listing, total)
     ts = rfc3339(now)
     purchase_id = "pur_" + secrets.token_hex(12)
-    if not tx.add_sold(listing_id, units):  # pragma: no cover - guarded above inside the same transaction
+    sold = tx.sell(account, listing_id, units, total, MARKET, purchase_id, ts)
+    if sold is None:  # pragma: no cover - guarded above inside the same transaction
         raise SoldOut(f"listing {listing_id} sold out")
-    transfer_id = tx.transfer(account, MARKET, total, "buy_quota", purchase_id, ts) if total > 0 else 0
-    holding = tx.add_units(account, listing_id, units, ts)
+    transfer_id, holding = sold
     receipt = Receipt(
         purchase_id=purchase_id,
         listing_id=listing_id,

@@ -100,6 +100,13 @@ class Database:
         """Run a read-only `job` on committed data (one consistent view). Raises StoreUnavailable."""
         raise NotImplementedError
 
+    async def probe(self, job: Job[T]) -> T:
+        """Run a write `job` that most often only reads (call_api finding its live grant): as `write` does,
+        or, on a backend whose readers wait for no writer, first without the write lock, each statement on
+        the data committed when it runs, and again as a write only when it turns out to write (its on_undo
+        hooks put back what the first run changed). Raises what `write` raises."""
+        return await self.write(job)
+
     def reader(self) -> Database:
         """Where long read-only jobs go (the console's audit verify, agent activity, audit scans): a store
         whose `read` runs them off the event loop and holds no lock writers wait for. Most backends read

@@ -48,7 +48,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from functools import lru_cache
@@ -61,6 +61,7 @@ from server.models import Holding
 from server.store.base import Database, DatabaseMissing, Job, StoreUnavailable, deliver, fail_all, shown_url
 from server.store.pg_schema import PG_MIGRATIONS, PG_SCHEMA_VERSION
 from server.store.tx import (
+    ADD_SOLD,
     ADD_UNITS,
     AUDIT_HEAD_KEY,
     HOLDING_COLUMNS,
@@ -91,6 +92,8 @@ _BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
 # read in the same round trip once the lock is held (a statement of its own: it sees every commit before)
 _READ_HEAD = f"SELECT text, bytes FROM meta WHERE key = '{AUDIT_HEAD_KEY}'"
 _SAVEPOINT, _RELEASE, _ROLLBACK_TO = "SAVEPOINT atomic", "RELEASE atomic", "ROLLBACK TO atomic"
+# what a transaction that sent nothing else has no need to send at all
+_CONTROL = frozenset({_BEGIN_WRITE, _WRITE_LOCK, _READ_HEAD, _BEGIN_READ, _SAVEPOINT, _RELEASE, _ROLLBACK_TO})
 _SET_META = (
     "INSERT INTO meta(key, text, bytes) VALUES (?, ?, ?) "
     "ON CONFLICT(key) DO UPDATE SET text = excluded.text, bytes = excluded.bytes"
@@ -112,6 +115,11 @@ _TAKE_RATE_TOKEN = (
 )
 
 
+_ADD_UNITS_RETURNING = (
+    f"WITH h AS ({ADD_UNITS} RETURNING *) SELECT {HOLDING_COLUMNS} FROM h JOIN listings l ON l.id = h.listing_id"
+)
+
+
 @lru_cache(maxsize=1024)
 def _placeholders(sql: str) -> str:
     """Tx's `?` placeholders as psycopg's `%s` (Tx's statements hold no other `?` and no `%`)."""
@@ -120,11 +128,28 @@ def _placeholders(sql: str) -> str:
 
 
 class PgTx(Tx):
-    """A transaction in progress on one PostgreSQL connection: Tx's statements, PostgreSQL's dialect."""
+    """A transaction in progress on one PostgreSQL connection: Tx's statements, PostgreSQL's dialect.
 
-    def __init__(self, conn: psycopg.Connection[Any], names: dict[str, int] | None = None) -> None:
+    **Round trips.** Every round trip to the database costs far more than the statement it carries (another
+    process to wake on each side, and on an idle machine a sleeping CPU), so the statements whose answer no
+    step waits for are not sent on their own: the BEGIN (with the write lock and the audit head), savepoint
+    statements, and blind writes (`_w`: an audit event, a usage count, a purchase row) wait in `_unsent`
+    and travel in one psycopg pipeline with the next statement whose answer is needed, or with the COMMIT.
+    (A pipeline, not one multi-statement query with the values bound in: the server then parses and plans
+    every statement every time, which costs more than the round trips it saves; in a pipeline each is
+    still prepared once.) The database runs them in the order they were asked for, so it is at every
+    statement where Tx's statements one by one would have put it. A deferred write that fails fails
+    whatever carries it, inside the same job: a later statement of the job, the COMMIT of a job alone, or
+    in a batch the flush each job makes before its savepoint is released (`end_job`).
+    """
+
+    def __init__(
+        self, conn: psycopg.Connection[Any], names: dict[str, int] | None = None, *, probing: bool = False
+    ) -> None:
         super().__init__(names)
         self._conn = conn
+        # no transaction: reads only, each on its own (PgDatabase.probe); the first write ends the try
+        self._probing = probing
         # the transaction itself failed (a lost connection, a deadlock): whatever a job made of the error,
         # the whole batch is over (and retried when nothing of it can have been kept)
         self.failure: psycopg.OperationalError | None = None
@@ -132,80 +157,197 @@ class PgTx(Tx):
         # meta values read under the write lock (the audit head, at BEGIN): no other writer can change them
         # before COMMIT, so they are read once and kept as this transaction writes them
         self._meta: dict[str, bytes | str | None] = {}
-        # savepoint statements not sent yet: they go with the next statement, in the same round trip
-        self._unsent: list[str] = []
+        # statements not sent yet (psycopg placeholders, values), each with what reads its result, if anything
+        self._unsent: list[tuple[str, Any, Callable[[psycopg.Cursor[Any]], None] | None]] = []
+        self._begun = False  # the BEGIN was sent (before that, a job that sends nothing needs no transaction)
+        # per open savepoint, innermost last: where its SAVEPOINT stands in _unsent, or -1 once it was sent
+        self._savepoints: list[int] = []
+        self._written = -1  # len(_unsent) after the last deferred write of the current job (-1: none)
+        self._head_unread = False  # the BEGIN that reads the audit head waits to be sent
+        self.wrote = False  # a statement that may change the database was sent or waits to be
+        # reads sent ahead (prefetch), by (statement, values): their cursors, answered once, dropped at a write
+        self._fetched: dict[tuple[str, Any], psycopg.Cursor[Any]] = {}
+        self._prefetching = False
 
-    def began(self, meta: dict[str, bytes | str | None]) -> None:
-        """The write transaction began, the write lock held, with these meta values read."""
-        self._meta = meta
+    # ---- beginning ------------------------------------------------------------------------------------
+    def begin_write(self) -> None:
+        """The write transaction begins with the next round trip: the write lock first, always (the one order
+        every writer takes its locks in), then the audit head, which every event chains on."""
+        self._unsent += [(_BEGIN_WRITE, None, None), (_WRITE_LOCK, None, None), (_READ_HEAD, None, self._read_head)]
+        self._head_unread = True
 
+    def begin_read(self) -> None:
+        self._unsent.append((_BEGIN_READ, None, None))
+
+    def _read_head(self, cur: psycopg.Cursor[Any]) -> None:
+        self._meta = {AUDIT_HEAD_KEY: _meta_value(cur.fetchone())}
+        self._head_unread = False
+
+    # ---- sending --------------------------------------------------------------------------------------
     def _execute(self, sql: str, params: Any = None) -> psycopg.Cursor[Any]:
         return self._named(_placeholders(sql), params)
 
     def _named(self, sql: str, params: Any = None) -> psycopg.Cursor[Any]:
-        """Execute a statement in psycopg's own placeholders (`%(name)s`), after the savepoint statements
-        not sent yet, in one round trip: one query string when it has no parameters, else a pipeline."""
-        conn, unsent = self._conn, self._unsent
+        """Execute a statement in psycopg's own placeholders (`%(name)s`), after the statements not sent
+        yet, in one round trip; the cursor on its result."""
+        if not sql.startswith("SELECT"):
+            self._writing()
+        elif self._fetched or self._prefetching:
+            return self._read_ahead([(sql, params)])[0]
+        return self._send([(sql, params)])[0]
+
+    def _writing(self, keeps_reads: bool = False) -> None:
+        """A statement that may write is sent or queued: what was read ahead may no longer hold (unless
+        it `keeps_reads`: it writes no table a read ahead reads)."""
+        if self._probing:
+            raise _WouldWrite
+        assert not self._prefetching, "prefetch() reads only"
+        self.wrote = True
+        if not keeps_reads:
+            self._fetched.clear()
+
+    # ---- reading ahead (prefetch) -----------------------------------------------------------------------
+    def prefetch(self, reads: Callable[[], object]) -> None:
+        if self._probing:
+            return  # no round trip to share
+        self._prefetching = True
         try:
-            if not unsent:
-                return conn.execute(sql, params)
-            self._unsent = []
-            if params is None:
-                cur = conn.execute("; ".join([*unsent, sql]))
-                for _ in unsent:
+            reads()
+        finally:
+            self._prefetching = False
+
+    def _keeper(self, key: tuple[str, Any]) -> Callable[[psycopg.Cursor[Any]], None]:
+        def keep(cur: psycopg.Cursor[Any]) -> None:
+            self._fetched[key] = cur
+        return keep
+
+    def _read_ahead(self, reads: Sequence[tuple[str, Any]]) -> list[psycopg.Cursor[Any]]:
+        """The cursors of these reads: queued while prefetching (empty answers to the prefetch itself),
+        taken from what was read ahead when every one of them was, else sent."""
+        keys = [_read_key(sql, params) for sql, params in reads]
+        if self._prefetching:
+            for (sql, params), key in zip(reads, keys, strict=True):
+                if key is not None:
+                    self._unsent.append((sql, params, self._keeper(key)))
+            return [_NOTHING_YET] * len(reads)
+        if all(key in self._fetched for key in keys):
+            return [self._fetched.pop(key) for key in keys]  # type: ignore[arg-type]  # (no None is a key)
+        return self._send(reads)
+
+
+    def _w(self, sql: str, params: Any = None) -> None:
+        """A write no step reads the result of: sent with the next round trip."""
+        self._later(_placeholders(sql), params or None)
+
+    def _later(self, sql: str, params: Any, *, keeps_reads: bool = False) -> None:
+        """`_w` in psycopg's own placeholders."""
+        self._writing(keeps_reads)
+        self._unsent.append((sql, params, None))
+        self._written = len(self._unsent)
+
+    def _send(self, last: Sequence[tuple[str, Any]]) -> list[psycopg.Cursor[Any]]:
+        """The statements not sent yet, then `last`, in one round trip: a cursor on each of `last`'s results."""
+        unsent, self._unsent = self._unsent, []
+        if not unsent and not last:
+            return []
+        self._savepoints = [-2 if at == -2 else -1 for at in self._savepoints]  # all sent (-2: probing)
+        self._written = -1
+        self._begun = True
+        conn = self._conn
+        try:
+            if not unsent and len(last) == 1:
+                return [conn.execute(*last[0])]
+            if len(last) <= 1 and all(p is None for _, p in last) and all(
+                params is None and read in (None, self._read_head) for _, params, read in unsent
+            ):  # nothing to bind, no cursor to keep: one query of several statements (the BEGIN, savepoints, a COMMIT)
+                cur = conn.execute(";\n".join([*(sql for sql, _, _ in unsent), *(sql for sql, _ in last)]))
+                for _, _, read in unsent:
+                    if read is not None:
+                        read(cur)
                     cur.nextset()
-                return cur
+                return [cur]
             with conn.pipeline():
-                for statement in unsent:
-                    conn.execute(statement)
-                cur = conn.execute(sql, params)
-            return cur
+                waiting = [(conn.execute(sql, params), read) for sql, params, read in unsent]
+                cursors = [conn.execute(sql, params) for sql, params in last]
+            for cur, read in waiting:
+                if read is not None:
+                    read(cur)
+            return cursors
         except psycopg.OperationalError as exc:
-            if self.failure is None:
-                self.failure = exc
+            self._failed(exc)
             raise
+
+    def _failed(self, exc: psycopg.OperationalError) -> None:
+        if self.failure is None:
+            self.failure = exc
 
     def _fetch_all(self, reads: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Any]]:
-        """The reads (and any savepoint statement not sent yet) in one pipeline: one round trip."""
-        conn, unsent = self._conn, self._unsent
-        self._unsent = []
-        try:
-            with conn.pipeline():
-                for statement in unsent:
-                    conn.execute(statement)
-                cursors = [conn.execute(_placeholders(sql), params) for sql, params in reads]
-            return [cur.fetchall() for cur in cursors]
-        except psycopg.OperationalError as exc:
-            if self.failure is None:
-                self.failure = exc
-            raise
+        """The reads (and the statements not sent yet) in one round trip."""
+        return [cur.fetchall() for cur in self._read_ahead([(_placeholders(sql), params) for sql, params in reads])]
 
-    # Savepoints are sent with the statement after them (or not at all when none runs inside one): a tool call's
-    # savepoint and its release cost no round trip of their own. In the order they were asked for, so the
-    # database is where Tx's statements one by one would have put it at every statement.
+    # ---- savepoints: sent with the statement after them, or not at all when nothing ran inside one --------
     def savepoint(self) -> Mark:
-        self._unsent.append(_SAVEPOINT)
+        if self._probing:  # nothing is written: nothing to undo but Python state
+            self._savepoints.append(-2)
+            return self.mark()
+        self._savepoints.append(len(self._unsent))
+        self._unsent.append((_SAVEPOINT, None, None))
         return self.mark()
 
     def release_savepoint(self) -> None:
-        if self._unsent and self._unsent[-1] == _SAVEPOINT:
-            self._unsent.pop()  # nothing ran inside it
+        at = self._savepoints.pop()
+        if at == -2:
+            return
+        if at >= 0:  # nothing inside it was sent: it and what it holds become part of the enclosing level
+            del self._unsent[at]
+            if self._written > at:
+                self._written -= 1
         else:
-            self._unsent.append(_RELEASE)
+            self._unsent.append((_RELEASE, None, None))
 
     def rollback_savepoint(self, mark: Mark) -> None:
-        if self._unsent and self._unsent[-1] == _SAVEPOINT:
-            self._unsent.pop()  # nothing ran inside it: nothing to roll back
-        else:
-            self._x(f"{_ROLLBACK_TO}; {_RELEASE}")
+        at = self._savepoints.pop()
+        if at == -2:
+            pass
+        elif at >= 0:  # nothing inside it was sent: drop what waits, the database has nothing to undo
+            del self._unsent[at:]
+        else:  # all that waits came after the savepoint (sending it sent everything before)
+            self._unsent = [(_ROLLBACK_TO, None, None), (_RELEASE, None, None)]
+        if self._written > len(self._unsent):
+            self._written = -1
         self.undo(mark)
 
-    def committing(self) -> None:
-        """COMMIT is next: savepoint statements still unsent (releases, empty savepoints) change nothing."""
-        self._unsent = []
+    def end_job(self) -> None:
+        """A job of a batch returned (its savepoint still open): its deferred writes go now, so that one
+        that fails fails this job and not the next one's statement."""
+        if self._written >= 0:
+            self._send([])
+
+    # ---- ending ---------------------------------------------------------------------------------------
+    def commit(self) -> bool:
+        """End the transaction, keeping what it did, with every statement not sent yet; False when the
+        database had already failed it (it answers ROLLBACK to a COMMIT then). One that wrote nothing ends
+        with ROLLBACK, which keeps the same (nothing) without waiting for the log to reach the disk; one
+        that never sent a statement was never begun, and nothing is sent."""
+        if not self._begun and all(sql in _CONTROL for sql, _, _ in self._unsent):
+            self._unsent = []
+            return True
+        if not self.wrote:
+            self._send([("ROLLBACK", None)])
+            return True
+        return self._send([("COMMIT", None)])[0].statusmessage == "COMMIT"
+
+    @property
+    def begun(self) -> bool:
+        """Some statement of this transaction was sent (so there is something to roll back)."""
+        return self._begun
 
     # meta values are text or bytes, as they were set (SQLite's column takes either)
     def get_meta(self, key: str) -> bytes | None:
+        if key == AUDIT_HEAD_KEY and self._probing:
+            raise _WouldWrite  # (only a writer chains an event on it)
+        if key == AUDIT_HEAD_KEY and self._head_unread:
+            self._send([])  # the BEGIN, which reads it under the lock
         if key in self._meta:
             value = self._meta[key]
         else:
@@ -214,7 +356,7 @@ class PgTx(Tx):
 
     def set_meta(self, key: str, value: bytes | str) -> None:
         text, blob = (None, bytes(value)) if isinstance(value, bytes | memoryview) else (value, None)
-        self._x(_SET_META, (key, text, blob))
+        self._w(_SET_META, (key, text, blob))
         self._kept(key, blob if blob is not None else text)
 
     def _kept(self, key: str, value: bytes | str | None) -> None:
@@ -229,7 +371,7 @@ class PgTx(Tx):
         if head is None:
             super()._write_audit_row(row, head)
             return
-        self._x(f"WITH head AS ({_SET_META}) {INSERT_AUDIT}", (head[0], head[1], None, *row))
+        self._w(f"WITH head AS ({_SET_META}) {INSERT_AUDIT}", (head[0], head[1], None, *row))
         self._kept(*head)
 
     def control_version(self) -> int:
@@ -237,7 +379,7 @@ class PgTx(Tx):
         return 0 if row is None else int(row[0])
 
     def bump_control_version(self) -> None:
-        self._x(
+        self._w(
             "INSERT INTO meta(key, text) VALUES ('control_version', '1') "
             "ON CONFLICT(key) DO UPDATE SET text = CAST(CAST(meta.text AS BIGINT) + 1 AS TEXT)"
         )
@@ -246,14 +388,19 @@ class PgTx(Tx):
         self, account: str, agent: str, per_minute: int, now: datetime, *, take: bool = True, debt: bool = False
     ) -> float:
         """Tx.take_rate_token in one round trip when a token is taken: the bucket's refill, check and write
-        are one upsert (the same arithmetic as Tx's, in the same order). A refusal, or a look only, reads
-        the bucket as Tx does (no row comes back when the upsert's condition fails)."""
+        are one upsert (the same arithmetic as Tx's, in the same order), and none of its own with `debt`
+        (it is sent with the next). A refusal, or a look only, reads the bucket as Tx does (no row comes
+        back when the upsert's condition fails)."""
         if take and per_minute >= 1:
-            row = self._named(_TAKE_RATE_TOKEN, {
+            params = {
                 "account": account, "agent": agent, "full": float(per_minute), "at": to_micros(now),
                 "floor": 1.0 - per_minute, "debt": debt,
-            }).fetchone()
-            if row is not None:
+            }
+            if debt:  # taken whatever the bucket holds: nothing to wait for
+                self._later(_TAKE_RATE_TOKEN, params, keeps_reads=True)
+                return 0.0
+            self._writing(keeps_reads=True)  # (only rate_buckets, which no read ahead reads)
+            if self._send([(_TAKE_RATE_TOKEN, params)])[0].fetchone() is not None:
                 return 0.0
         return super().take_rate_token(account, agent, per_minute, now, take=take, debt=debt)
 
@@ -265,12 +412,24 @@ class PgTx(Tx):
         )
 
     def add_units(self, account: str, listing_id: str, units: int, ts: str) -> Holding:
-        row = self._x(
-            f"WITH h AS ({ADD_UNITS} RETURNING *) "
-            f"SELECT {HOLDING_COLUMNS} FROM h JOIN listings l ON l.id = h.listing_id",
-            (account, listing_id, units, units, ts),
-        ).fetchone()
-        return _holding(row)
+        return _holding(self._x(_ADD_UNITS_RETURNING, (account, listing_id, units, units, ts)).fetchone())
+
+    def sell(
+        self, account: str, listing_id: str, units: int, total: int, market: str, purchase_id: str, ts: str
+    ) -> tuple[int, Holding] | None:
+        """Tx.sell's three statements in one round trip (see there)."""
+        statements: list[tuple[str, tuple[Any, ...]]] = [(ADD_SOLD, (units, listing_id, units))]
+        if total > 0:
+            statements.append((f"WITH moved AS ({MOVE}) {TRANSFER} RETURNING id", (
+                account, total, market, total, account, market, ts, account, market, total, "buy_quota", purchase_id,
+            )))
+        statements.append((_ADD_UNITS_RETURNING, (account, listing_id, units, units, ts)))
+        self._writing()
+        sold, *moved, held = self._send([(_placeholders(sql), params) for sql, params in statements])
+        if sold.rowcount != 1:
+            return None  # the caller's savepoint undoes what the other two did
+        transfer_id = int(_one(moved[0])[0]) if moved else 0
+        return transfer_id, _holding(_one(held))
 
     def _take_unit(self, holding_id: int, into: str, reservation: tuple[Any, ...]) -> bool:
         sql = (
@@ -288,6 +447,11 @@ class PgTx(Tx):
 
     def _arg_true(self, key: str) -> str:
         return f"(CAST(args AS JSONB) -> '{key}') = CAST('true' AS JSONB)"
+
+
+class _WouldWrite(BaseException):
+    """A probing job is about to write (PgDatabase.probe): it runs again as a write. A BaseException, so
+    that no job's own `except Exception` (audit.append's, say) takes it for a failure of its own."""
 
 
 class _Again(Exception):
@@ -350,6 +514,14 @@ class PgDatabase(Database):
             return cast(T, value)
         raise value
 
+    async def probe(self, job: Job[T]) -> T:
+        if self._closed:
+            raise StoreUnavailable("the database is closed")
+        tried = await asyncio.get_running_loop().run_in_executor(self._read_threads, self._probe, job)
+        if tried is None:  # it writes, or the try failed: the write path runs it (and says why it fails)
+            return await self.write(job)
+        return cast(T, tried[0])
+
     async def close(self) -> None:
         self._closed = True
         if self._writer is not None:
@@ -400,29 +572,29 @@ class PgDatabase(Database):
         committing = False
         try:
             if write:
-                # one round trip: the lock first, always (the one order every writer takes its locks in), then
-                # the audit head, which every event chains on
-                cur = conn.execute(f"{_BEGIN_WRITE}; {_WRITE_LOCK}; {_READ_HEAD}")
-                cur.nextset()
-                cur.nextset()
-                tx.began({AUDIT_HEAD_KEY: _meta_value(cur.fetchone())})
+                tx.begin_write()
             else:
-                conn.execute(_BEGIN_READ)
+                tx.begin_read()
             outcomes, keep = _run_jobs(tx, jobs)
             if not keep:  # a lone job failed: nothing to commit
                 tx.rolled_back()
-                _rollback(conn)
+                if tx.begun:
+                    _rollback(conn)
                 return outcomes
             committing = True
-            tx.committing()
-            status = conn.execute("COMMIT").statusmessage
+            kept = tx.commit()
         except psycopg.Error as exc:
+            if committing and not tx.wrote:  # only its end was lost: the jobs read, and what they read stands
+                tx.committed()
+                _rollback(conn)  # (nothing to do when the connection went)
+                return outcomes
             landed = self._landed(tx.last_event, backend) if committing and conn.broken else None
             if landed:  # it did commit: its outcomes stand (the callers were told nothing yet)
                 tx.committed()
                 return outcomes
             tx.rolled_back()
-            _rollback(conn)
+            if tx.begun:
+                _rollback(conn)
             if (exc.sqlstate or "").startswith("40"):  # transaction rollback: 40001, 40P01; nothing was kept
                 raise _Again(_one_line(exc)) from None
             if conn.broken and (not committing or landed is False):  # the server rolled back what it began
@@ -437,12 +609,30 @@ class PgDatabase(Database):
             raise StoreUnavailable(_one_line(exc)) from None
         finally:
             self._pool.putconn(conn)
-        if status != "COMMIT":  # pragma: no cover - PostgreSQL answers ROLLBACK to COMMIT in a failed transaction
+        if not kept:  # pragma: no cover - PostgreSQL answers ROLLBACK to COMMIT in a failed transaction
             tx.rolled_back()
             raise StoreUnavailable("the transaction had failed and was rolled back")
         tx.committed()
         return outcomes
 
+
+    def _probe(self, job: Job[T]) -> tuple[T] | None:
+        """`job` run without a transaction, each statement on its own (READ COMMITTED, autocommit): its
+        result, or None when it would write or anything failed (its Python state then put back)."""
+        try:
+            conn = self._pool.getconn()
+        except PoolTimeout:
+            return None
+        tx = PgTx(conn, self._names, probing=True)
+        try:
+            value = job(tx)
+        except BaseException:  # _WouldWrite, or whatever the write run will meet again and report
+            tx.rolled_back()
+            return None
+        finally:
+            self._pool.putconn(conn)
+        tx.committed()
+        return (value,)
 
     def _landed(self, event: tuple[int, bytes] | None, backend: int) -> bool | None:
         """After a connection lost while committing: whether the transaction whose last audit event is
@@ -484,6 +674,7 @@ def _run_jobs(tx: PgTx, jobs: list[Job[Any]]) -> tuple[list[tuple[bool, Any]], b
         mark = tx.savepoint()
         try:
             value = job(tx)
+            tx.end_job()
         except BaseException as exc:
             if tx.failure is not None:
                 raise tx.failure from None
@@ -495,6 +686,41 @@ def _run_jobs(tx: PgTx, jobs: list[Job[Any]]) -> tuple[list[tuple[bool, Any]], b
         tx.release_savepoint()
         outcomes.append((True, value))
     return outcomes, True
+
+
+class _NothingYet:
+    """What a read made while prefetching answers (its rows come later, with the next round trip)."""
+
+    rowcount = 0
+
+    def fetchone(self) -> None:
+        return None
+
+    def fetchall(self) -> list[Any]:
+        return []
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(())
+
+
+_NOTHING_YET = cast(psycopg.Cursor[Any], _NothingYet())
+
+
+def _read_key(sql: str, params: Any) -> tuple[str, Any] | None:
+    """What identifies a read (its statement and values), or None when its values cannot be compared."""
+    values = tuple(sorted(params.items())) if isinstance(params, dict) else tuple(params or ())
+    try:
+        hash(values)
+    except TypeError:
+        return None
+    return sql, values
+
+
+def _one(cur: psycopg.Cursor[Any]) -> tuple[Any, ...]:
+    """The one row of the cursor's current result."""
+    row = cur.fetchone()
+    assert row is not None
+    return cast(tuple[Any, ...], row)
 
 
 def _meta_value(row: tuple[Any, ...] | None) -> bytes | str | None:

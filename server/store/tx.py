@@ -46,6 +46,7 @@ MOVE = (
     "UPDATE accounts SET balance = balance - CASE WHEN name = ? THEN ? ELSE 0 END "
     "+ CASE WHEN name = ? THEN ? ELSE 0 END WHERE name IN (?, ?)"
 )
+ADD_SOLD = "UPDATE listings SET sold = sold + ? WHERE id = ? AND sold + ? <= supply"
 TRANSFER = "INSERT INTO transfers(ts, debit, credit, amount, reason, reference) VALUES (?, ?, ?, ?, ?, ?)"
 TAKE_UNIT = "UPDATE holdings SET units_held = units_held - 1, {into} = {into} + 1 WHERE id = ? AND units_held > 0"
 RESERVATION = (
@@ -59,6 +60,10 @@ _LINK_COLUMNS = (
     "id, account, agent, connection, scopes, elicitation_id, created_at, expires_at, status, finished_at"
 )
 _BALANCE = "SELECT balance FROM accounts WHERE name = ?"
+_FIND_PURCHASE = (
+    "SELECT id, listing_id, units, unit_price, total, balance_after, units_held, purchased_at, fingerprint "
+    "FROM purchases WHERE account = ? AND idempotency_key = ?"
+)
 _HOLDINGS_OF = _HOLDING_SELECT + " WHERE h.account = ? ORDER BY h.id"
 _LIVE_GRANTS = (
     f"SELECT {_GRANT_COLUMNS} FROM grants WHERE account = ? AND agent = ? AND expires_at > ? "
@@ -171,6 +176,15 @@ class Tx:
         """The whole transaction was rolled back: nothing it did holds."""
         self.undo(({}, 0))
 
+    def prefetch(self, reads: Callable[[], object]) -> None:
+        """`reads` calls read methods of this Tx whose statements depend on nothing they read: PgTx sends
+        their statements with the next round trip and answers the same reads asked again from them, until
+        the transaction writes. Here, where a read costs no round trip, nothing is done."""
+
+    def _w(self, sql: str, params: Sequence[Any] = ()) -> None:
+        """A write whose result no step reads (PgTx sends it with the next statement that needs an answer)."""
+        self._x(sql, params)
+
     def savepoint(self) -> Mark:
         """Open a nested savepoint; undo it with `rollback_savepoint(mark)` or keep it with `release_savepoint`."""
         self._x("SAVEPOINT atomic")
@@ -213,7 +227,7 @@ class Tx:
 
     # ---- accounts and transfers -----------------------------------------------------------
     def ensure_wallet(self, name: str) -> None:
-        self._x("INSERT INTO accounts(name, kind) VALUES (?, 'wallet') ON CONFLICT DO NOTHING", (name,))
+        self._w("INSERT INTO accounts(name, kind) VALUES (?, 'wallet') ON CONFLICT DO NOTHING", (name,))
 
     def balance(self, name: str) -> int | None:
         row = self._x(_BALANCE, (name,)).fetchone()
@@ -249,7 +263,7 @@ class Tx:
     # ---- listings -------------------------------------------------------------------------
     def upsert_listing(self, listing: Listing) -> None:
         """Insert or update by id; `sold` is kept as it is."""
-        self._x(
+        self._w(
             f"INSERT INTO listings({_LISTING_COLUMNS}) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT(id) DO UPDATE SET title = excluded.title, connection = excluded.connection, "
             "scopes = excluded.scopes, supply = excluded.supply, start_price = excluded.start_price, "
@@ -299,9 +313,7 @@ class Tx:
 
     def add_sold(self, listing_id: str, units: int) -> bool:
         """Count `units` as sold unless that would exceed supply; True when it was counted."""
-        cur = self._x(
-            "UPDATE listings SET sold = sold + ? WHERE id = ? AND sold + ? <= supply", (units, listing_id, units)
-        )
+        cur = self._x(ADD_SOLD, (units, listing_id, units))
         return cur.rowcount == 1
 
     # ---- holdings -------------------------------------------------------------------------
@@ -321,19 +333,42 @@ class Tx:
 
     # ---- purchases ------------------------------------------------------------------------
     def find_purchase(self, account: str, idempotency_key: str) -> tuple[Receipt, str] | None:
-        row = self._x(
-            "SELECT id, listing_id, units, unit_price, total, balance_after, units_held, purchased_at, fingerprint "
-            "FROM purchases WHERE account = ? AND idempotency_key = ?",
-            (account, idempotency_key),
-        ).fetchone()
-        if row is None:
+        rows = self._x(_FIND_PURCHASE, (account, idempotency_key)).fetchall()
+        return _purchase(rows)
+
+    def buy_context(
+        self, account: str, listing_id: str, idempotency_key: str | None
+    ) -> tuple[tuple[Receipt, str] | None, Listing | None, int | None]:
+        """What a purchase decides on, read together: the earlier purchase under `idempotency_key` (with its
+        request fingerprint; None without a key), the listing, and the wallet's balance (None: no wallet)."""
+        reads: list[tuple[str, Sequence[Any]]] = [
+            (f"SELECT {_LISTING_COLUMNS} FROM listings WHERE id = ?", (listing_id,)), (_BALANCE, (account,))
+        ]
+        if idempotency_key is not None:
+            reads.append((_FIND_PURCHASE, (account, idempotency_key)))
+        listing, balance, *earlier = self._fetch_all(reads)
+        return (
+            _purchase(earlier[0]) if earlier else None,
+            _listing(listing[0]) if listing else None,
+            int(balance[0][0]) if balance else None,
+        )
+
+    def sell(
+        self, account: str, listing_id: str, units: int, total: int, market: str, purchase_id: str, ts: str
+    ) -> tuple[int, Holding] | None:
+        """A purchase's moves: `units` counted as sold (None, and nothing else done, when that would exceed
+        supply), `total` credits from the wallet to `market` (transfer id, 0 when free), the units held.
+        PgTx sends all three at once, trusting the caller's supply check made under the write lock (its
+        savepoint undoes the rest when they are not counted after all)."""
+        if not self.add_sold(listing_id, units):
             return None
-        return Receipt(*row[:8]), str(row[8])
+        transfer_id = self.transfer(account, market, total, "buy_quota", purchase_id, ts) if total > 0 else 0
+        return transfer_id, self.add_units(account, listing_id, units, ts)
 
     def insert_purchase(
         self, receipt: Receipt, *, account: str, idempotency_key: str | None, fingerprint: str, transfer_id: int
     ) -> None:
-        self._x(
+        self._w(
             "INSERT INTO purchases(id, account, listing_id, units, unit_price, total, balance_after, units_held, "
             "purchased_at, idempotency_key, fingerprint, transfer_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -375,7 +410,7 @@ class Tx:
     def insert_move(
         self, move: Move, *, idempotency_key: str | None, fingerprint: str, transfer_id: int | None
     ) -> None:
-        self._x(
+        self._w(
             f"INSERT INTO moves({_MOVE_COLUMNS}, idempotency_key, fingerprint, transfer_id) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (move.move_id, move.kind, move.from_account, move.to_account, move.listing_id, move.amount,
@@ -416,7 +451,7 @@ class Tx:
         settled_at); False when none is held."""
         if self._x(TAKE_UNIT.format(into=into), (holding_id,)).rowcount != 1:
             return False
-        self._x(RESERVATION, (reservation[0], holding_id, *reservation[1:]))
+        self._w(RESERVATION, (reservation[0], holding_id, *reservation[1:]))
         return True
 
     def settle_reservation(self, reservation_id: str, status: str, ts: str) -> bool:
@@ -434,14 +469,14 @@ class Tx:
             move = "units_consumed = units_consumed + 1"
         else:
             move = "units_held = units_held + 1"
-            self._x(  # the token or grant it counted against max_grants_per_hour did not happen
+            self._w(  # the token or grant it counted against max_grants_per_hour did not happen
                 "UPDATE usage SET amount = CASE WHEN amount > 0 THEN amount - 1 ELSE 0 END "
                 "WHERE kind = 'grants' AND (account, agent, period) = "
                 "(SELECT h.account, r.agent, r.counted FROM reservations r JOIN holdings h ON h.id = r.holding_id "
                 "WHERE r.id = ? AND r.counted IS NOT NULL)",
                 (reservation_id,),
             )
-        self._x(
+        self._w(
             f"UPDATE holdings SET units_reserved = units_reserved - 1, {move} "
             "WHERE id = (SELECT holding_id FROM reservations WHERE id = ?)",
             (reservation_id,),
@@ -467,7 +502,7 @@ class Tx:
         return [(str(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in rows]
 
     def set_block(self, agent: str, reason: str, ts: str, by: str) -> None:
-        self._x(
+        self._w(
             "INSERT INTO agent_blocks(agent, reason, blocked_at, blocked_by) VALUES (?, ?, ?, ?) "
             "ON CONFLICT(agent) DO UPDATE SET reason = excluded.reason, blocked_at = excluded.blocked_at, "
             "blocked_by = excluded.blocked_by",
@@ -503,7 +538,7 @@ class Tx:
         if not take:
             return 0.0
         tokens = max(tokens, 1.0 - per_minute)
-        self._x(
+        self._w(
             "INSERT INTO rate_buckets(account, agent, tokens, updated_at) VALUES (?, ?, ?, ?) "
             "ON CONFLICT(account, agent) DO UPDATE SET tokens = excluded.tokens, "
             "updated_at = CASE WHEN excluded.updated_at > rate_buckets.updated_at THEN excluded.updated_at "
@@ -520,7 +555,7 @@ class Tx:
         return 0 if row is None else int(row[0])
 
     def add_usage(self, account: str, agent: str, kind: str, period: str, amount: int) -> None:
-        self._x(
+        self._w(
             "INSERT INTO usage(account, agent, kind, period, amount) VALUES (?, ?, ?, ?, ?) "
             "ON CONFLICT(account, agent, kind, period) DO UPDATE SET amount = "
             "CASE WHEN usage.amount + ? > 0 THEN usage.amount + ? ELSE 0 END",
@@ -532,7 +567,7 @@ class Tx:
     ) -> None:
         """Who holds a reservation, for which tool, which hour's grant count it took (given back if it is
         refunded), and until when its holder has it (its lease; renewed while the holder works)."""
-        self._x(
+        self._w(
             "UPDATE reservations SET agent = ?, counted = ?, tool = ?, lease_until = ? WHERE id = ?",
             (agent, counted, tool, None if lease_until is None else to_micros(lease_until), reservation_id),
         )
@@ -561,7 +596,7 @@ class Tx:
 
     # ---- connect links (§10) ----------------------------------------------------------------
     def insert_connect_link(self, link: ConnectLink) -> None:
-        self._x(
+        self._w(
             f"INSERT INTO connect_links({_LINK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
             (link.id, link.account, link.agent, link.connection, json.dumps(list(link.scopes)), link.elicitation_id,
              to_micros(link.created_at), to_micros(link.expires_at), link.status),
@@ -598,7 +633,7 @@ class Tx:
 
     # ---- grants (§8) ----------------------------------------------------------------------
     def insert_grant(self, grant: Grant) -> None:
-        self._x(
+        self._w(
             f"INSERT INTO grants({_GRANT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
             (grant.id, grant.account, grant.agent, grant.connection, json.dumps(list(grant.scopes)),
              grant.login_hint or "", grant.holding_id, grant.reservation_id, grant.token_id,
@@ -636,7 +671,7 @@ class Tx:
 
     def set_grant_token(self, grant_id: str, token_id: bytes) -> None:
         """A grant re-exchanged its token (a restart, another replica, a provider 401): the new fingerprint."""
-        self._x("UPDATE grants SET token_id = ? WHERE id = ?", (token_id, grant_id))
+        self._w("UPDATE grants SET token_id = ? WHERE id = ?", (token_id, grant_id))
 
     def grant_opening_events(self) -> dict[str, int]:
         """Per grant id, the count of call_api events that say they opened it (`new_grant` true)."""
@@ -700,7 +735,7 @@ class Tx:
 
     def _write_audit_row(self, row: tuple[Any, ...], head: tuple[str, str] | None) -> None:
         """The INSERT of an event's row, then its `head` meta set: two statements (PgTx makes them one)."""
-        self._x(INSERT_AUDIT, row)
+        self._w(INSERT_AUDIT, row)
         if head is not None:
             self.set_meta(*head)
 
@@ -925,6 +960,13 @@ def _listing(row: Sequence[Any]) -> Listing:
         methods=_strings(row[12]),
         approval=row[13],
     )
+
+
+def _purchase(rows: Sequence[Sequence[Any]]) -> tuple[Receipt, str] | None:
+    """A found purchase (rows of _FIND_PURCHASE) and its request fingerprint."""
+    if not rows:
+        return None
+    return Receipt(*rows[0][:8]), str(rows[0][8])
 
 
 def _holding(row: Sequence[Any]) -> Holding:

@@ -11,7 +11,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -226,71 +227,124 @@ async def test_events_written_by_two_replicas_make_one_gap_free_chain(replicas: 
 
 
 
-async def test_an_event_is_one_statement_after_a_begin_that_read_the_head_under_the_lock(
+async def test_events_travel_with_the_commit_after_a_begin_that_read_the_head_under_the_lock(
     replicas: tuple[PgDatabase, PgDatabase], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     a, b = replicas
     await a.write(lambda tx: audit.append(tx, event("auth0|x")))  # its names are known from here on
     await b.write(lambda tx: audit.append(tx, event("auth0|x")))  # the head moved behind a's back
-    sent: list[str] = []
-    real = psycopg.Connection.execute
-
-    def counted(conn: Any, query: Any, params: Any = None, **kw: Any) -> Any:
-        sent.append(str(query))
-        return real(conn, query, params, **kw)
-
-    monkeypatch.setattr(psycopg.Connection, "execute", counted)
+    sent = round_trips(monkeypatch)
     assert await a.write(lambda tx: [audit.append(tx, event("auth0|x")) for _ in range(2)]) == [3, 4]
     monkeypatch.undo()
-    begin, *statements, commit = sent
-    assert "FOR UPDATE" in begin and "audit_head" in begin and commit == "COMMIT"
-    assert len(statements) == 2 and all(s.startswith("WITH head AS (INSERT INTO meta") for s in statements)
+    begin, rest = sent  # two round trips: the first event needs the head, the rest goes with the COMMIT
+    assert begin.split(";\n")[1:] == ["SELECT id FROM write_lock WHERE id = 1 FOR UPDATE",
+                                      "SELECT text, bytes FROM meta WHERE key = 'audit_head'"]
+    *events, commit = rest.split(";\n")  # (no event's values hold ";\n")
+    assert commit == "COMMIT"
+    assert len(events) == 2 and all(s.startswith("WITH head AS (INSERT INTO meta") for s in events)
     result = await b.read(audit.verify_log)
     assert (result.ok, result.checked) == (True, 4)
+
+
+def round_trips(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What each round trip of the store's connections sends from now on: the text of a query (its values
+    after " -- "), or of a pipeline's statements joined by ";\\n" (as a query of several statements is written)."""
+    sent: list[str] = []
+    collecting: dict[int, list[str]] = {}
+    real_execute, real_pipeline = psycopg.Connection.execute, psycopg.Connection.pipeline
+
+    def execute(conn: Any, query: Any, params: Any = None, **kw: Any) -> Any:
+        if threading.current_thread().name.startswith("tvm-pg"):  # the store's threads (not the test's helpers)
+            collecting.get(id(conn), sent).append(str(query) + ("" if params is None else f" -- {params!r}"))
+        return real_execute(conn, query, params, **kw)
+
+    @contextmanager
+    def pipeline(conn: Any) -> Iterator[Any]:
+        statements = collecting[id(conn)] = []
+        try:
+            with real_pipeline(conn) as p:
+                yield p
+        finally:
+            del collecting[id(conn)]
+            if statements:
+                sent.append(";\n".join(statements))
+
+    monkeypatch.setattr(psycopg.Connection, "execute", execute)
+    monkeypatch.setattr(psycopg.Connection, "pipeline", pipeline)
+    return sent
 
 
 async def test_savepoints_travel_with_the_next_statement_and_still_undo_what_ran_inside_them(
     url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     db = await open_database(url)
-    trips: list[str] = []
-    real_execute, real_pipeline = psycopg.Connection.execute, psycopg.Connection.pipeline
-
-    def execute(conn: Any, query: Any, params: Any = None, **kw: Any) -> Any:
-        if conn._pipeline is None:  # a pipeline's statements are one round trip, counted by it
-            trips.append(str(query))
-        return real_execute(conn, query, params, **kw)
-
-    def pipeline(conn: Any) -> Any:
-        trips.append("pipeline")
-        return real_pipeline(conn)
 
     def job(tx: Tx) -> list[str | None]:
         tx.savepoint()
-        tx.ensure_wallet("auth0|kept")  # 1: SAVEPOINT with it
+        tx.ensure_wallet("auth0|kept")  # a blind write: it waits
         empty = tx.savepoint()
         tx.rollback_savepoint(empty)  # nothing ran inside: nothing sent
         tx.savepoint()
         tx.release_savepoint()  # nor here
         inner = tx.savepoint()
-        tx.ensure_wallet("auth0|undone")  # 2: SAVEPOINT with it
-        tx.rollback_savepoint(inner)  # 3: ROLLBACK TO and RELEASE
+        tx.ensure_wallet("auth0|dropped")  # never sent: its savepoint is rolled back before anything went
+        tx.rollback_savepoint(inner)
+        inner = tx.savepoint()
+        tx.ensure_wallet("auth0|undone")
+        before = tx.account_kind("auth0|undone")  # 1: BEGIN … SAVEPOINT, the writes, this read
+        tx.rollback_savepoint(inner)  # ROLLBACK TO and RELEASE wait for the next statement
         tx.savepoint()
-        tx.ensure_wallet("auth0|released")  # 4
+        tx.ensure_wallet("auth0|released")
         tx.release_savepoint()
-        kinds = [tx.account_kind(n) for n in ("auth0|kept", "auth0|undone", "auth0|released")]  # 5 (RELEASE), 6, 7
-        tx.release_savepoint()  # COMMIT next: never sent
-        return kinds
+        kinds = [tx.account_kind(n) for n in ("auth0|kept", "auth0|dropped", "auth0|undone", "auth0|released")]
+        tx.release_savepoint()
+        return [before, *kinds]  # 2, 3, 4, 5; then 6: COMMIT
 
     try:
-        monkeypatch.setattr(psycopg.Connection, "execute", execute)
-        monkeypatch.setattr(psycopg.Connection, "pipeline", pipeline)
-        assert await db.write(job) == ["wallet", None, "wallet"]
+        sent = round_trips(monkeypatch)
+        assert await db.write(job) == ["wallet", "wallet", None, None, "wallet"]
         monkeypatch.undo()
-        _begin, *sent, commit = trips
-        assert commit == "COMMIT" and len(sent) == 7, sent  # no savepoint statement took a round trip alone
+        assert len(sent) == 6 and sent[-1] == "RELEASE atomic;\nCOMMIT", sent
+        assert sent[0].startswith("BEGIN") and "auth0|kept" in sent[0] and "auth0|dropped" not in sent[0] and sent[1].startswith(
+            "ROLLBACK TO atomic;\nRELEASE atomic;\nINSERT INTO accounts"), sent
         assert await db.read(lambda tx: [tx.account_kind(n) for n in ("auth0|kept", "auth0|undone")]) == [
             "wallet", None]
+    finally:
+        await db.close()
+
+
+async def test_a_job_that_sends_nothing_begins_no_transaction(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = await open_database(url)
+    try:
+        sent = round_trips(monkeypatch)
+        assert await db.write(lambda tx: tx.savepoint() and None) is None
+        assert await db.read(lambda tx: 7) == 7
+        monkeypatch.undo()
+        assert sent == []
+    finally:
+        await db.close()
+
+
+async def test_a_deferred_write_that_fails_fails_its_own_job_in_a_batch_and_not_the_next(url: str) -> None:
+    db = await open_database(url)
+    try:
+        await db.write(lambda tx: tx.ensure_wallet("auth0|a"))
+
+        def bad(tx: Tx) -> None:
+            tx.ensure_wallet("auth0|bad")
+            tx._w("INSERT INTO accounts(name, kind) VALUES (?, 'wallet')", ("auth0|a",))  # a duplicate key
+
+        def good(tx: Tx) -> str | None:
+            tx.ensure_wallet("auth0|good")
+            return tx.account_kind("auth0|good")
+
+        first, second = await asyncio.gather(db.write(bad), db.write(good), return_exceptions=True)
+        assert isinstance(first, psycopg.errors.UniqueViolation) and second == "wallet"
+        assert await db.read(lambda tx: [tx.account_kind(n) for n in ("auth0|bad", "auth0|good")]) == [
+            None, "wallet"]
+        alone = await asyncio.gather(db.write(bad), return_exceptions=True)  # alone: it fails with the COMMIT
+        assert isinstance(alone[0], StoreUnavailable) and "duplicate key" in str(alone[0])
+        assert await db.read(lambda tx: tx.account_kind("auth0|bad")) is None
     finally:
         await db.close()
 
@@ -450,7 +504,7 @@ async def test_a_connection_lost_while_committing_is_told_apart_by_the_log_and_a
         armed = [True]
 
         def execute(self: psycopg.Connection[Any], query: Any, *args: Any, **kwargs: Any) -> Any:
-            if query == "COMMIT" and armed[0]:
+            if str(query).endswith("COMMIT") and armed[0]:  # with the statements that waited for it
                 armed[0] = False
                 if landed:
                     real_execute(self, query, *args, **kwargs)  # the commit lands on the server
