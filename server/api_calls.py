@@ -89,7 +89,12 @@ class ApiCalls:
 
         call.defer_rate = True  # inside a live grant, finding it writes nothing: the token is taken at the event
         # inside a live grant, finding it reads only: tried without the write lock (Database.probe)
-        plan, approve = await self.b._run(call, principal, plan_call, audit_ok=False, probe=True)
+        def reads(tx: Tx, now: datetime) -> object:  # grants.plan's first read, sent ahead
+            return tx.live_grants_and_holdings_for(
+                ask.account, ask.agent, ask.connection, ask.scopes, ask.login_hint, now
+            )
+
+        plan, approve = await self.b._run(call, principal, plan_call, audit_ok=False, probe=True, reads=reads)
         call.args = {**call.args, "url": plan.admitted.audit_url}
         sent = ProviderRequest(
             request.method, plan.admitted.url, request.headers, request.content, request.content_type

@@ -75,7 +75,7 @@ def buy(
     """
     # what a retry with the same key must repeat exactly (only kept when there is a key to retry with)
     request = fingerprint(listing_id, units, max_unit_price) if idempotency_key is not None else ""
-    earlier, listing, balance = tx.buy_context(account, listing_id, idempotency_key)
+    earlier, listing, balance, held = tx.buy_context(account, listing_id, idempotency_key)
     if earlier is not None:
         receipt, earlier_request = earlier
         if earlier_request != request:
@@ -109,10 +109,6 @@ def buy(
         admit(listing, total)
     ts = rfc3339(now)
     purchase_id = "pur_" + secrets.token_hex(12)
-    sold = tx.sell(account, listing_id, units, total, MARKET, purchase_id, ts)
-    if sold is None:  # pragma: no cover - guarded above inside the same transaction
-        raise SoldOut(f"listing {listing_id} sold out")
-    transfer_id, holding = sold
     receipt = Receipt(
         purchase_id=purchase_id,
         listing_id=listing_id,
@@ -120,12 +116,11 @@ def buy(
         unit_price=unit_price,
         total=total,
         balance_after=balance - total,
-        units_held=holding.units_held,
+        units_held=held + units,
         purchased_at=ts,
     )
-    tx.insert_purchase(
-        receipt, account=account, idempotency_key=idempotency_key, fingerprint=request, transfer_id=transfer_id
-    )
+    if not tx.sell(receipt, account=account, market=MARKET, idempotency_key=idempotency_key, fingerprint=request):
+        raise SoldOut(f"listing {listing_id} sold out")  # pragma: no cover - guarded above in the same transaction
     return receipt
 
 
@@ -168,7 +163,8 @@ def reserve(
 ) -> tuple[str, Holding]:
     """Reserve one unit from the right holding; return the reservation id and the holding."""
     return _take_unit(
-        tx, account, connection, scopes, lambda holding, rid: tx.reserve_unit(holding, rid, owner, rfc3339(now)), fit
+        tx, account, connection, scopes,
+        lambda holding, rid: tx.reserve_unit(holding, rid, owner, rfc3339(now), chosen=True), fit,
     )
 
 
@@ -180,7 +176,7 @@ def spend(
     in hand), or from `holding` when the caller chose it in this transaction already. Return the
     reservation id and the units left in that holding."""
     def take(holding_id: int, rid: str) -> bool:
-        return tx.spend_unit(holding_id, rid, rfc3339(now))
+        return tx.spend_unit(holding_id, rid, rfc3339(now), chosen=True)
 
     if holding is None:
         reservation_id, holding = _take_unit(tx, account, connection, scopes, take, fit)
@@ -215,7 +211,7 @@ def _take_unit(
 
 def _take_from(holding: Holding, connection: str, take: Callable[[int, str], bool]) -> str:
     reservation_id = "res_" + secrets.token_hex(12)
-    if not take(holding.id, reservation_id):  # pragma: no cover - chosen in the same transaction
+    if not take(holding.id, reservation_id):  # pragma: no cover - chosen in the same transaction (see Tx.reserve_unit)
         raise NoQuota(f"no units left for {connection}")
     return reservation_id
 

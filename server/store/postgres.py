@@ -57,7 +57,7 @@ from typing import Any, TypeVar, cast
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from server.models import Holding
+from server.models import Holding, Receipt
 from server.store.base import Database, DatabaseMissing, Job, StoreUnavailable, deliver, fail_all, shown_url
 from server.store.pg_schema import PG_MIGRATIONS, PG_SCHEMA_VERSION
 from server.store.tx import (
@@ -67,6 +67,7 @@ from server.store.tx import (
     HOLDING_COLUMNS,
     INSERT_AUDIT,
     MOVE,
+    PURCHASE_COLUMNS,
     TAKE_UNIT,
     TRANSFER,
     Mark,
@@ -115,6 +116,17 @@ _TAKE_RATE_TOKEN = (
 )
 
 
+# Tx.sell's statements as one: the units sold, the credits moved and their transfer (none when free), the units
+# held, the purchase row (its transfer the one just made)
+_SELL = (
+    f"WITH sold AS ({ADD_SOLD} RETURNING id), moved AS ({MOVE} AND ? > 0), "
+    "transfer AS (INSERT INTO transfers(ts, debit, credit, amount, reason, reference) "
+    "SELECT ?, ?, ?, ?, 'buy_quota', ? WHERE ? > 0 RETURNING id), "
+    f"held AS ({ADD_UNITS}) "
+    f"INSERT INTO purchases({PURCHASE_COLUMNS}) "
+    "SELECT ?, ?, sold.id, ?, ?, ?, ?, ?, ?, ?, ?, (SELECT id FROM transfer) "
+    "FROM (SELECT 1) AS one LEFT JOIN sold ON TRUE"
+)
 _ADD_UNITS_RETURNING = (
     f"WITH h AS ({ADD_UNITS} RETURNING *) SELECT {HOLDING_COLUMNS} FROM h JOIN listings l ON l.id = h.listing_id"
 )
@@ -208,8 +220,6 @@ class PgTx(Tx):
 
     # ---- reading ahead (prefetch) -----------------------------------------------------------------------
     def prefetch(self, reads: Callable[[], object]) -> None:
-        if self._probing:
-            return  # no round trip to share
         self._prefetching = True
         try:
             reads()
@@ -415,28 +425,32 @@ class PgTx(Tx):
         return _holding(self._x(_ADD_UNITS_RETURNING, (account, listing_id, units, units, ts)).fetchone())
 
     def sell(
-        self, account: str, listing_id: str, units: int, total: int, market: str, purchase_id: str, ts: str
-    ) -> tuple[int, Holding] | None:
-        """Tx.sell's three statements in one round trip (see there)."""
-        statements: list[tuple[str, tuple[Any, ...]]] = [(ADD_SOLD, (units, listing_id, units))]
-        if total > 0:
-            statements.append((f"WITH moved AS ({MOVE}) {TRANSFER} RETURNING id", (
-                account, total, market, total, account, market, ts, account, market, total, "buy_quota", purchase_id,
-            )))
-        statements.append((_ADD_UNITS_RETURNING, (account, listing_id, units, units, ts)))
-        self._writing()
-        sold, *moved, held = self._send([(_placeholders(sql), params) for sql, params in statements])
-        if sold.rowcount != 1:
-            return None  # the caller's savepoint undoes what the other two did
-        transfer_id = int(_one(moved[0])[0]) if moved else 0
-        return transfer_id, _holding(_one(held))
+        self, receipt: Receipt, *, account: str, market: str, idempotency_key: str | None, fingerprint: str
+    ) -> bool:
+        """Tx.sell as one statement, sent with the next (see there): when the units are not counted as sold,
+        the purchase row's listing_id is NULL, which its NOT NULL refuses (the error fails the job)."""
+        r = receipt
+        self._w(_SELL, (
+            r.units, r.listing_id, r.units,
+            account, r.total, market, r.total, account, market, r.total,
+            r.purchased_at, account, market, r.total, r.purchase_id, r.total,
+            account, r.listing_id, r.units, r.units, r.purchased_at,
+            r.purchase_id, account, r.units, r.unit_price, r.total, r.balance_after, r.units_held, r.purchased_at,
+            idempotency_key, fingerprint,
+        ))
+        return True
 
-    def _take_unit(self, holding_id: int, into: str, reservation: tuple[Any, ...]) -> bool:
-        sql = (
+    def _take_unit(self, holding_id: int, into: str, reservation: tuple[Any, ...], chosen: bool = False) -> bool:
+        """One statement; `chosen` (see Tx.reserve_unit), sent with the next one: when no unit was taken, the
+        reservation's holding_id is NULL, which its NOT NULL refuses (the error fails the job)."""
+        insert = (
             f"WITH taken AS ({TAKE_UNIT.format(into=into)} RETURNING id) INSERT INTO reservations(id, holding_id, "
-            "status, owner, created_at, settled_at) SELECT ?, id, ?, ?, ?, CAST(? AS TEXT) FROM taken"
+            "status, owner, created_at, settled_at) SELECT ?, taken.id, ?, ?, ?, CAST(? AS TEXT) FROM "
         )
-        return bool(self._x(sql, (holding_id, *reservation)).rowcount == 1)
+        if chosen:
+            self._w(insert + "(SELECT 1) AS one LEFT JOIN taken ON TRUE", (holding_id, *reservation))
+            return True
+        return bool(self._x(insert + "taken", (holding_id, *reservation)).rowcount == 1)
 
     def _insert_id(self, sql: str, params: Any) -> int:
         row = self._x(sql + " RETURNING id", params).fetchone()

@@ -60,6 +60,10 @@ _LINK_COLUMNS = (
     "id, account, agent, connection, scopes, elicitation_id, created_at, expires_at, status, finished_at"
 )
 _BALANCE = "SELECT balance FROM accounts WHERE name = ?"
+PURCHASE_COLUMNS = (
+    "id, account, listing_id, units, unit_price, total, balance_after, units_held, purchased_at, idempotency_key, "
+    "fingerprint, transfer_id"
+)
 _FIND_PURCHASE = (
     "SELECT id, listing_id, units, unit_price, total, balance_after, units_held, purchased_at, fingerprint "
     "FROM purchases WHERE account = ? AND idempotency_key = ?"
@@ -338,39 +342,53 @@ class Tx:
 
     def buy_context(
         self, account: str, listing_id: str, idempotency_key: str | None
-    ) -> tuple[tuple[Receipt, str] | None, Listing | None, int | None]:
+    ) -> tuple[tuple[Receipt, str] | None, Listing | None, int | None, int]:
         """What a purchase decides on, read together: the earlier purchase under `idempotency_key` (with its
-        request fingerprint; None without a key), the listing, and the wallet's balance (None: no wallet)."""
+        request fingerprint; None without a key), the listing, the wallet's balance (None: no wallet), and
+        the units the account holds of the listing now."""
         reads: list[tuple[str, Sequence[Any]]] = [
-            (f"SELECT {_LISTING_COLUMNS} FROM listings WHERE id = ?", (listing_id,)), (_BALANCE, (account,))
+            (f"SELECT {_LISTING_COLUMNS} FROM listings WHERE id = ?", (listing_id,)),
+            (_BALANCE, (account,)),
+            ("SELECT units_held FROM holdings WHERE account = ? AND listing_id = ?", (account, listing_id)),
         ]
         if idempotency_key is not None:
             reads.append((_FIND_PURCHASE, (account, idempotency_key)))
-        listing, balance, *earlier = self._fetch_all(reads)
+        listing, balance, held, *earlier = self._fetch_all(reads)
         return (
             _purchase(earlier[0]) if earlier else None,
             _listing(listing[0]) if listing else None,
             int(balance[0][0]) if balance else None,
+            int(held[0][0]) if held else 0,
         )
 
     def sell(
-        self, account: str, listing_id: str, units: int, total: int, market: str, purchase_id: str, ts: str
-    ) -> tuple[int, Holding] | None:
-        """A purchase's moves: `units` counted as sold (None, and nothing else done, when that would exceed
-        supply), `total` credits from the wallet to `market` (transfer id, 0 when free), the units held.
-        PgTx sends all three at once, trusting the caller's supply check made under the write lock (its
-        savepoint undoes the rest when they are not counted after all)."""
-        if not self.add_sold(listing_id, units):
-            return None
-        transfer_id = self.transfer(account, market, total, "buy_quota", purchase_id, ts) if total > 0 else 0
-        return transfer_id, self.add_units(account, listing_id, units, ts)
+        self, receipt: Receipt, *, account: str, market: str, idempotency_key: str | None, fingerprint: str
+    ) -> bool:
+        """A purchase's writes: `receipt.units` counted as sold (False, and nothing done, when that would exceed
+        supply), `receipt.total` credits from the wallet to `market`, the units added to the account's holding
+        (`receipt.units_held` is what the caller counts it will then hold), the purchase row. PgTx sends them
+        as one statement with the next, trusting the caller's supply check made under the write lock (were
+        it wrong, the statement fails)."""
+        if not self.add_sold(receipt.listing_id, receipt.units):
+            return False
+        transfer_id = None
+        if receipt.total > 0:
+            transfer_id = self.transfer(
+                account, market, receipt.total, "buy_quota", receipt.purchase_id, receipt.purchased_at
+            )
+        holding = self.add_units(account, receipt.listing_id, receipt.units, receipt.purchased_at)
+        if holding.units_held != receipt.units_held:  # pragma: no cover - counted under the same write lock
+            raise AssertionError(f"holding {holding.id} holds {holding.units_held}, not {receipt.units_held}")
+        self.insert_purchase(
+            receipt, account=account, idempotency_key=idempotency_key, fingerprint=fingerprint, transfer_id=transfer_id
+        )
+        return True
 
     def insert_purchase(
-        self, receipt: Receipt, *, account: str, idempotency_key: str | None, fingerprint: str, transfer_id: int
+        self, receipt: Receipt, *, account: str, idempotency_key: str | None, fingerprint: str, transfer_id: int | None
     ) -> None:
         self._w(
-            "INSERT INTO purchases(id, account, listing_id, units, unit_price, total, balance_after, units_held, "
-            "purchased_at, idempotency_key, fingerprint, transfer_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO purchases({PURCHASE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 receipt.purchase_id,
                 account,
@@ -439,14 +457,17 @@ class Tx:
         return found
 
     # ---- reservations ---------------------------------------------------------------------
-    def reserve_unit(self, holding_id: int, reservation_id: str, owner: str, ts: str) -> bool:
-        return self._take_unit(holding_id, "units_reserved", (reservation_id, "pending", owner, ts, None))
+    # With `chosen`, the caller read the holding in this transaction and saw a unit held, so one is there
+    # (the write lock kept it): PgTx does not wait for the answer, and were the unit gone after all, the
+    # statement fails and the whole job with it, where here the answer is False.
+    def reserve_unit(self, holding_id: int, reservation_id: str, owner: str, ts: str, *, chosen: bool = False) -> bool:
+        return self._take_unit(holding_id, "units_reserved", (reservation_id, "pending", owner, ts, None), chosen)
 
-    def spend_unit(self, holding_id: int, reservation_id: str, ts: str) -> bool:
+    def spend_unit(self, holding_id: int, reservation_id: str, ts: str, *, chosen: bool = False) -> bool:
         """Reserve and commit one unit at once (a reused Token Vault answer: nothing to wait for)."""
-        return self._take_unit(holding_id, "units_consumed", (reservation_id, "committed", "", ts, ts))
+        return self._take_unit(holding_id, "units_consumed", (reservation_id, "committed", "", ts, ts), chosen)
 
-    def _take_unit(self, holding_id: int, into: str, reservation: tuple[Any, ...]) -> bool:
+    def _take_unit(self, holding_id: int, into: str, reservation: tuple[Any, ...], chosen: bool = False) -> bool:
         """Move one held unit of a holding to `into` and insert its reservation (id, status, owner, created_at,
         settled_at); False when none is held."""
         if self._x(TAKE_UNIT.format(into=into), (holding_id,)).rowcount != 1:
