@@ -52,3 +52,22 @@ async def test_a_settled_reservation_forgets_its_owner(db: Database, database: s
     assert await db.read(lambda tx: tx.pending_reservations()) == []
     with side(database) as conn:
         assert conn.execute("SELECT owner FROM reservations") == [("",), ("",)]
+
+
+async def test_a_free_unit_is_bought_with_no_transfer_and_the_books_still_balance(db: Database) -> None:
+    specs = market.parse_listings({"listing": [{
+        "id": "free", "title": "Free", "connection": "github", "scopes": ["repo:read"], "supply": 3,
+        "start_price": 0, "floor_price": 0, "opens_at": DEMO_NOW.replace(year=2026, month=1, day=1),
+        "closes_at": DEMO_NOW.replace(year=2030),
+    }]})
+    await db.write(lambda tx: market.load(tx, specs))
+    await db.write(lambda tx: ledger.credit(tx, "auth0|a", 5, DEMO_NOW))
+    first = await db.write(lambda tx: ledger.buy(tx, "auth0|a", "free", 2, 0, "k", DEMO_NOW))
+    again = await db.write(lambda tx: ledger.buy(tx, "auth0|a", "free", 2, 0, "k", DEMO_NOW))
+    second = await db.write(lambda tx: ledger.buy(tx, "auth0|a", "free", 1, 0, None, DEMO_NOW))
+    assert (first.total, first.units_held, first.balance_after) == (0, 2, 5)
+    assert again == first and second.units_held == 3
+    assert await db.read(lambda tx: tx.balance("auth0|a")) == 5
+    rows = await db.read(lambda tx: tx._x("SELECT transfer_id FROM purchases ORDER BY purchased_at, id").fetchall())
+    assert [r[0] for r in rows] == [None, None]  # no transfer to point at
+    assert await db.read(check_invariants) == []

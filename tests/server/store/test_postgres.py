@@ -20,17 +20,20 @@ from typing import Any
 import psycopg
 import pytest
 
-from server import audit, market
+from server import audit, ledger, market
+from server.app import Runtime
 from server.audit import Event
 from server.broker import Broker, Call
 from server.config import load_config
+from server.demo import DEMO_ISSUER
 from server.errors import BrokerError, ConfigError, InsufficientFunds, SoldOut
 from server.invariants import check_invariants
+from server.models import Receipt
 from server.principal import Principal
 from server.store import Database, DatabaseMissing, StoreUnavailable, Tx, open_database
 from server.store.pg_schema import PG_SCHEMA_VERSION
 from server.store.postgres import MAX_ATTEMPTS, PgDatabase
-from tests.conftest import pg_database, side
+from tests.conftest import demo_client, ok, pg_database, side
 
 NOW = datetime(2027, 6, 1, 12, 0, tzinfo=UTC)
 SCOPES = frozenset({"read:market", "buy:quota", "read:balance", "request:token", "call:api"})
@@ -305,8 +308,8 @@ async def test_savepoints_travel_with_the_next_statement_and_still_undo_what_ran
         assert await db.write(job) == ["wallet", "wallet", None, None, "wallet"]
         monkeypatch.undo()
         assert len(sent) == 6 and sent[-1] == "RELEASE atomic;\nCOMMIT", sent
-        assert sent[0].startswith("BEGIN") and "auth0|kept" in sent[0] and "auth0|dropped" not in sent[0] and sent[1].startswith(
-            "ROLLBACK TO atomic;\nRELEASE atomic;\nINSERT INTO accounts"), sent
+        assert sent[0].startswith("BEGIN") and "auth0|kept" in sent[0] and "auth0|dropped" not in sent[0], sent
+        assert sent[1].startswith("ROLLBACK TO atomic;\nRELEASE atomic;\nINSERT INTO accounts"), sent
         assert await db.read(lambda tx: [tx.account_kind(n) for n in ("auth0|kept", "auth0|undone")]) == [
             "wallet", None]
     finally:
@@ -345,6 +348,110 @@ async def test_a_deferred_write_that_fails_fails_its_own_job_in_a_batch_and_not_
         alone = await asyncio.gather(db.write(bad), return_exceptions=True)  # alone: it fails with the COMMIT
         assert isinstance(alone[0], StoreUnavailable) and "duplicate key" in str(alone[0])
         assert await db.read(lambda tx: tx.account_kind("auth0|bad")) is None
+    finally:
+        await db.close()
+
+
+# ---- round trips ----------------------------------------------------------------------------------
+
+TOKEN_ASK = {"connection": "github", "scopes": ["repo:read"], "purpose": "round trips"}
+API_ASK = {**TOKEN_ASK, "method": "GET", "url": DEMO_ISSUER + "provider/github/user"}
+
+
+async def test_each_tool_call_takes_the_round_trips_its_answers_need_and_no_more(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with demo_client(runtime) as client:
+        for listing in ("github-repo-read", "github-repo-read-api"):
+            await ok(client, "buy_quota", {"listing_id": listing, "units": 5, "max_unit_price": 100})
+        await ok(client, "request_token", TOKEN_ASK)  # a fresh exchange: the next asks reuse its answer
+        await ok(client, "call_api", API_ASK)  # opens the grant the next call runs in
+        await ok(client, "check_balance", {})  # (each audit name is written once, by its first event)
+        counted: dict[str, int] = {}
+        for tool, args in (
+            ("check_balance", {}),  # the reads (with the rate token), then the event with the COMMIT
+            ("buy_quota", {"listing_id": "github-repo-read", "units": 1, "max_unit_price": 100}),  # the same
+            ("request_token", TOKEN_ASK),  # the same: the unit is taken with the event
+            ("call_api", API_ASK),  # the grant found without the lock; then as check_balance
+        ):
+            sent = round_trips(monkeypatch)
+            await ok(client, tool, args)
+            monkeypatch.undo()
+            counted[tool] = len(sent)
+        assert counted == {"check_balance": 2, "buy_quota": 2, "request_token": 2, "call_api": 3}
+    assert await runtime.db.read(check_invariants) == []
+
+
+async def test_reads_sent_ahead_answer_once_and_not_after_a_write(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = await open_database(url)
+    try:
+        await db.write(lambda tx: ledger.credit(tx, "auth0|a", 10, NOW))
+
+        def job(tx: Tx) -> list[int | None]:
+            tx.prefetch(lambda: tx.balance("auth0|a"))
+            tx.take_rate_token("auth0|a", "agent", 60, NOW)  # 1: BEGIN, the read ahead, the token (rate_buckets)
+            ahead = tx.balance("auth0|a")  # answered by the read ahead
+            tx.transfer("mint", "auth0|a", 5, "credit", None, "t")  # 2
+            after = tx.balance("auth0|a")  # 3: a write came between
+            return [ahead, after]
+
+        sent = round_trips(monkeypatch)
+        assert await db.write(job) == [10, 15]
+        monkeypatch.undo()
+        assert len(sent) == 4 and "rate_buckets" in sent[0] and "SELECT balance" in sent[0], sent
+        assert "SELECT balance" not in sent[1] and "SELECT balance" in sent[2], sent
+    finally:
+        await db.close()
+
+
+async def test_a_probe_reads_without_the_write_lock_and_runs_as_a_write_once_it_would_write(url: str) -> None:
+    db = await open_database(url)
+    try:
+        await db.write(lambda tx: ledger.credit(tx, "auth0|a", 10, NOW))
+        undone: list[str] = []
+
+        def look(tx: Tx) -> int | None:
+            return tx.balance("auth0|a")
+
+        def look_then_credit(tx: Tx) -> int:
+            tx.on_undo(lambda: undone.append("first run"))
+            balance = tx.balance("auth0|a") or 0
+            return ledger.credit(tx, "auth0|a", balance, NOW)
+
+        with side(url) as holder:  # another replica's batch holds the write lock
+            holder.execute("BEGIN")
+            holder.execute("SELECT id FROM write_lock WHERE id = 1 FOR UPDATE")
+            assert await asyncio.wait_for(db.probe(look), 5) == 10  # it did not wait for the lock
+            doubling = asyncio.ensure_future(db.probe(look_then_credit))
+            await asyncio.sleep(0.3)
+            assert not doubling.done()  # it writes: it waits for the lock like any write
+            holder.execute("ROLLBACK")
+            assert await doubling == 20
+        assert undone == ["first run"]  # the try's Python state was put back before the write ran it again
+        assert await db.read(lambda tx: tx.balance("auth0|a")) == 20
+        assert await db.read(check_invariants) == []
+    finally:
+        await db.close()
+
+
+async def test_writes_sent_unanswered_still_fail_their_job_when_what_the_caller_counted_on_is_gone(url: str) -> None:
+    db = await open_database(url)
+    try:
+        await stock(db, 1)
+        await db.write(lambda tx: ledger.credit(tx, "auth0|a", 100, NOW))
+        holding = await db.write(lambda tx: tx.add_units("auth0|a", "last-units", 1, "t").id)
+        await db.write(lambda tx: tx.spend_unit(holding, "res_1", "t", chosen=True))
+        with pytest.raises(StoreUnavailable, match="holding_id"):  # no unit was there after all
+            await db.write(lambda tx: tx.spend_unit(holding, "res_2", "t", chosen=True))
+        receipt = Receipt("pur_1", "last-units", 2, 10, 20, 80, 2, "t")  # more than the one left
+        with pytest.raises(StoreUnavailable, match="listing_id"):
+            await db.write(lambda tx: tx.sell(receipt, account="auth0|a", market="market",
+                                               idempotency_key=None, fingerprint=""))
+        assert await db.read(lambda tx: (tx.balance("auth0|a"), len(tx.holdings_of("auth0|a")))) == (100, 1)
+        rows = await db.read(
+            lambda tx: tx._x("SELECT id FROM reservations UNION ALL SELECT id FROM purchases").fetchall()
+        )
+        assert [r[0] for r in rows] == ["res_1"]
     finally:
         await db.close()
 
