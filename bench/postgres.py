@@ -4,8 +4,9 @@
   a SQLite file, one client, one call at a time, the two sides in alternating batches.
 - Throughput: 32 clients spread over 1, 2 and 3 replicas on one PostgreSQL database, against one
   SQLite process, in alternating rounds; with the CPU seconds per call of every process involved (the
-  servers and PostgreSQL's backends, from /proc) and PostgreSQL transactions per call
-  (pg_stat_database), the figures that say how it scales on a machine with more cores.
+  servers and PostgreSQL's backends, from /proc), PostgreSQL transactions per call (pg_stat_database)
+  and round trips per call (each replica's `tvm_db_round_trips_total` on /metrics), the figures that
+  say how it scales on a machine with more cores.
 - `audit verify` events per second over the same log on both backends.
 
 The database server is the machine's PostgreSQL (`TVM_BENCH_PG`, default
@@ -25,7 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import workload
-from bench.procs import DEMO_ACCOUNT, Server, demo_bearer_token, product_cmd, product_env, run_cli, start
+from bench.procs import (
+    DEMO_ACCOUNT,
+    Server,
+    demo_bearer_token,
+    free_port,
+    product_cmd,
+    product_env,
+    run_cli,
+    start,
+)
 from bench.stats import median
 from bench.workload import CASES
 
@@ -42,6 +52,7 @@ class PgLatency:
     label: str
     postgres: list[float]
     sqlite: list[float]
+    round_trips: float  # PostgreSQL round trips per timed call (what the replica's housekeeping made included)
 
     @property
     def ratio(self) -> float:
@@ -55,6 +66,7 @@ class PgThroughput:
     seconds: float
     cpu_seconds: float
     transactions: int | None  # PostgreSQL commits during the rounds (None for SQLite)
+    round_trips: float | None = None  # the replicas' round trips to PostgreSQL during the rounds (None for SQLite)
 
     @property
     def rate(self) -> float:
@@ -126,6 +138,21 @@ def _postgres_pids() -> list[int]:
     return pids
 
 
+def round_trips(servers: list[Server]) -> float:
+    """The round trips to the database the servers' stores have made so far (their /metrics)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for server in servers:
+        text = httpx.get(f"http://127.0.0.1:{server.env['TVM_METRICS_PORT']}/metrics", timeout=10).text
+        total += sum(
+            sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+            if sample.name == "tvm_db_round_trips_total"
+        )
+    return total
+
+
 async def _timed(server_client: object, key: str, count: int, start_at: int, out: list[float]) -> None:
     case = CASES[key]
     for i in range(start_at, start_at + count):
@@ -144,13 +171,16 @@ async def latency(pg: Server, lite: Server, calls: int, batch: int, warmup: int)
             await _timed(b, key, warmup, 0, scratch)
             samples: dict[str, list[float]] = {"pg": [], "lite": []}
             done = turn = 0
+            trips = 0.0
             while done < calls:
                 n = min(batch, calls - done)
                 for side in (("pg", "lite") if turn % 2 == 0 else ("lite", "pg")):
+                    before = round_trips([pg]) if side == "pg" else 0.0
                     await _timed(a if side == "pg" else b, key, n, warmup + done, samples[side])
+                    trips += round_trips([pg]) - before if side == "pg" else 0.0
                 done += n
                 turn += 1
-            rows.append(PgLatency(key, CASES[key].label, samples["pg"], samples["lite"]))
+            rows.append(PgLatency(key, CASES[key].label, samples["pg"], samples["lite"], trips / calls))
     return rows
 
 
@@ -193,7 +223,7 @@ class ExitStackAsync:
 
 async def throughput(groups: dict[str, tuple[list[Server], str | None]], seconds: float, rounds: int
                      ) -> list[PgThroughput]:
-    totals = {label: [0, 0.0, 0.0, 0] for label in groups}
+    totals = {label: [0, 0.0, 0.0, 0, 0.0] for label in groups}
     order = list(groups)
     async with ExitStackAsync() as stack:
         sessions = {
@@ -208,13 +238,18 @@ async def throughput(groups: dict[str, tuple[list[Server], str | None]], seconds
                 servers_pids = [s.process.pid for s in servers if s.process is not None]
                 pids = servers_pids + (_postgres_pids() if url else [])
                 before_cpu, before_tx = _cpu(pids), _commits(url) if url else 0
+                before_trips = round_trips(servers) if url else 0.0
                 calls, elapsed = await _load(sessions[label], seconds)
                 totals[label][0] += calls
                 totals[label][1] += elapsed
                 totals[label][2] += _cpu_since(before_cpu, servers_pids + (_postgres_pids() if url else []))
                 totals[label][3] += (_commits(url) - before_tx) if url else 0
+                totals[label][4] += (round_trips(servers) - before_trips) if url else 0.0
     return [
-        PgThroughput(label, int(t[0]), float(t[1]), float(t[2]), int(t[3]) if groups[label][1] else None)
+        PgThroughput(
+            label, int(t[0]), float(t[1]), float(t[2]), int(t[3]) if groups[label][1] else None,
+            float(t[4]) if groups[label][1] else None,
+        )
         for label, t in totals.items()
     ]
 
@@ -281,8 +316,9 @@ def measure(workdir: Path, calls: int, batch: int, warmup: int, seconds: float, 
 
 
 def _served(stack: ExitStack, label: str, workdir: Path, env: dict[str, str]) -> Server:
-    """`serve --transport http` under `label`, with the demo bearer token its banner prints."""
-    server = start(label, "http", workdir, product_cmd("serve"), env)
+    """`serve --transport http` under `label`, with the demo bearer token its banner prints and its
+    metrics on a port of its own."""
+    server = start(label, "http", workdir, product_cmd("serve"), {**env, "TVM_METRICS_PORT": str(free_port())})
     stack.callback(server.stop)
     assert server.errlog is not None
     server.token = demo_bearer_token(server.errlog, 0)
@@ -297,27 +333,28 @@ def render(results: PgResults, events: int) -> list[str]:
         "over TCP on 127.0.0.1) and on a SQLite file, alternating batches of sequential calls. "
         "Target: ≤ 1.5× per call.",
         "",
-        "| call | PostgreSQL median ms | SQLite median ms | **ratio** | target |",
-        "|---|---:|---:|---:|---|",
+        "| call | PostgreSQL median ms | SQLite median ms | **ratio** | target | PostgreSQL round trips per call |",
+        "|---|---:|---:|---:|---|---:|",
     ]
     for row in results.latency:
         ok = row.ratio <= 1.5
         lines.append(f"| {row.label} | {median(row.postgres) * 1000:.2f} | {median(row.sqlite) * 1000:.2f} | "
-                     f"**{row.ratio:.2f}×** | ≤ 1.5× {'✅' if ok else '❌'} |")
+                     f"**{row.ratio:.2f}×** | ≤ 1.5× {'✅' if ok else '❌'} | {row.round_trips:.2f} |")
     lines += [
         "",
         f"{CLIENTS} clients calling `{THROUGHPUT_CASE}` in a loop, spread over the replicas, alternating rounds "
         "with one SQLite process. All share this machine's 2 cores (and PostgreSQL's), so the replica rows "
-        "measure contention more than scale: CPU seconds per call (servers and PostgreSQL backends) and "
-        "PostgreSQL transactions per call say what a bigger machine would get.",
+        "measure contention more than scale: CPU seconds per call (servers and PostgreSQL backends), "
+        "PostgreSQL transactions and round trips per call say what a bigger machine would get.",
         "",
-        "| setup | calls/s | CPU ms per call | PostgreSQL transactions per call |",
-        "|---|---:|---:|---:|",
+        "| setup | calls/s | CPU ms per call | PostgreSQL transactions per call | round trips per call |",
+        "|---|---:|---:|---:|---:|",
     ]
     for t in results.throughput:
         per_call = (t.cpu_seconds / t.calls * 1000) if t.calls else float("nan")
         tx = f"{t.transactions / t.calls:.2f}" if t.transactions is not None and t.calls else "–"
-        lines.append(f"| {t.label} | {t.rate:.0f} | {per_call:.2f} | {tx} |")
+        trips = f"{t.round_trips / t.calls:.2f}" if t.round_trips is not None and t.calls else "–"
+        lines.append(f"| {t.label} | {t.rate:.0f} | {per_call:.2f} | {tx} | {trips} |")
     lines += [
         "",
         f"`audit verify` over {events:,} events: "

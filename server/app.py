@@ -188,6 +188,7 @@ async def open_runtime(
         if metrics is not None:
             approver = metrics.approvals(approver)
             db.on_batch = metrics.batch_done
+            db.on_round_trip = metrics.round_trip
         broker = Broker(
             db, vault, clock, provider, config.grant_ttl, approver, lease=config.reservation_lease, metrics=metrics
         )

@@ -98,6 +98,10 @@ class Metrics:
             "tvm_commit_batch_size", "Jobs per write transaction of the store (group commit).",
             buckets=BATCH_BUCKETS, registry=r,
         )
+        self.db_round_trips = Counter(
+            "tvm_db_round_trips", "Round trips of the store's transactions to PostgreSQL (SQLite makes none).",
+            registry=r,
+        )
         self.pending_approvals = Gauge(
             "tvm_pending_approvals", "Approvals asked of accounts' owners (Auth0 CIBA) and not yet answered.",
             registry=r,
@@ -142,6 +146,10 @@ class Metrics:
     def batch_done(self, jobs: int) -> None:
         """The store ran one write transaction holding `jobs` jobs."""
         self.batch_sizes.observe(jobs)
+
+    def round_trip(self) -> None:
+        """The store made one round trip to its database server (on any thread)."""
+        self.db_round_trips.inc()
 
     def approvals(self, approver: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
         """`approver` (server.approval.await_approval, bound), counting the approvals it waits for."""

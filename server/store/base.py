@@ -82,6 +82,9 @@ class Database:
     path: Path | str  # where it is, for messages: the SQLite file, or the PostgreSQL URL without its password
     hmac_key: bytes  # the per-database key of token fingerprints (server.audit.token_fingerprint)
     on_batch: Callable[[int], None] | None = None  # told the number of jobs of each transaction run (metrics)
+    # told of each round trip to a database server (metrics; SQLite's statements run in process and make none),
+    # on whatever thread made it
+    on_round_trip: Callable[[], None] | None = None
 
     @classmethod
     async def open(cls, target: str | os.PathLike[str], *, create: bool = True) -> Database:

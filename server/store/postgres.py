@@ -28,7 +28,13 @@ chain whichever replica wrote each event.
 
 **Reads** run in REPEATABLE READ READ ONLY transactions, on their own pooled connections alongside
 the writer: one snapshot for the whole job (`audit verify` walks a chain that stands still while other
-replicas append), no lock taken.
+replicas append), no lock taken. A *probe* (`PgDatabase.probe`: call_api finding its live grant) is a
+write job tried first on a read connection with no transaction, each statement on what is committed
+when it runs; the first statement that would write ends the try, and the job runs again as a write.
+
+**Round trips** are what a call waits for here (see PgTx): a statement no step waits on is sent with
+the next one that has an answer to wait for, in one pipeline, and a tool's first reads go with its
+rate-limit token (`Tx.prefetch`), so a warm call makes two or three round trips.
 
 **Retries.** A batch is run again from the start, on another connection, up to MAX_ATTEMPTS times
 with a short random backoff, when the database certainly kept none of it: a serialization failure
@@ -156,10 +162,12 @@ class PgTx(Tx):
     """
 
     def __init__(
-        self, conn: psycopg.Connection[Any], names: dict[str, int] | None = None, *, probing: bool = False
+        self, conn: psycopg.Connection[Any], names: dict[str, int] | None = None, *, probing: bool = False,
+        on_round_trip: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(names)
         self._conn = conn
+        self._on_round_trip = on_round_trip
         # no transaction: reads only, each on its own (PgDatabase.probe); the first write ends the try
         self._probing = probing
         # the transaction itself failed (a lost connection, a deadlock): whatever a job made of the error,
@@ -264,6 +272,8 @@ class PgTx(Tx):
         self._written = -1
         self._begun = True
         conn = self._conn
+        if self._on_round_trip is not None:
+            self._on_round_trip()
         try:
             if not unsent and len(last) == 1:
                 return [conn.execute(*last[0])]
@@ -325,6 +335,7 @@ class PgTx(Tx):
             self._unsent = [(_ROLLBACK_TO, None, None), (_RELEASE, None, None)]
         if self._written > len(self._unsent):
             self._written = -1
+        self._fetched.clear()  # (read inside what is undone: not kept, to keep the rule simple)
         self.undo(mark)
 
     def end_job(self) -> None:
@@ -581,7 +592,7 @@ class PgDatabase(Database):
             conn = self._pool.getconn()
         except PoolTimeout:
             raise StoreUnavailable(f"no connection to the database within {CONNECT_TIMEOUT:g} s") from None
-        tx = PgTx(conn, self._names)
+        tx = PgTx(conn, self._names, on_round_trip=self.on_round_trip)
         backend = conn.info.backend_pid  # the server process of this transaction (see _landed)
         committing = False
         try:
@@ -637,7 +648,7 @@ class PgDatabase(Database):
             conn = self._pool.getconn()
         except PoolTimeout:
             return None
-        tx = PgTx(conn, self._names, probing=True)
+        tx = PgTx(conn, self._names, probing=True, on_round_trip=self.on_round_trip)
         try:
             value = job(tx)
         except BaseException:  # _WouldWrite, or whatever the write run will meet again and report

@@ -265,3 +265,21 @@ async def test_remote_mode_refuses_a_metrics_port_equal_to_its_own(tmp_path: Pat
     with pytest.raises(ConfigError, match="TVM_METRICS_PORT"):
         await serve_remote(config, "http", "127.0.0.1", 8000)
     assert not (tmp_path / "v.db").exists()  # refused before anything opened
+
+
+@pytest.mark.both_backends
+async def test_round_trips_to_the_database_are_counted_and_sqlite_makes_none(
+    database: str, backend: str, clock: ManualClock
+) -> None:
+    async with demo_runtime(database, clock, TVM_METRICS_PORT=str(free_port())) as rt, demo_client(rt) as client:
+        assert rt.metrics is not None and rt.metrics.port is not None
+        await ok(client, "check_balance", {})  # (its audit names are written by the first call)
+        before = samples(await scrape(rt.metrics.port))
+        for _ in range(3):
+            await ok(client, "check_balance", {})
+        after = samples(await scrape(rt.metrics.port))
+    trips = value(after, "tvm_db_round_trips_total") - value(before, "tvm_db_round_trips_total")
+    if backend == "sqlite":
+        assert trips == 0
+    else:  # two a call (tests/server/store/test_postgres.py counts them exactly), and what housekeeping made
+        assert 6 <= trips < 30
