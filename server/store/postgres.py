@@ -152,7 +152,8 @@ class PgTx(Tx):
     process to wake on each side, and on an idle machine a sleeping CPU), so the statements whose answer no
     step waits for are not sent on their own: the BEGIN (with the write lock and the audit head), savepoint
     statements, and blind writes (`_w`: an audit event, a usage count, a purchase row) wait in `_unsent`
-    and travel in one psycopg pipeline with the next statement whose answer is needed, or with the COMMIT.
+    and travel in one psycopg pipeline with the next statement whose answer is needed, or with the COMMIT;
+    so do the reads a tool starts with (`prefetch`), whose answers then wait here for it.
     (A pipeline, not one multi-statement query with the values bound in: the server then parses and plans
     every statement every time, which costs more than the round trips it saves; in a pipeline each is
     still prepared once.) The database runs them in the order they were asked for, so it is at every
@@ -252,7 +253,7 @@ class PgTx(Tx):
             return [self._fetched.pop(key) for key in keys]  # type: ignore[arg-type]  # (no None is a key)
         return self._send(reads)
 
-
+    # ---- writes no step waits on -------------------------------------------------------------------------
     def _w(self, sql: str, params: Any = None) -> None:
         """A write no step reads the result of: sent with the next round trip."""
         self._later(_placeholders(sql), params or None)
