@@ -25,11 +25,11 @@ PHASES = ("latency", "throughput", "coldstart", "growth", "postgres", "console")
 THROUGHPUT_CASES = ("check_balance", "buy_quota", "request_token", "call_api")
 FULL = {
     "calls": 600, "batch": 5, "warmup": 30, "levels": "1,8,32,64", "seconds": 1.5, "rounds": 6,
-    "coldstarts": 20, "events": "10000,1000000", "repeat": 300,
+    "coldstarts": 20, "events": "10000,1000000", "repeat": 300, "pg_clients": 32,
 }
 SMOKE = {
     "calls": 6, "batch": 3, "warmup": 1, "levels": "2", "seconds": 0.2, "rounds": 2,
-    "coldstarts": 1, "events": "300,1000", "repeat": 3,
+    "coldstarts": 1, "events": "300,1000", "repeat": 3, "pg_clients": 4,
 }
 
 
@@ -48,6 +48,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, help="length of one throughput round")
     p.add_argument("--rounds", type=int, help="throughput rounds per side")
     p.add_argument("--coldstarts", type=int, help="cold starts per side")
+    p.add_argument("--pg-clients", type=int, help="clients of the PostgreSQL replicas' throughput rounds")
     p.add_argument("--events", help="audit events of the growth databases, comma-separated")
     p.add_argument("--repeat", type=int, help="timed repetitions of each growth query")
     p.add_argument("--workdir", type=Path, help="keep databases and logs here (default: a temporary dir)")
@@ -153,7 +154,7 @@ def run(args: argparse.Namespace, workdir: Path) -> report.Results:
     command = "python -m " + " ".join(["bench", *map(shlex.quote, sys.argv[1:])])
     results = report.Results(command=command.strip())
     results.settings = {k: getattr(args, k) for k in ("calls", "batch", "warmup", "levels", "seconds", "rounds",
-                                                      "coldstarts", "events", "repeat")}
+                                                      "coldstarts", "events", "repeat", "pg_clients")}
     began = time.perf_counter()
     if phases & {"latency", "throughput", "coldstart"}:
         _measure_product(args, workdir, phases, transports, results)
@@ -164,7 +165,9 @@ def run(args: argparse.Namespace, workdir: Path) -> report.Results:
         _say("PostgreSQL against SQLite: latency, replicas, audit verify")
         pg_events = min(_ints(args.events)[-1], 100_000)
         results.postgres = postgres.render(
-            postgres.measure(workdir, args.calls, args.batch, args.warmup, args.seconds, args.rounds, pg_events),
+            postgres.measure(
+                workdir, args.calls, args.batch, args.warmup, args.seconds, args.rounds, pg_events, args.pg_clients
+            ),
             pg_events,
         )
     if "console" in phases:

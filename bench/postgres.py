@@ -78,6 +78,7 @@ class PgResults:
     latency: list[PgLatency]
     throughput: list[PgThroughput]
     verify: dict[str, float]  # backend → events per second
+    clients: int = CLIENTS  # of the throughput rounds
 
 
 def _admin() -> object:
@@ -221,13 +222,13 @@ class ExitStackAsync:
         return await self._stack.enter_async_context(context)  # type: ignore[arg-type]
 
 
-async def throughput(groups: dict[str, tuple[list[Server], str | None]], seconds: float, rounds: int
-                     ) -> list[PgThroughput]:
+async def throughput(groups: dict[str, tuple[list[Server], str | None]], seconds: float, rounds: int,
+                     clients: int = CLIENTS) -> list[PgThroughput]:
     totals = {label: [0, 0.0, 0.0, 0, 0.0] for label in groups}
     order = list(groups)
     async with ExitStackAsync() as stack:
         sessions = {
-            label: [await stack.enter(servers[n % len(servers)].client()) for n in range(CLIENTS)]
+            label: [await stack.enter(servers[n % len(servers)].client()) for n in range(clients)]
             for label, (servers, _) in groups.items()
         }
         for label in order:  # warm every session once
@@ -282,8 +283,8 @@ async def verify_speed(events: int, url: str, sqlite_path: Path) -> dict[str, fl
     return speeds
 
 
-def measure(workdir: Path, calls: int, batch: int, warmup: int, seconds: float, rounds: int, events: int
-            ) -> PgResults:
+def measure(workdir: Path, calls: int, batch: int, warmup: int, seconds: float, rounds: int, events: int,
+            clients: int = CLIENTS) -> PgResults:
     """Every PostgreSQL figure of the report (a provider, market and policy as the other phases use)."""
     from bench.procs import start_provider
 
@@ -307,12 +308,12 @@ def measure(workdir: Path, calls: int, batch: int, warmup: int, seconds: float, 
             groups: dict[str, tuple[list[Server], str | None]] = {"SQLite, 1 process": ([lite], None)}
             for n in (1, 2, 3):
                 groups[f"PostgreSQL, {n} replica{'s' if n > 1 else ''}"] = (replicas[:n], url)
-            through = asyncio.run(throughput(groups, seconds, rounds))
+            through = asyncio.run(throughput(groups, seconds, rounds, clients))
         with fresh_database() as url:
             speeds = asyncio.run(verify_speed(events, url, workdir / "verify.db"))
     finally:
         provider.stop()
-    return PgResults(rows, through, speeds)
+    return PgResults(rows, through, speeds, clients)
 
 
 def _served(stack: ExitStack, label: str, workdir: Path, env: dict[str, str]) -> Server:
@@ -342,8 +343,8 @@ def render(results: PgResults, events: int) -> list[str]:
                      f"**{row.ratio:.2f}×** | ≤ 1.5× {'✅' if ok else '❌'} | {row.round_trips:.2f} |")
     lines += [
         "",
-        f"{CLIENTS} clients calling `{THROUGHPUT_CASE}` in a loop, spread over the replicas, alternating rounds "
-        "with one SQLite process. All share this machine's 2 cores (and PostgreSQL's), so the replica rows "
+        f"{results.clients} clients calling `{THROUGHPUT_CASE}` in a loop, spread over the replicas, alternating "
+        "rounds with one SQLite process. All share this machine's 2 cores (and PostgreSQL's), so the replica rows "
         "measure contention more than scale: CPU seconds per call (servers and PostgreSQL backends), "
         "PostgreSQL transactions and round trips per call say what a bigger machine would get.",
         "",
