@@ -336,10 +336,6 @@ class Tx:
         return [_holding(r) for r in rows.fetchall()]
 
     # ---- purchases ------------------------------------------------------------------------
-    def find_purchase(self, account: str, idempotency_key: str) -> tuple[Receipt, str] | None:
-        rows = self._x(_FIND_PURCHASE, (account, idempotency_key)).fetchall()
-        return _purchase(rows)
-
     def buy_context(
         self, account: str, listing_id: str, idempotency_key: str | None
     ) -> tuple[tuple[Receipt, str] | None, Listing | None, int | None, int]:

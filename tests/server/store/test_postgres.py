@@ -623,7 +623,7 @@ async def test_a_connection_lost_while_committing_is_told_apart_by_the_log_and_a
         assert await buy(broker, "auth0|x", key="k1") == "ok"  # told the truth either way: it was bought
         monkeypatch.undo()
         assert not armed[0]
-        receipts = await db.read(lambda tx: tx.find_purchase("auth0|x", "k1"))
+        receipts = await db.read(lambda tx: tx.buy_context("auth0|x", "last-units", "k1")[0])
         assert receipts is not None
         events = await db.read(lambda tx: [r for r in tx.iter_audit() if r.tool == "buy_quota"])
         assert [r.outcome for r in events] == ["ok"]  # one effect, one event: not lost, not doubled
