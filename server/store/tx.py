@@ -786,27 +786,18 @@ class Tx:
             prev, expected = row[12], id_ + 1
 
     def find_audit(self, where: AuditFilter, limit: int | None = None, newest_first: bool = False) -> list[AuditRecord]:
-        clauses, params = ["TRUE"], []  # type: list[str], list[Any]
-        for column, value in (
-            ("account", where.account),
-            ("agent", where.agent),
-            ("tool", where.tool),
-            ("outcome", where.outcome),
-            ("code", where.code),
-        ):
-            if value is not None:
-                clauses.append(f"a.{column} = (SELECT id FROM audit_names WHERE name = ?)")
-                params.append(value)
-        for clause, bound in (
+        named = (("account", where.account), ("agent", where.agent), ("tool", where.tool),
+                 ("outcome", where.outcome), ("code", where.code))
+        bounds = [
+            *((f"a.{column} = (SELECT id FROM audit_names WHERE name = ?)", value) for column, value in named),
             ("a.id < ?", where.before_id),
             ("a.id > ?", where.after_id),
             ("a.token_id = ?", where.token_id),
             ("a.ts >= ?", where.since),
             ("a.ts <= ?", where.until),
-        ):
-            if bound is not None:
-                clauses.append(clause)
-                params.append(bound)
+        ]
+        clauses = ["TRUE", *(clause for clause, value in bounds if value is not None)]
+        params: list[Any] = [value for _, value in bounds if value is not None]
         order = "DESC" if newest_first else "ASC"
         sql = (  # the row, then its predecessor's hash
             f"SELECT {_AUDIT_ROW}, "
